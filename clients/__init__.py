@@ -1,0 +1,1 @@
+"""HTTP clients of rankd: the batch client, the evaluator and the load-test harness."""

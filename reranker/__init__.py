@@ -1,0 +1,31 @@
+"""Second stage of rankd: listwise LLM reranking by single-token label logprobs.
+
+A library: nothing here knows about HTTP.
+"""
+
+from reranker.backends import BACKENDS, NO_RERANKER, LabelLogprobBackend, LabelRead
+from reranker.config import DEFAULT_INSTRUCTION, DEFAULT_RANK_TEMPLATE, RerankerConfig
+from reranker.errors import BackendError, LabelTokenError, RerankerConfigError, TooManyItemsError
+from reranker.labels import LabelAlphabet, label_token_ids
+from reranker.listwise import ListwiseScorer, ListwiseScores, ListwiseTask, OrderTrace, renormalise
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_INSTRUCTION",
+    "DEFAULT_RANK_TEMPLATE",
+    "NO_RERANKER",
+    "BackendError",
+    "LabelAlphabet",
+    "LabelLogprobBackend",
+    "LabelRead",
+    "LabelTokenError",
+    "ListwiseScorer",
+    "ListwiseScores",
+    "ListwiseTask",
+    "OrderTrace",
+    "RerankerConfig",
+    "RerankerConfigError",
+    "TooManyItemsError",
+    "label_token_ids",
+    "renormalise",
+]

@@ -1,0 +1,51 @@
+"""The small Protocol every scoring backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from reranker.config import RerankerConfig
+
+
+@dataclass(frozen=True)
+class LabelRead:
+    """One next-token read: the prompt's token ids, and the label tokens whose logprobs we want."""
+
+    prompt_token_ids: list[int]
+    label_token_ids: list[int]
+
+
+class LabelLogprobBackend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
+        """For each read, the logprob of each label token at the next position.
+
+        Values may be full-vocabulary or already restricted to the labels; callers renormalise.
+        Raises ``BackendError`` on failure or timeout.
+        """
+        ...
+
+    async def health(self) -> str | None:
+        """None when healthy, else a one-line reason."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Batcher(Protocol):
+    """What an in-process backend needs from the service's micro-batcher."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def submit_many(self, items: Sequence[Any]) -> list[Any]: ...
+
+
+MakeBatcher = Callable[[str, Callable[[list[Any]], Sequence[Any]]], Batcher]
+BackendFactory = Callable[[RerankerConfig, Any, MakeBatcher], Awaitable[LabelLogprobBackend]]

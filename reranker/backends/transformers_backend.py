@@ -1,0 +1,127 @@
+"""In-process scoring with a transformers causal LM: left-padded batched forward passes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from reranker.backends.base import Batcher, LabelRead, MakeBatcher
+from reranker.config import RerankerConfig
+from reranker.errors import BackendError, RerankerConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        # float32 on CPU keeps scores exact; half precision is the norm on GPUs.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise RerankerConfigError(
+            f"unknown dtype {name!r}; set RANKD_RERANKER_DTYPE to auto, float32, float16 or bfloat16"
+        ) from None
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model: Any, pad_token_id: int, device: str, timeout_s: float) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.timeout_s = timeout_s
+        self._batcher: Batcher | None = None
+        self.forward_passes = 0
+
+    @classmethod
+    async def create(cls, config: RerankerConfig, tokenizer: Any,
+                     make_batcher: MakeBatcher) -> TransformersBackend:
+        if not config.model:
+            raise RerankerConfigError(
+                "the transformers reranker needs a model: set RANKD_RERANKER_MODEL to a local "
+                "directory or hub id"
+            )
+        backend = await asyncio.to_thread(cls.load, config, tokenizer)
+        backend._batcher = make_batcher("rerank", backend.score_batch)
+        return backend
+
+    @classmethod
+    def load(cls, config: RerankerConfig, tokenizer: Any) -> TransformersBackend:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                config.model, dtype=_torch_dtype(config.dtype, device)
+            )
+        except (OSError, ValueError) as exc:
+            raise RerankerConfigError(
+                f"cannot load the reranker model {config.model!r}: {exc}. Set "
+                "RANKD_RERANKER_MODEL to a local model directory or a reachable hub id"
+            ) from exc
+        model.to(device).eval()
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        log.info("transformers reranker %s loaded on %s (%s)", config.model, device, model.dtype)
+        return cls(model, int(pad), device, config.timeout_s)
+
+    def score_batch(self, reads: list[LabelRead]) -> list[list[float]]:
+        """One left-padded forward pass over ``reads``; label log-softmax at the last position."""
+        import torch
+
+        width = max(len(r.prompt_token_ids) for r in reads)
+        input_ids = torch.full((len(reads), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(reads), width), dtype=torch.long)
+        for row, read in enumerate(reads):
+            n = len(read.prompt_token_ids)
+            input_ids[row, width - n:] = torch.tensor(read.prompt_token_ids, dtype=torch.long)
+            attention[row, width - n:] = 1
+        # Left padding shifts positions; count them from each row's first real token instead.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                position_ids=positions.to(self.device),
+                logits_to_keep=1,
+            )
+        self.forward_passes += 1
+        last = out.logits[:, -1, :].float()
+        results = []
+        for row, read in enumerate(reads):
+            label_logits = last[row, torch.tensor(read.label_token_ids, device=last.device)]
+            results.append(torch.log_softmax(label_logits, dim=-1).tolist())
+        return results
+
+    async def start(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.start()
+
+    async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
+        if self._batcher is None:
+            raise BackendError("not_started", "the transformers reranker was not started")
+        try:
+            return await asyncio.wait_for(self._batcher.submit_many(reads), self.timeout_s)
+        except TimeoutError:
+            raise BackendError("timeout", f"transformers reranker took over {self.timeout_s}s") from None
+        # Overload (the batcher's queue-full error) is not one of these and reaches the caller.
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise BackendError("model_error", f"transformers reranker failed: {exc}") from exc
+
+    async def health(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()

@@ -1,0 +1,176 @@
+"""Scoring through a vLLM OpenAI-compatible server: one-token completions with label logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from reranker.backends.base import LabelRead, MakeBatcher
+from reranker.config import RerankerConfig
+from reranker.errors import BackendError, LabelTokenError, RerankerConfigError
+from reranker.labels import label_token_ids
+
+log = logging.getLogger(__name__)
+
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+class VllmBackend:
+    """Sends prompts as token ids, so the server reads exactly the tokens rankd rendered.
+
+    ``logprob_token_ids`` makes the server return the full-vocabulary logprob of each label token
+    at the generated position; ``return_tokens_as_token_ids`` keys them by id, not by text.
+    """
+
+    name = "vllm"
+
+    def __init__(self, config: RerankerConfig, tokenizer: Any,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.url = config.vllm_url.rstrip("/")
+        self.model_name = config.vllm_model_name or config.model
+        if not self.model_name:
+            raise RerankerConfigError(
+                "the vllm reranker needs the served model: set RANKD_RERANKER_MODEL (the model "
+                "vLLM was started with; its tokenizer is loaded from there) and, if vLLM uses "
+                "--served-model-name, RANKD_VLLM_MODEL_NAME"
+            )
+        self.tokenizer = tokenizer
+        self.labels = config.label_alphabet.labels()
+        self.timeout_s = config.timeout_s
+        self.retries = config.retries
+        self.client = client or httpx.AsyncClient(
+            base_url=self.url,
+            timeout=httpx.Timeout(config.timeout_s, connect=min(5.0, config.timeout_s)),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    @classmethod
+    async def create(cls, config: RerankerConfig, tokenizer: Any,
+                     make_batcher: MakeBatcher) -> VllmBackend:
+        # vLLM batches continuously on its side; no client-side batcher is needed.
+        return cls(config, tokenizer)
+
+    async def start(self) -> None:
+        """Check the server once. An unreachable server is not fatal: rankd degrades and recovers;
+        a server that tokenizes labels differently from the local tokenizer is."""
+        try:
+            models = (await self.client.get("/v1/models", timeout=5.0)).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("vLLM at %s is not reachable at start-up (%s); reranking will fall back "
+                        "to retrieval order until it is", self.url, exc)
+            return
+        served = [m.get("id") for m in models.get("data", [])]
+        if self.model_name not in served:
+            log.error("vLLM at %s serves %s, not %r: set RANKD_VLLM_MODEL_NAME", self.url,
+                      served, self.model_name)
+            return
+        await self.verify_labels(self.labels, label_token_ids(self.tokenizer, self.labels))
+
+    async def verify_labels(self, labels: list[str], token_ids: list[int]) -> None:
+        """Cross-check the local label token ids with the server's /tokenize."""
+        for label, expected in zip(labels, token_ids, strict=True):
+            try:
+                response = await self.client.post(
+                    "/tokenize",
+                    json={"model": self.model_name, "prompt": label, "add_special_tokens": False},
+                    timeout=5.0,
+                )
+                response.raise_for_status()
+                tokens = response.json()["tokens"]
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                log.warning("could not verify labels against vLLM /tokenize: %s", exc)
+                return
+            if tokens != [expected]:
+                raise LabelTokenError(
+                    f"label {label!r} is token {expected} for the local tokenizer but {tokens} for "
+                    f"the vLLM server at {self.url}; RANKD_RERANKER_MODEL must name the model "
+                    "vLLM serves"
+                )
+
+    async def _post_completions(self, payload: dict[str, Any]) -> dict[str, Any]:
+        last: BackendError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(min(0.1 * 2 ** (attempt - 1), 2.0))
+            try:
+                response = await self.client.post("/v1/completions", json=payload)
+            except httpx.TimeoutException:
+                last = BackendError("timeout", f"vLLM at {self.url} did not answer within "
+                                               f"{self.timeout_s}s")
+                continue
+            except httpx.TransportError as exc:
+                last = BackendError("unreachable", f"vLLM at {self.url} is unreachable: {exc!r}")
+                continue
+            if response.status_code in _RETRY_STATUSES:
+                last = BackendError("server_error", f"vLLM answered {response.status_code}: "
+                                                    f"{response.text[:300]}")
+                continue
+            if response.status_code != 200:
+                raise BackendError("bad_request", f"vLLM answered {response.status_code}: "
+                                                  f"{response.text[:300]}")
+            try:
+                data: dict[str, Any] = response.json()
+            except ValueError as exc:
+                raise BackendError("bad_response", f"vLLM answered non-JSON: {exc}") from exc
+            return data
+        assert last is not None
+        raise last
+
+    async def _read_group(self, reads: list[LabelRead]) -> list[list[float]]:
+        label_ids = reads[0].label_token_ids
+        payload = {
+            "model": self.model_name,
+            "prompt": [r.prompt_token_ids for r in reads],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": len(label_ids),
+            "logprob_token_ids": label_ids,
+            "return_tokens_as_token_ids": True,
+        }
+        data = await self._post_completions(payload)
+        choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+        if len(choices) != len(reads):
+            raise BackendError("bad_response",
+                               f"vLLM returned {len(choices)} choices for {len(reads)} prompts")
+        results = []
+        for choice in choices:
+            try:
+                top = choice["logprobs"]["top_logprobs"][0]
+                results.append([float(top[f"token_id:{t}"]) for t in label_ids])
+            except (KeyError, IndexError, TypeError) as exc:
+                raise BackendError(
+                    "bad_response",
+                    f"vLLM response lacks a label logprob ({exc!r}); is the server started with "
+                    f"--max-logprobs >= {len(label_ids)}?",
+                ) from exc
+        return results
+
+    async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
+        # One completions call per distinct label set; reads in a call share logprob_token_ids.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for position, read in enumerate(reads):
+            groups.setdefault(tuple(read.label_token_ids), []).append(position)
+        answers = await asyncio.gather(
+            *(self._read_group([reads[p] for p in positions]) for positions in groups.values())
+        )
+        results: list[list[float]] = [[] for _ in reads]
+        for positions, values in zip(groups.values(), answers, strict=True):
+            for position, value in zip(positions, values, strict=True):
+                results[position] = value
+        return results
+
+    async def health(self) -> str | None:
+        try:
+            response = await self.client.get("/health", timeout=min(2.0, self.timeout_s))
+        except httpx.HTTPError as exc:
+            return f"vLLM at {self.url} is unreachable: {exc!r}"
+        if response.status_code != 200:
+            return f"vLLM at {self.url}/health answered {response.status_code}"
+        return None
+
+    async def close(self) -> None:
+        await self.client.aclose()

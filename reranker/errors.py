@@ -1,0 +1,29 @@
+"""Domain errors of the reranker library."""
+
+from __future__ import annotations
+
+
+class RerankerConfigError(RuntimeError):
+    """The reranker cannot start with this configuration; the message says what to change."""
+
+
+class LabelTokenError(RerankerConfigError):
+    """A label is not exactly one token of the model's tokenizer, or two labels share a token."""
+
+
+class TooManyItemsError(ValueError):
+    """More items to label than the label alphabet has labels."""
+
+    def __init__(self, count: int, limit: int, field: str = "candidates") -> None:
+        super().__init__(f"{count} items to rank, but only {limit} labels are configured")
+        self.count = count
+        self.limit = limit
+        self.field = field
+
+
+class BackendError(RuntimeError):
+    """The scoring backend failed, timed out or is unreachable. ``reason`` is a short slug."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

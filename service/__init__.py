@@ -1,0 +1,1 @@
+"""The rankd HTTP service: composes the retriever and the reranker behind FastAPI."""

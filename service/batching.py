@@ -1,0 +1,166 @@
+"""A generic async micro-batcher shared by both stages (embedding and in-process reranking).
+
+Items submitted within ``max_wait_ms`` of each other, up to ``max_batch_size``, run as one call of
+a synchronous batch function in a dedicated worker thread, so the event loop never blocks and
+concurrent requests share forward passes. While a batch runs, new items queue up and form the
+next batch, which is where most of the batching under load comes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The batcher's queue is at its configured depth; the caller should retry later."""
+
+    def __init__(self, stage: str, depth: int, limit: int) -> None:
+        super().__init__(f"the {stage} queue holds {depth} items, at its limit of {limit}")
+        self.stage = stage
+        self.depth = depth
+        self.limit = limit
+
+
+class BatcherClosedError(RuntimeError):
+    """Submitted to a batcher that is not running."""
+
+
+class BatchObserver(Protocol):
+    def batch_ran(self, stage: str, size: int, seconds: float) -> None: ...
+
+    def queue_depth(self, stage: str, depth: int) -> None: ...
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        stage: str,
+        batch_fn: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 2.0,
+        max_queue_depth: int = 4096,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.stage = stage
+        self._batch_fn = batch_fn
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue_depth = max_queue_depth
+        self._observer = observer
+        self._queue: deque[_Pending[T, R]] = deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.batches_run = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._executor = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix=f"batch-{self.stage}")
+            self._task = asyncio.create_task(self._run(), name=f"batcher-{self.stage}")
+
+    async def close(self) -> None:
+        """Finish queued work, then stop the loop and the worker thread."""
+        task, self._task = self._task, None
+        if task is not None:
+            while self._queue:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def submit(self, item: T) -> R:
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: Sequence[T]) -> list[R]:
+        if self._task is None:
+            raise BatcherClosedError(f"the {self.stage} batcher is not running")
+        if len(self._queue) + len(items) > self.max_queue_depth:
+            raise QueueFullError(self.stage, len(self._queue), self.max_queue_depth)
+        loop = asyncio.get_running_loop()
+        pending = [_Pending[T, R](item, loop.create_future()) for item in items]
+        self._queue.extend(pending)
+        self._report_depth()
+        self._arrived.set()
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    def _report_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.queue_depth(self.stage, len(self._queue))
+
+    async def _collect(self) -> list[_Pending[T, R]]:
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if len(self._queue) < self.max_batch_size and self.max_wait > 0:
+            deadline = asyncio.get_running_loop().time() + self.max_wait
+            while len(self._queue) < self.max_batch_size:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+        size = min(self.max_batch_size, len(self._queue))
+        batch = [self._queue.popleft() for _ in range(size)]
+        self._report_depth()
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [p for p in batch if not p.future.done()]  # callers that went away
+            if not live:
+                continue
+            started = loop.time()
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._batch_fn, [p.item for p in live]
+                )
+                if len(results) != len(live):
+                    raise RuntimeError(
+                        f"{self.stage} batch function returned {len(results)} results for "
+                        f"{len(live)} items"
+                    )
+            except Exception as exc:  # delivered to every caller in the batch
+                log.warning("%s batch of %d failed: %s", self.stage, len(live), exc)
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finally:
+                self.batches_run += 1
+                if self._observer is not None:
+                    self._observer.batch_ran(self.stage, len(live), loop.time() - started)
+            for p, result in zip(live, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)

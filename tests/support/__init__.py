@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: app runners, the tiny causal LM, servers on loopback."""
