@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clients.cli import register as register_client_commands
+from reranker.cli import register as register_reranker_commands
+from retriever.cli import register as register_retriever_commands
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -132,6 +134,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     _add_serve,
     _add_index,
+    register_retriever_commands,
+    register_reranker_commands,
     register_client_commands,
 ]
 
