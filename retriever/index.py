@@ -91,6 +91,7 @@ def _sha256(path: Path) -> str:
 
 def _make_index(kind: IndexKind, vectors: np.ndarray, hnsw_m: int, ivf_lists: int | None) -> Any:
     dim = vectors.shape[1]
+    index: Any
     if kind is IndexKind.FLAT:
         index = faiss.IndexFlatIP(dim)
     elif kind is IndexKind.HNSW:
@@ -230,7 +231,7 @@ def load_collection(directory: str | Path, embedder_name: str | None = None,
             f"{directory / MANIFEST} records dimension {manifest.dimension}, the embedder gives "
             f"{dimension}; {rebuild}"
         )
-    index = faiss.read_index(str(directory / INDEX_FILE))
+    index: Any = faiss.read_index(str(directory / INDEX_FILE))
     if index.ntotal != manifest.count or index.d != manifest.dimension:
         raise IndexIntegrityError(
             f"{directory / INDEX_FILE} holds {index.ntotal} vectors of dimension {index.d}, the "

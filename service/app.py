@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.components import Components
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.ranking import RankService
+from service.rerank_api import router as rerank_router
 from service.routes import router
+from service.security import ApiKeyMiddleware, BodyLimitMiddleware
 from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
+    # Added innermost first: requests pass CORS, then the API key, then the body limit, then
+    # metrics, so refused requests are counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.include_router(router)
+    app.include_router(rerank_router)
     return app

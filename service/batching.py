@@ -70,6 +70,8 @@ class MicroBatcher(Generic[T, R]):
         self._observer = observer
         self._queue: deque[_Pending[T, R]] = deque()
         self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()  # set when nothing is queued or running
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.batches_run = 0
@@ -85,11 +87,10 @@ class MicroBatcher(Generic[T, R]):
             self._task = asyncio.create_task(self._run(), name=f"batcher-{self.stage}")
 
     async def close(self) -> None:
-        """Finish queued work, then stop the loop and the worker thread."""
+        """Finish queued and running work, then stop the loop and the worker thread."""
         task, self._task = self._task, None
         if task is not None:
-            while self._queue:
-                await asyncio.sleep(0.005)
+            await self._idle.wait()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -108,6 +109,7 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         pending = [_Pending[T, R](item, loop.create_future()) for item in items]
         self._queue.extend(pending)
+        self._idle.clear()
         self._report_depth()
         self._arrived.set()
         return list(await asyncio.gather(*(p.future for p in pending)))
@@ -138,9 +140,13 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            live = [p for p in batch if not p.future.done()]  # callers that went away
-            if not live:
-                continue
+            await self._run_batch(loop, batch)
+            if not self._queue:
+                self._idle.set()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T, R]]) -> None:
+        live = [p for p in batch if not p.future.done()]  # callers that went away
+        if live:
             started = loop.time()
             try:
                 results = await loop.run_in_executor(
@@ -156,7 +162,7 @@ class MicroBatcher(Generic[T, R]):
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(exc)
-                continue
+                return
             finally:
                 self.batches_run += 1
                 if self._observer is not None:

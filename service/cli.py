@@ -52,7 +52,7 @@ def _index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_index(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_index(sub: argparse._SubParsersAction) -> None:
     index = sub.add_parser("index", help="build and inspect collection indexes")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="embed a catalogue into a FAISS collection")
@@ -119,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the HTTP service (settings from RANKD_* variables)")
     serve.add_argument("--host", help="overrides RANKD_HOST")
     serve.add_argument("--port", type=int, help="overrides RANKD_PORT")
@@ -131,7 +131,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 # ---------------------------------------------------------------- main
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
     _add_index,
     register_retriever_commands,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reranker import NO_RERANKER, ListwiseScorer, RerankerConfig
+from reranker import NO_RERANKER, ListwiseScorer, RerankerConfig, RerankerConfigError
 from reranker.backends import Batcher
 from retriever import Collection, Embedder, IndexIntegrityError, load_collection
 from retriever.index import Hit, collection_dirs
@@ -34,6 +34,7 @@ def reranker_config(settings: Settings) -> RerankerConfig:
         max_batch_size=settings.rerank_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
         max_queue_depth=settings.max_queue_depth,
+        rank_template=settings.rerank_prompt_template,
     )
 
 
@@ -75,8 +76,18 @@ class Components:
             log.warning("no reranker configured (RANKD_RERANKER_BACKEND=none): serving retrieval "
                         "order only")
         else:
-            scorer = await ListwiseScorer.create(settings.reranker_backend,
-                                                 reranker_config(settings), make_batcher)
+            try:
+                labels = len(settings.label_alphabet.labels())
+                if settings.default_candidates > labels:
+                    raise RerankerConfigError(
+                        f"RANKD_DEFAULT_CANDIDATES ({settings.default_candidates}) exceeds the "
+                        f"{labels} labels of RANKD_LABEL_ALPHABET={settings.label_alphabet}; "
+                        "lower it or choose a larger alphabet")
+                scorer = await ListwiseScorer.create(settings.reranker_backend,
+                                                     reranker_config(settings), make_batcher)
+            except BaseException:
+                await search_batcher.close()  # start-up refused: leave no worker behind
+                raise
         return cls(settings, metrics, embedder, collections, errors, retriever, search_batcher,
                    scorer, batchers)
 

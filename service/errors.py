@@ -49,6 +49,10 @@ class UnauthorizedError(ServiceError):
     pass
 
 
+class BodyTooLargeError(ServiceError):
+    pass
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int
@@ -61,6 +65,7 @@ ERROR_TABLE: dict[type[Exception], HttpError] = {
     UnknownCollectionError: HttpError(404, "unknown_collection"),
     CollectionRequiredError: HttpError(422, "collection_required"),
     UnauthorizedError: HttpError(401, "unauthorized"),
+    BodyTooLargeError: HttpError(413, "body_too_large"),
     QueueFullError: HttpError(429, "overloaded"),
     NotReadyError: HttpError(503, "not_ready"),
     RerankUnavailableError: HttpError(503, "reranker_unavailable"),
@@ -86,12 +91,17 @@ def _lookup(exc: Exception) -> HttpError:
     raise LookupError(type(exc))
 
 
-async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+def error_response(exc: Exception) -> JSONResponse:
+    """The JSON error for a domain exception, from the table."""
     mapping = _lookup(exc)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if mapping.status in (429, 503) else None
     if mapping.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return error_json(mapping.status, mapping.code, str(exc), getattr(exc, "field", None), headers)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str | None:
@@ -107,9 +117,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "invalid", "loc": (), "msg": "invalid request"}
     if first["type"] == "json_invalid":
-        return error_json(400, "invalid_json",
-                          f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                          "body")
+        ctx = first.get("ctx") or {}
+        reason = ctx.get("error", "") if isinstance(ctx, dict) else ""
+        return error_json(400, "invalid_json", f"request body is not valid JSON: {reason}", "body")
     field = _field_path(tuple(first["loc"])) or "body"
     message = f"{field}: {first['msg']}"
     if len(errors) > 1:
@@ -120,7 +130,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_json(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    field = "body" if exc.status_code == 413 else None
+    return error_json(exc.status_code, code, str(exc.detail), field, headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -146,7 +146,7 @@ class RankService:
                             "(RANKD_RERANKER_BACKEND=none); results are in retrieval order")
         total = time.perf_counter() - started
         return [
-            self._response(plan, hits[i], scores.get(i), warnings,
+            self._response(plan, hits[i], scores.get(i), warnings if plan.request.rerank else [],
                            Timings(retrieve=_ms(retrieved - started),
                                    rerank=None if rerank_seconds is None else _ms(rerank_seconds),
                                    total=_ms(total)))

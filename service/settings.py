@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reranker.config import DEFAULT_INSTRUCTION, DEFAULT_RANK_TEMPLATE
@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     max_candidates: int = Field(100, ge=1, description="Largest accepted `candidates`.")
     default_candidates: int = Field(25, ge=1, description="Candidates passed to the reranker when a request does not say.")
     max_batch_queries: int = Field(64, ge=1, description="Most queries in one /rank/batch request.")
+
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body, in bytes (413 beyond).")
+    max_rerank_documents: int = Field(1000, ge=1, description="Most documents in one /v1/rerank request.")
+    max_document_chars: int = Field(20000, ge=1, description="Longest accepted document or option, in characters.")
+
+    # Security
+    api_key: SecretStr | None = Field(None, description="Comma-separated API keys; when set, every route but /health, /ready and /metrics needs `Authorization: Bearer <key>`.")
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty (the default) turns CORS off.")
 
     # Micro-batching
     embed_batch_size: int = Field(64, ge=1, description="Most queries in one embedder forward pass.")
@@ -74,6 +82,15 @@ class Settings(BaseSettings):
         if "{items}" not in value or "{query}" not in value:
             raise ValueError("template must contain {query} and {items}")
         return value
+
+    @property
+    def api_keys(self) -> list[str]:
+        raw = self.api_key.get_secret_value() if self.api_key else ""
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @field_validator("log_level")
     @classmethod

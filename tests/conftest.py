@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,15 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from retriever import Embedder, build_collection, read_catalog  # noqa: E402
-from retriever.data import (  # noqa: E402
+from retriever import Embedder, build_collection, read_catalog
+from retriever.data import (
     SAMPLE_COLLECTION,
     SAMPLE_ID_COLUMN,
     SAMPLE_INSTRUCTION,
     SAMPLE_TEXT_COLUMN,
     sample_catalog_path,
 )
-from service.settings import Settings  # noqa: E402
+from service.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def sample_index(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -
 
 
 @pytest.fixture
-def settings_factory(sample_index: Path) -> Iterator[type[Settings]]:
+def settings_factory(sample_index: Path) -> Any:
     """``settings_factory(**overrides)``: Settings on the sample index, environment ignored."""
 
     def make(**overrides: object) -> Settings:
@@ -47,4 +47,4 @@ def settings_factory(sample_index: Path) -> Iterator[type[Settings]]:
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
 
-    yield make  # type: ignore[misc]
+    return make

@@ -38,8 +38,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_in_thread(settings: Settings, **uvicorn_options: Any) -> Iterator[str]:
     """The real app behind uvicorn on a free loopback port, in a background thread."""
+    with serve_asgi_in_thread(create_app(settings), **uvicorn_options) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_asgi_in_thread(app: Any, **uvicorn_options: Any) -> Iterator[str]:
+    """Any ASGI app (e.g. the real app behind a test middleware) on a free loopback port."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+    config = uvicorn.Config(app, host="127.0.0.1", port=port,
                             log_level="warning", **uvicorn_options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -71,8 +78,8 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(predicate: Any, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
     while not await predicate():
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")

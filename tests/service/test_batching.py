@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batching import BatcherClosedError, MicroBatcher, QueueFullError
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.threads: set[str] = set()
+        self.depths: list[int] = []
+
+    def batch_ran(self, stage: str, size: int, seconds: float) -> None:
+        self.sizes.append(size)
+
+    def queue_depth(self, stage: str, depth: int) -> None:
+        self.depths.append(depth)
+
+
+def _squares(recorder: Recorder, delay: float = 0.0):  # type: ignore[no-untyped-def]
+    def run(items: list[int]) -> list[int]:
+        recorder.threads.add(threading.current_thread().name)
+        if delay:
+            threading.Event().wait(delay)
+        return [i * i for i in items]
+
+    return run
+
+
+async def test_concurrent_submissions_share_batches() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher("t", _squares(recorder, 0.02), max_batch_size=16, max_wait_ms=5,
+                           observer=recorder)
+    await batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(50)))
+    finally:
+        await batcher.close()
+    assert results == [i * i for i in range(50)]
+    assert sum(recorder.sizes) == 50
+    assert len(recorder.sizes) < 50
+    assert max(recorder.sizes) <= 16
+    # The batch function never runs on the event loop's thread.
+    assert recorder.threads
+    assert all(name.startswith("batch-t") for name in recorder.threads)
+
+
+async def test_submit_many_keeps_order_across_batches() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher("t", _squares(recorder), max_batch_size=3, max_wait_ms=0,
+                           observer=recorder)
+    await batcher.start()
+    try:
+        assert await batcher.submit_many(list(range(10))) == [i * i for i in range(10)]
+    finally:
+        await batcher.close()
+    assert max(recorder.sizes) <= 3
+
+
+async def test_errors_reach_every_caller_and_the_batcher_keeps_serving() -> None:
+    calls = 0
+
+    def flaky(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("boom")
+        return items
+
+    batcher = MicroBatcher("t", flaky, max_batch_size=8, max_wait_ms=5)
+    await batcher.start()
+    try:
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)),
+                                        return_exceptions=True)
+        assert all(isinstance(o, ValueError) for o in outcomes)
+        assert await batcher.submit(7) == 7
+    finally:
+        await batcher.close()
+
+
+async def test_queue_depth_limit_refuses_instead_of_queueing() -> None:
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    batcher = MicroBatcher("t", slow, max_batch_size=1, max_wait_ms=0, max_queue_depth=2)
+    await batcher.start()
+    try:
+        first = asyncio.create_task(batcher.submit(0))  # taken by the worker
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError, match="limit of 2"):
+            await batcher.submit(3)
+        release.set()
+        assert await asyncio.gather(first, *queued) == [0, 1, 2]
+    finally:
+        release.set()
+        await batcher.close()
+
+
+async def test_submit_before_start_is_refused() -> None:
+    batcher = MicroBatcher("t", lambda items: items)
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(1)
+
+
+async def test_close_finishes_queued_work() -> None:
+    batcher = MicroBatcher("t", lambda items: [i + 1 for i in items], max_batch_size=2,
+                           max_wait_ms=1)
+    await batcher.start()
+    pending = [asyncio.create_task(batcher.submit(i)) for i in range(6)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert [await p for p in pending] == [1, 2, 3, 4, 5, 6]
