@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from reranker.config import DEFAULT_RANK_TEMPLATE
 from reranker.errors import RerankerConfigError
 
 _WHITESPACE = re.compile(r"\s+")
@@ -56,6 +57,11 @@ class PromptRenderer:
         """An item on one line, so each labelled item is exactly one line of the prompt."""
         return _WHITESPACE.sub(" ", self.clean(text)).strip()
 
+    # Fields that keep their line breaks: the operator's instruction, and the context block
+    # whose passages were each flattened to one "[n] ..." line already. Every other field is user
+    # text and is flattened, so no query line can pose as a labelled item.
+    MULTILINE_FIELDS = frozenset({"instruction", "context"})
+
     def render(self, template: str, fields: dict[str, str], items: list[str],
                labels: list[str]) -> RenderedPrompt:
         lines = "\n".join(f"{label}. {self.clean_item(item)}" for label, item in
@@ -64,7 +70,8 @@ class PromptRenderer:
             items=lines,
             first_label=labels[0],
             last_label=labels[-1],
-            **{name: self.clean(value) for name, value in fields.items()},
+            **{name: self.clean(value) if name in self.MULTILINE_FIELDS else self.clean_item(value)
+               for name, value in fields.items()},
         )
         if self.use_chat_template:
             text = self.tokenizer.apply_chat_template(
@@ -75,12 +82,30 @@ class PromptRenderer:
         token_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return RenderedPrompt(text=str(text), token_ids=token_ids)
 
+    def answer_context(self, template: str = DEFAULT_RANK_TEMPLATE) -> str:
+        """A rendered prompt that ends exactly where the model writes its label.
+
+        With a chat template every prompt ends in the same assistant-turn header, so this is the
+        context in which labels are tokenized; as plain text it is the given template's ending.
+        """
+        fields = {"instruction": "Instruction.", "query": "Query."}
+        return self.render(template, fields, ["First item.", "Second item."], ["A", "B"]).text
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def truncate(self, text: str, max_tokens: int) -> str:
         """``text`` cut to at most ``max_tokens`` tokens of this tokenizer."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= max_tokens:
             return text
-        return str(self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True))
+        cut = max(max_tokens, 0)
+        while True:
+            # Decoding a prefix and encoding it again can merge differently; shrink until it fits.
+            truncated = str(self.tokenizer.decode(ids[:cut], skip_special_tokens=True))
+            if cut == 0 or self.count_tokens(truncated) <= max_tokens:
+                return truncated
+            cut -= 1
 
 
 def load_tokenizer(model: str) -> Any:

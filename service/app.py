@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.answer import router as answer_router
 from service.components import Components
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
@@ -60,4 +61,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     app.include_router(router)
     app.include_router(rerank_router)
+    app.include_router(answer_router)
     return app

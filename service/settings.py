@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from reranker.answer import DEFAULT_ANSWER_INSTRUCTION, DEFAULT_ANSWER_TEMPLATE
 from reranker.config import DEFAULT_INSTRUCTION, DEFAULT_RANK_TEMPLATE
 from reranker.labels import LabelAlphabet
 
@@ -68,6 +69,28 @@ class Settings(BaseSettings):
     rerank_prompt_template: str = Field(DEFAULT_RANK_TEMPLATE, description="Rerank prompt template; fields {instruction}, {query}, {items}, {first_label}, {last_label}.")
     rerank_chat_template: bool = Field(True, description="Wrap the prompt in the model's chat template.")
     rerank_batch_size: int = Field(16, ge=1, description="Most prompts in one transformers forward pass.")
+
+    # Multiple-choice answering (/answer)
+    answer_instruction: str = Field(DEFAULT_ANSWER_INSTRUCTION, description="Instruction of the /answer prompt.")
+    answer_prompt_template: str = Field(DEFAULT_ANSWER_TEMPLATE, description="/answer prompt template; fields {instruction}, {context}, {question}, {items}, {first_label}, {last_label}.")
+    answer_context_tokens: int = Field(1024, ge=0, description="Token budget for the passages in an /answer prompt.")
+    answer_query_with_options: bool = Field(False, description="Append the options to the question when retrieving /answer passages.")
+    max_answer_passages: int = Field(10, ge=0, description="Largest accepted `passages` in /answer.")
+
+    @field_validator("answer_prompt_template")
+    @classmethod
+    def _answer_template_fields(cls, value: str) -> str:
+        try:
+            value.format(instruction="", context="", question="", items="", first_label="A",
+                         last_label="B")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"template uses an unknown field or bad braces ({exc!r}); allowed fields are "
+                "{instruction}, {context}, {question}, {items}, {first_label}, {last_label}"
+            ) from None
+        if "{items}" not in value or "{question}" not in value:
+            raise ValueError("template must contain {question} and {items}")
+        return value
 
     @field_validator("rerank_prompt_template")
     @classmethod

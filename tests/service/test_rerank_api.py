@@ -1,0 +1,126 @@
+"""POST /v1/rerank (and /rerank, /v2/rerank): the Cohere/Jina-compatible endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reranker.windows import balanced_windows, merge_window_scores
+from tests.support.apps import app_client, serve_in_thread
+
+DOCUMENTS = [
+    "Believes the product of two negative numbers is negative",
+    "Confuses the radius and the diameter of a circle",
+    "Thinks subtracting a negative number makes the answer smaller",
+    "Believes 1 is a prime number",
+]
+
+
+@pytest.fixture
+def rerank_settings(settings_factory: Any, tiny_lm: Path) -> Any:
+    return settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm))
+
+
+async def test_rerank_matches_rank_scores_for_the_same_items(rerank_settings: Any) -> None:
+    query = "Work out -4 x -3. Incorrect answer: -12"
+    async with app_client(rerank_settings) as (_, client):
+        response = await client.post("/v1/rerank", json={
+            "model": "ignored", "query": query, "documents": [DOCUMENTS[0], {"text": DOCUMENTS[1]},
+                                                             *DOCUMENTS[2:]],
+            "return_documents": True})
+        aliases = [await client.post(path, json={"query": query, "documents": DOCUMENTS})
+                   for path in ("/rerank", "/v2/rerank")]
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"]
+    assert body["model"] == str(rerank_settings.reranker_model)
+    scores = [r["relevance_score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(r["index"] for r in body["results"]) == [0, 1, 2, 3]
+    assert sum(scores) == pytest.approx(1.0)  # one window: the averaged label probabilities
+    for result in body["results"]:
+        assert result["document"]["text"] == DOCUMENTS[result["index"]]
+    for alias in aliases:
+        assert alias.status_code == 200
+        assert [r["index"] for r in alias.json()["results"]] == [r["index"] for r in body["results"]]
+        assert "document" not in alias.json()["results"][0]
+
+
+async def test_more_documents_than_labels_are_ranked_in_windows(rerank_settings: Any) -> None:
+    documents = [f"Misconception number {i} about fractions and decimals" for i in range(60)]
+    async with app_client(rerank_settings) as (app, client):
+        response = await client.post("/v1/rerank", json={"query": "fractions",
+                                                         "documents": documents, "top_n": 10})
+        scorer = app.state.components.scorer
+        windows = balanced_windows(len(documents), scorer.max_items)
+        from reranker import ListwiseTask
+
+        direct = await scorer.score([
+            ListwiseTask(rerank_settings.rerank_prompt_template,
+                         {"instruction": rerank_settings.rerank_instruction, "query": "fractions"},
+                         [documents[i] for i in w]) for w in windows])
+    assert [len(w) for w in windows] == [20, 20, 20]
+    body = response.json()
+    assert body["usage"]["windows"] == 3
+    assert len(body["results"]) == 10
+    expected = merge_window_scores(windows, [s.probabilities for s in direct])
+    top = sorted(range(60), key=lambda i: -expected[i])[:10]
+    assert [r["index"] for r in body["results"]] == top
+    for result in body["results"]:
+        assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-9)
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    ({"query": "q", "documents": []}, 422, "documents"),
+    ({"query": " ", "documents": ["a"]}, 422, "query"),
+    ({"query": "q", "documents": ["a", 5]}, 422, "documents[1]"),
+    ({"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
+    ({"query": "q", "documents": ["a"] * 1001}, 422, "documents"),
+    ({"query": "q", "documents": ["a", "x" * 20001]}, 422, "documents[1]"),
+    ({"documents": ["a"]}, 422, "query"),
+])
+async def test_bad_rerank_input(rerank_settings: Any, body: dict[str, Any], status: int,
+                                field: str) -> None:
+    async with app_client(rerank_settings) as (_, client):
+        response = await client.post("/v1/rerank", json=body)
+    assert response.status_code == status
+    assert response.json()["error"]["field"].startswith(field)
+
+
+async def test_without_a_reranker_the_endpoint_is_503(settings_factory: Any) -> None:
+    async with app_client(settings_factory()) as (_, client):
+        response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
+    assert response.status_code == 503
+    assert "RANKD_RERANKER_BACKEND=none" in response.json()["error"]["message"]
+
+
+def test_the_cohere_sdk_talks_to_rankd(settings_factory: Any, tiny_lm: Path) -> None:
+    import cohere
+
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                api_key="sdk-key")
+    with serve_in_thread(settings) as url:
+        v2 = cohere.ClientV2(api_key="sdk-key", base_url=url, timeout=60)
+        response = v2.rerank(model="rankd", query="negative numbers", documents=DOCUMENTS,
+                             top_n=3)
+        v1 = cohere.Client(api_key="sdk-key", base_url=url, timeout=60)
+        legacy = v1.rerank(model="rankd", query="negative numbers", documents=DOCUMENTS,
+                           return_documents=True)
+        wrong = cohere.ClientV2(api_key="wrong", base_url=url, timeout=60)
+        with pytest.raises(Exception, match="401|nauthori"):
+            wrong.rerank(model="rankd", query="q", documents=["a"])
+    assert len(response.results) == 3
+    assert {r.index for r in response.results} <= set(range(4))
+    scores = [r.relevance_score for r in legacy.results]
+    assert scores == sorted(scores, reverse=True)
+    assert legacy.results[0].document.text == DOCUMENTS[legacy.results[0].index]
+
+
+async def test_concurrent_rerank_requests(rerank_settings: Any) -> None:
+    async with app_client(rerank_settings) as (_, client):
+        responses = await asyncio.gather(*(client.post("/v1/rerank", json={
+            "query": f"query {i}", "documents": DOCUMENTS}) for i in range(8)))
+    assert all(r.status_code == 200 for r in responses)
