@@ -42,6 +42,8 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, stage: str, depth: int) -> None: ...
 
+    def rejected(self, stage: str) -> None: ...
+
 
 @dataclass
 class _Pending(Generic[T, R]):
@@ -105,6 +107,8 @@ class MicroBatcher(Generic[T, R]):
         if self._task is None:
             raise BatcherClosedError(f"the {self.stage} batcher is not running")
         if len(self._queue) + len(items) > self.max_queue_depth:
+            if self._observer is not None:
+                self._observer.rejected(self.stage)
             raise QueueFullError(self.stage, len(self._queue), self.max_queue_depth)
         loop = asyncio.get_running_loop()
         pending = [_Pending[T, R](item, loop.create_future()) for item in items]

@@ -32,7 +32,7 @@ class Metrics:
         self.rerank_failures = Counter("rankd_rerank_failures",
                                        "Rerank calls that failed and fell back to retrieval order",
                                        ["reason"], registry=self.registry)
-        self.rejected = Counter("rankd_overload_rejections", "Requests refused with 429",
+        self.overload_rejections = Counter("rankd_overload_rejections", "Requests refused with 429",
                                 ["stage"], registry=self.registry)
 
     # BatchObserver
@@ -42,6 +42,9 @@ class Metrics:
 
     def queue_depth(self, stage: str, depth: int) -> None:
         self.queue_depth_gauge.labels(stage).set(depth)
+
+    def rejected(self, stage: str) -> None:
+        self.overload_rejections.labels(stage).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

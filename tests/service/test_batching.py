@@ -13,12 +13,16 @@ class Recorder:
         self.sizes: list[int] = []
         self.threads: set[str] = set()
         self.depths: list[int] = []
+        self.rejections = 0
 
     def batch_ran(self, stage: str, size: int, seconds: float) -> None:
         self.sizes.append(size)
 
     def queue_depth(self, stage: str, depth: int) -> None:
         self.depths.append(depth)
+
+    def rejected(self, stage: str) -> None:
+        self.rejections += 1
 
 
 def _squares(recorder: Recorder, delay: float = 0.0):  # type: ignore[no-untyped-def]

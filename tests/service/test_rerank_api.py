@@ -110,7 +110,7 @@ def test_the_cohere_sdk_talks_to_rankd(settings_factory: Any, tiny_lm: Path) -> 
         legacy = v1.rerank(model="rankd", query="negative numbers", documents=DOCUMENTS,
                            return_documents=True)
         wrong = cohere.ClientV2(api_key="wrong", base_url=url, timeout=60)
-        with pytest.raises(Exception, match="401|nauthori"):
+        with pytest.raises(Exception, match=r"401|nauthori"):
             wrong.rerank(model="rankd", query="q", documents=["a"])
     assert len(response.results) == 3
     assert {r.index for r in response.results} <= set(range(4))

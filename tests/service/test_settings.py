@@ -37,3 +37,12 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(Exception, match="frozen"):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_readme_configuration_table_is_current() -> None:
+    from pathlib import Path
+
+    from service.settings_doc import settings_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert settings_table() in readme, "regenerate with `python -m service.settings_doc`"

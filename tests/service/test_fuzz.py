@@ -1,0 +1,95 @@
+"""Schema fuzzing: schemathesis generates requests from rankd's own OpenAPI schema and sends them
+to the real app (uvicorn on loopback, in this process). Every response must be a documented
+status with a conforming body, and never a 500."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.support.apps import serve_in_thread
+
+# Per operation: a few hundred cases in all in the quick run, many more in the slow one;
+# RANKD_FUZZ_EXAMPLES overrides the slow run's count (see docs/reliability.md).
+QUICK_EXAMPLES = 50
+SLOW_EXAMPLES = int(os.environ.get("RANKD_FUZZ_EXAMPLES", "200"))
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
+STATUSES: Counter[int] = Counter()
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(sample_index: Path, tiny_lm: Path) -> Iterator[tuple[Any, str]]:
+    from service.settings import Settings
+
+    app_settings = Settings(index_dir=sample_index, device="cpu", reranker_backend="transformers",
+                            reranker_model=str(tiny_lm), max_body_bytes=65536,
+                            max_rerank_documents=60)
+    with serve_in_thread(app_settings) as url:
+        yield schemathesis.openapi.from_url(f"{url}/openapi.json"), url
+
+
+# The routes in the schema; a test below checks that this list covers all of them.
+OPERATIONS = [
+    ("POST", "/rank"), ("POST", "/rank/batch"), ("GET", "/health"), ("GET", "/ready"),
+    ("GET", "/collections"), ("GET", "/metrics"), ("POST", "/v1/rerank"), ("POST", "/v2/rerank"),
+    ("POST", "/rerank"), ("POST", "/answer"),
+]
+
+
+def _fuzz(method: str, path: str, fuzz_target: tuple[Any, str], examples: int) -> None:
+    fuzz_schema, url = fuzz_target
+    operation = fuzz_schema[path][method]
+    session = requests.Session()
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case: Any) -> None:
+        response = case.call_and_validate(base_url=url, session=session, checks=CHECKS,
+                                          timeout=60)
+        STATUSES[response.status_code] += 1
+
+    check()
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS)
+def test_every_generated_request_gets_a_documented_answer(method: str, path: str,
+                                                          fuzz_target: tuple[Any, str]) -> None:
+    _fuzz(method, path, fuzz_target, QUICK_EXAMPLES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "path"), OPERATIONS)
+def test_long_fuzz(method: str, path: str, fuzz_target: tuple[Any, str]) -> None:
+    _fuzz(method, path, fuzz_target, SLOW_EXAMPLES)
+
+
+def test_operations_cover_the_schema(fuzz_target: tuple[Any, str]) -> None:
+    listed = {(op.ok().method.upper(), op.ok().path)
+              for op in fuzz_target[0].get_all_operations()}
+    assert listed == set(OPERATIONS)
+
+
+def test_fuzzing_exercised_errors_and_successes() -> None:
+    # Runs after the fuzz cases in this module: both kinds of answers were produced.
+    total = sum(STATUSES.values())
+    print(f"fuzz cases: {total}, statuses: {dict(sorted(STATUSES.items()))}")
+    assert total >= 200
+    assert STATUSES[200] > 0
+    assert sum(n for status, n in STATUSES.items() if 400 <= status < 500) > 0
+    assert all(status != 500 for status in STATUSES)

