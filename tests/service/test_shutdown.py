@@ -25,8 +25,8 @@ async def test_sigterm_during_load_loses_nothing(sample_index: Path, tiny_lm: Pa
            "RANKD_DEVICE": "cpu", "RANKD_RERANK_BATCH_SIZE": "4", "HF_HUB_OFFLINE": "1"}
     log = (tmp_path / "serve.log").open("w")
     rankd = Path(sys.executable).with_name("rankd")
-    server = subprocess.Popen([str(rankd), "serve"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    server = await asyncio.create_subprocess_exec(str(rankd), "serve", env=env, stdout=log,
+                                                  stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(timeout=120,
@@ -38,7 +38,7 @@ async def test_sigterm_during_load_loses_nothing(sample_index: Path, tiny_lm: Pa
                         break
                 except httpx.TransportError:
                     pass
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                assert server.returncode is None, (tmp_path / "serve.log").read_text()
                 assert time.monotonic() < deadline, "rankd did not start"
                 await asyncio.sleep(0.2)
             requests = [asyncio.create_task(client.post(f"{url}/rank", json={
@@ -48,9 +48,9 @@ async def test_sigterm_during_load_loses_nothing(sample_index: Path, tiny_lm: Pa
             assert not all(r.done() for r in requests)
             server.send_signal(signal.SIGTERM)
             responses = await asyncio.gather(*requests)
-        code = server.wait(timeout=60)
+        code = await asyncio.wait_for(server.wait(), 60)
     finally:
-        if server.poll() is None:
+        if server.returncode is None:
             server.kill()
         log.close()
     assert [r.status_code for r in responses] == [200] * 32
