@@ -36,3 +36,6 @@ class RerankerConfig:
     max_batch_size: int = 16
     batch_wait_ms: float = 2.0
     max_queue_depth: int = 1024
+    # The rank prompt template; as plain text (no chat template) its ending is where labels are
+    # checked to be single tokens.
+    rank_template: str = DEFAULT_RANK_TEMPLATE

@@ -17,7 +17,7 @@ from typing import Any
 
 from reranker.backends import LabelLogprobBackend, LabelRead, MakeBatcher, backend_factory
 from reranker.config import RerankerConfig
-from reranker.errors import BackendError, TooManyItemsError
+from reranker.errors import BackendError, RerankerConfigError, TooManyItemsError
 from reranker.labels import label_token_ids
 from reranker.prompt import PromptRenderer, load_tokenizer
 
@@ -81,18 +81,21 @@ class ListwiseScorer:
         token), then build and start the backend."""
         factory = backend_factory(backend_name)
         if not config.model:
-            from reranker.errors import RerankerConfigError
-
             raise RerankerConfigError(
                 f"RANKD_RERANKER_BACKEND={backend_name} needs RANKD_RERANKER_MODEL: the model "
                 "(local directory or hub id) whose tokenizer renders the prompt"
             )
         tokenizer = load_tokenizer(config.model)
         labels = config.label_alphabet.labels()
-        token_ids = label_token_ids(tokenizer, labels)
         renderer = PromptRenderer(tokenizer, config.use_chat_template)
+        # Labels are checked where the model writes them: right after the rendered prompt.
+        token_ids = label_token_ids(tokenizer, labels, renderer.answer_context(config.rank_template))
         backend = await factory(config, tokenizer, make_batcher)
-        await backend.start()
+        try:
+            await backend.start()
+        except BaseException:
+            await backend.close()
+            raise
         log.info("reranker ready: backend %s, model %s, %d labels", backend.name, config.model,
                  len(labels))
         return cls(renderer, backend, labels, token_ids)

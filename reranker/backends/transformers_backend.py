@@ -57,11 +57,13 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
+        if not config.model:
+            raise RerankerConfigError("the transformers reranker needs RANKD_RERANKER_MODEL")
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 config.model, dtype=_torch_dtype(config.dtype, device)
             )
         except (OSError, ValueError) as exc:

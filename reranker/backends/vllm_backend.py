@@ -12,7 +12,7 @@ import httpx
 from reranker.backends.base import LabelRead, MakeBatcher
 from reranker.config import RerankerConfig
 from reranker.errors import BackendError, LabelTokenError, RerankerConfigError
-from reranker.labels import label_token_ids
+from reranker.prompt import PromptRenderer
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class VllmBackend:
             )
         self.tokenizer = tokenizer
         self.labels = config.label_alphabet.labels()
+        self.use_chat_template = config.use_chat_template
+        self.rank_template = config.rank_template
         self.timeout_s = config.timeout_s
         self.retries = config.retries
         self.client = client or httpx.AsyncClient(
@@ -63,32 +65,40 @@ class VllmBackend:
             log.warning("vLLM at %s is not reachable at start-up (%s); reranking will fall back "
                         "to retrieval order until it is", self.url, exc)
             return
-        served = [m.get("id") for m in models.get("data", [])]
+        data = models.get("data") if isinstance(models, dict) else None
+        served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if self.model_name not in served:
             log.error("vLLM at %s serves %s, not %r: set RANKD_VLLM_MODEL_NAME", self.url,
                       served, self.model_name)
             return
-        await self.verify_labels(self.labels, label_token_ids(self.tokenizer, self.labels))
+        renderer = PromptRenderer(self.tokenizer, self.use_chat_template)
+        context = renderer.answer_context(self.rank_template)
+        await self.verify_labels(context)
 
-    async def verify_labels(self, labels: list[str], token_ids: list[int]) -> None:
-        """Cross-check the local label token ids with the server's /tokenize."""
-        for label, expected in zip(labels, token_ids, strict=True):
+    async def verify_labels(self, context: str) -> None:
+        """Cross-check the local tokenizer with the server's /tokenize: each label after the
+        prompt's ending must tokenize identically on both sides, so the label ids rankd asks
+        for are the server's label tokens."""
+        for label in self.labels:
+            text = context + label
             try:
                 response = await self.client.post(
                     "/tokenize",
-                    json={"model": self.model_name, "prompt": label, "add_special_tokens": False},
+                    json={"model": self.model_name, "prompt": text, "add_special_tokens": False},
                     timeout=5.0,
                 )
                 response.raise_for_status()
-                tokens = response.json()["tokens"]
-            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                served = [int(t) for t in response.json()["tokens"]]
+            except (httpx.HTTPError, KeyError, ValueError, TypeError) as exc:
                 log.warning("could not verify labels against vLLM /tokenize: %s", exc)
                 return
-            if tokens != [expected]:
+            local = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if served != local:
                 raise LabelTokenError(
-                    f"label {label!r} is token {expected} for the local tokenizer but {tokens} for "
-                    f"the vLLM server at {self.url}; RANKD_RERANKER_MODEL must name the model "
-                    "vLLM serves"
+                    f"the prompt ending with label {label!r} is tokens {local[-3:]} (last three) "
+                    f"for the local tokenizer but {served[-3:]} for the vLLM server at {self.url}; "
+                    "RANKD_RERANKER_MODEL must name the model vLLM serves (its tokenizer renders "
+                    "the prompts)"
                 )
 
     async def _post_completions(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +142,10 @@ class VllmBackend:
             "return_tokens_as_token_ids": True,
         }
         data = await self._post_completions(payload)
-        choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+        try:
+            choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BackendError("bad_response", f"vLLM answered without choices: {exc!r}") from exc
         if len(choices) != len(reads):
             raise BackendError("bad_response",
                                f"vLLM returned {len(choices)} choices for {len(reads)} prompts")
@@ -141,7 +154,7 @@ class VllmBackend:
             try:
                 top = choice["logprobs"]["top_logprobs"][0]
                 results.append([float(top[f"token_id:{t}"]) for t in label_ids])
-            except (KeyError, IndexError, TypeError) as exc:
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
                 raise BackendError(
                     "bad_response",
                     f"vLLM response lacks a label logprob ({exc!r}); is the server started with "

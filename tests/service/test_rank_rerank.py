@@ -18,8 +18,11 @@ from retriever.data import sample_catalog_path, sample_queries_path
 from tests.support.apps import app_client, metric_value
 from tests.support.vllm_server import SlowVllm, VllmServer
 
-# Float32 on both backends; see tests/reranker/test_vllm_backend.py for the derivation.
+# Float32 everywhere. The same backend batched or alone differs by float32 rounding (~1e-6);
+# transformers against vLLM by up to ~3e-6. See tests/reranker/test_vllm_backend.py for the
+# derivation of the cross-backend tolerance.
 TOLERANCE = 1e-5
+CROSS_BACKEND_TOLERANCE = 5e-5
 
 
 def _queries(count: int) -> list[str]:
@@ -268,17 +271,18 @@ async def test_vllm_rerank_matches_the_transformers_backend(
             assert a["prompt"] == b["prompt"]
             assert a["candidate_ids"] == b["candidate_ids"]
             assert max(abs(p - q) for p, q in zip(a["probabilities"], b["probabilities"],
-                                                  strict=True)) < TOLERANCE
+                                                  strict=True)) < CROSS_BACKEND_TOLERANCE
         for a, b in zip(local["results"], remote["results"], strict=True):
-            assert abs(a["score"] - b["score"]) < TOLERANCE
+            assert abs(a["score"] - b["score"]) < CROSS_BACKEND_TOLERANCE
         # vLLM's order is the transformers order, up to swaps of near-ties within the tolerance.
         local_means = averaged(local)
         remote_order = [r["id"] for r in remote["results"][:25]]
-        assert all(local_means[a] >= local_means[b] - 2 * TOLERANCE
+        assert all(local_means[a] >= local_means[b] - 2 * CROSS_BACKEND_TOLERANCE
                    for a, b in itertools.pairwise(remote_order))
 
 
 @pytest.mark.vllm
+@pytest.mark.slow
 async def test_vllm_outage_degrades_and_recovers_without_restarting_rankd(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
         record_property: pytest.RecordProperty) -> None:
@@ -300,8 +304,9 @@ async def test_vllm_outage_degrades_and_recovers_without_restarting_rankd(
         restarted_at = time.monotonic()
         await asyncio.to_thread(live_vllm.start)
         healthy_at = time.monotonic()
-        deadline = healthy_at + 60
+        deadline, attempts = healthy_at + 60, 0
         while True:  # bounded: one request per 0.2 s for at most 60 s
+            attempts += 1
             back = await client.post("/rank", json=query)
             if back.json()["reranked"] or time.monotonic() > deadline:
                 break
@@ -330,5 +335,6 @@ async def test_vllm_outage_degrades_and_recovers_without_restarting_rankd(
     assert strict_back.status_code == 200
     record_property("vllm_restart_s", round(healthy_at - restarted_at, 1))
     record_property("rankd_recovery_after_vllm_healthy_s", round(recovered_at - healthy_at, 3))
+    record_property("rankd_recovery_attempts", attempts)
     print(f"\nvLLM restart {healthy_at - restarted_at:.1f}s; rankd reranked again "
-          f"{recovered_at - healthy_at:.3f}s after vLLM was healthy")
+          f"{recovered_at - healthy_at:.3f}s after vLLM was healthy, on request {attempts}")

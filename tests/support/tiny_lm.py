@@ -1,9 +1,17 @@
 """A tiny causal LM built from scratch in seconds: random Qwen2 weights, a locally trained
-byte-level BPE tokenizer and a ChatML chat template. Nothing is downloaded."""
+byte-level BPE tokenizer and a ChatML chat template. Nothing is downloaded.
+
+``build_tokenizer`` also makes the odd tokenizers that label validation must handle; the
+``tiny_lm`` fixture (registered in tests/conftest.py) builds the model once per session.
+"""
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
+from typing import Literal
+
+import pytest
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -11,7 +19,13 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Mistral-style: the answer follows the closing special token directly.
+INST_TEMPLATE = (
+    "{% for message in messages %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endfor %}"
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+TokenizerKind = Literal["bytelevel", "prefix_space", "split_labels", "uncased"]
 
 
 def _corpus() -> list[str]:
@@ -24,22 +38,49 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(directory: Path, vocab_size: int = 1024, merge_labels: bool = False) -> None:
-    """Train a byte-level BPE tokenizer and save it with a chat template.
+def build_tokenizer(directory: Path, vocab_size: int = 1024,
+                    kind: TokenizerKind = "bytelevel") -> None:
+    """Train a tokenizer and save it with a chat template.
 
-    Every byte is a token of a byte-level BPE, so A-Z and a-z are single tokens. With
-    ``merge_labels`` the pre-tokenizer adds a prefix space, so a bare "A" becomes two tokens
-    ("Ġ" + "A"): a tokenizer on which label validation must refuse to start.
+    - ``bytelevel``: byte-level BPE with a ChatML template. Every byte is a token, so A-Z and
+      a-z are single tokens where the model answers (after ``<|im_start|>assistant\\n``).
+    - ``prefix_space``: the same with ``add_prefix_space`` and the merges "ĠA" … "ĠZ" learned, so
+      a bare "A" encodes as the one token "ĠA" while the model answers with the token "A": label
+      ids must be read where the label stands in the prompt, not from the bare label.
+    - ``split_labels``: a SentencePiece-style tokenizer (Metaspace, "▁" prepended after every
+      special token) with no merges and a Mistral-style template whose answer follows "[/INST]";
+      there every label is two tokens, "▁" and the letter, and validation must refuse to start.
+    - ``uncased``: byte-level BPE behind a lowercasing normaliser, so "A" and "a" are one token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if kind == "split_labels":
+        chars = sorted(set("".join(_corpus())) | set(string.ascii_letters) | {"▁"})
+        specials = ["<unk>", "</s>", "[INST]", "[/INST]"]
+        vocab = {token: i for i, token in enumerate(specials + [c for c in chars if c != " "])}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁",
+                                                           prepend_scheme="always", split=True)
+        tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                       eos_token="</s>", pad_token="</s>",
+                                       additional_special_tokens=["[INST]", "[/INST]"])
+        fast.chat_template = INST_TEMPLATE
+        fast.save_pretrained(directory)
+        return
+
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=merge_labels)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=kind == "prefix_space")
     tokenizer.decoder = decoders.ByteLevel()
+    if kind == "uncased":
+        tokenizer.normalizer = normalizers.Lowercase()
+    corpus = _corpus()
+    if kind == "prefix_space":
+        corpus += [" ".join(string.ascii_uppercase)] * 50  # learn the merges "ĠA" … "ĠZ"
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_corpus(), trainer)
+    tokenizer.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>",
                                    additional_special_tokens=["<|im_start|>"])
@@ -81,3 +122,9 @@ def build_tiny_lm(directory: Path, seed: int = 0, hidden_size: int = 128,
     model.eval()
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny causal LM's directory, built once per session. Treat as read-only."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))

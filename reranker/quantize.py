@@ -1,0 +1,298 @@
+"""`rankd quantize`: a Hugging Face causal LM to 4-bit AWQ (W4A16, group size 128) for vLLM.
+
+The quantizer is llm-compressor (``llmcompressor``, the vLLM project's maintained AWQ
+implementation). AutoAWQ, named in the original design, is archived upstream; see the README's
+Deploy section for why it is not used. The output is a compressed-tensors checkpoint (weights
+packed to int4 with a scale and zero point per group of 128) that vLLM loads as it is, with its
+Marlin kernels on NVIDIA GPUs and its WNA16 kernel on CPU.
+
+Calibration runs the model over rerank prompts exactly as the reranker renders them: the
+tokenizer's chat template around the listwise template, with real candidates from a collection.
+Building those prompts is :func:`calibration_prompts`; the collection and queries are chosen by
+the caller (``reranker/cli.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from reranker.listwise import ListwiseTask
+from reranker.prompt import PromptRenderer
+
+log = logging.getLogger(__name__)
+
+# 4-bit integer weights with a scale and a zero point per group of 128 input channels, 16-bit
+# activations: AWQ's own format, expressed as an llm-compressor preset scheme.
+SCHEME = "W4A16_ASYM"
+GROUP_SIZE = 128
+BITS = 4
+# The tested llm-compressor release; its AWQ modifier moved to modifiers.transform.awq in 0.14.
+LLMCOMPRESSOR_VERSION = "0.14.0.1"
+REPORT_FILE = "rankd-quantize.json"
+INSTALL_HINT = (
+    "install the [quant] extra: `pip install 'rankd[quant]'` (llmcompressor "
+    f"{LLMCOMPRESSOR_VERSION} pins transformers 5.15-5.17, so use its own environment: "
+    "`bash scripts/setup_quant.sh` makes one and prints its python; run "
+    "`<that python> -m service.cli quantize ...` from the repository root)"
+)
+
+
+class QuantizeError(RuntimeError):
+    """Quantization cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    model: str
+    output: str
+    scheme: str
+    group_size: int
+    bits: int
+    device: str
+    calibration_samples: int
+    calibration_tokens: int
+    max_seq_len: int
+    seconds: float
+    bytes: int
+    llmcompressor: str
+    calibration_source: str
+
+
+def llmcompressor_version() -> str:
+    """The installed llm-compressor's version, or a QuantizeError that says how to install it."""
+    try:
+        version = importlib.metadata.version("llmcompressor")
+    except importlib.metadata.PackageNotFoundError:
+        raise QuantizeError(f"llmcompressor is not installed in this environment; {INSTALL_HINT}") from None
+    try:
+        import llmcompressor.modifiers.transform.awq  # noqa: F401
+    except ImportError as exc:
+        raise QuantizeError(
+            f"llmcompressor {version} does not provide the AWQ modifier rankd uses "
+            f"(llmcompressor.modifiers.transform.awq: {exc}); install llmcompressor=="
+            f"{LLMCOMPRESSOR_VERSION}: {INSTALL_HINT}"
+        ) from exc
+    return version
+
+
+def select_device(device: str) -> str:
+    """``cuda`` needs a visible NVIDIA GPU; ``cpu`` hides every GPU from this process.
+
+    llm-compressor puts each layer on the first accelerator it finds, so CPU-only quantization
+    works by hiding the GPUs before torch initialises CUDA.
+    """
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    if device != "cuda":
+        raise QuantizeError(f"unknown device {device!r}; use --device cuda or --device cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QuantizeError(
+            "no CUDA GPU is visible to this process. AWQ calibration of a 7B-32B model runs "
+            "on a GPU: on CPU it takes hours. Run `rankd quantize` on a GPU machine, or pass "
+            "--device cpu to quantize a small model on CPU anyway"
+        )
+    return "cuda"
+
+
+def calibration_prompts(renderer: PromptRenderer, tasks: Sequence[ListwiseTask],
+                        labels: Sequence[str]) -> list[str]:
+    """Each task rendered as the reranker sends it: labelled items, template, chat template.
+
+    Half the tasks (alternately) are rendered with their items reversed, as the scorer's second
+    order does, so the calibration set covers both orders.
+    """
+    prompts = []
+    for number, task in enumerate(tasks):
+        if len(task.items) > len(labels):
+            raise QuantizeError(
+                f"a calibration prompt has {len(task.items)} candidates but only {len(labels)} "
+                "labels are configured; lower --candidates"
+            )
+        items = list(task.items) if number % 2 == 0 else list(reversed(task.items))
+        rendered = renderer.render(task.template, task.fields, items, list(labels[: len(items)]))
+        prompts.append(rendered.text)
+    return prompts
+
+
+def sample_queries(queries: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` queries drawn without replacement while they last, then again, reproducibly."""
+    if not queries:
+        raise QuantizeError("the calibration set is empty: the collection has no entries and no "
+                            "queries were given")
+    rng = random.Random(seed)
+    chosen: list[str] = []
+    while len(chosen) < count:
+        pool = list(queries)
+        rng.shuffle(pool)
+        chosen.extend(pool[: count - len(chosen)])
+    return chosen
+
+
+def read_queries(path: Path) -> list[str]:
+    """Queries for calibration: JSONL with a ``query`` field per line, or one query per line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QuantizeError(f"cannot read --queries {path}: {exc}") from exc
+    if path.suffix.lower() not in {".jsonl", ".json"}:
+        return [line.strip() for line in lines if line.strip()]
+    queries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise QuantizeError(f"{path}:{number} is not JSON ({exc})") from exc
+        query = record.get("query") if isinstance(record, dict) else None
+        if not isinstance(query, str) or not query.strip():
+            raise QuantizeError(f"{path}:{number} has no string field \"query\"")
+        queries.append(query)
+    return queries
+
+
+@contextlib.contextmanager
+def _cpu_calibration() -> Iterator[None]:
+    """Let llm-compressor 0.14's AWQ run where no accelerator exists.
+
+    Its AWQ grid search pins cached activations in page-locked memory before each layer
+    (``IntermediatesCache.pin_memory``) to speed up host-to-GPU copies. Pinning needs an
+    accelerator: without one torch raises "Cannot access accelerator device when none is
+    available". On CPU there is no copy to speed up, so pinning is skipped for the duration.
+    """
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available() or not hasattr(IntermediatesCache, "_pin_intermediate"):
+        yield
+        return
+    original = IntermediatesCache.__dict__["_pin_intermediate"]
+    IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+    try:
+        yield
+    finally:
+        IntermediatesCache._pin_intermediate = original
+
+
+def check_destination(output: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing file or non-empty directory unless told to."""
+    if not output.exists() or overwrite:
+        return
+    if output.is_dir() and not any(output.iterdir()):
+        return
+    raise QuantizeError(f"{output} already exists; choose another --output or pass --overwrite")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def check_output(directory: Path) -> dict[str, Any]:
+    """The saved checkpoint's quantization config, checked to be what vLLM should load."""
+    config_path = directory / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise QuantizeError(f"{config_path} is missing or not JSON after saving: {exc}") from exc
+    quant = config.get("quantization_config") or {}
+    groups = list((quant.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    if (quant.get("quant_method") != "compressed-tensors" or not weights
+            or any(w.get("num_bits") != BITS or w.get("group_size") != GROUP_SIZE
+                   for w in weights)):
+        raise QuantizeError(
+            f"{config_path} does not describe {BITS}-bit weights in groups of {GROUP_SIZE} "
+            f"(quantization_config: {json.dumps(quant)[:500]})"
+        )
+    return dict(quant)
+
+
+def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
+             max_seq_len: int = 2048, calibration_source: str = "",
+             overwrite: bool = False) -> QuantizeResult:
+    """Calibrate AWQ scales on ``prompts``, quantize to W4A16 and save a vLLM-ready directory.
+
+    The directory is written beside ``output`` under a hidden name and renamed into place at the
+    end, so an interrupted run never leaves a half-written model where vLLM would load it.
+    """
+    version = llmcompressor_version()
+    check_destination(output, overwrite)
+    if not prompts:
+        raise QuantizeError("no calibration prompts")
+    used_device = select_device(device)
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    except (OSError, ValueError) as exc:
+        raise QuantizeError(
+            f"cannot load {model!r}: {exc}. Give --model a local model directory or a hub id "
+            "this machine can download (set HF_TOKEN for gated models)"
+        ) from exc
+    # The chat template already holds the special tokens; the tokenizer must not add more.
+    encoded = [list(ids) for ids in
+               tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    truncated = sum(len(ids) > max_seq_len for ids in encoded)
+    if truncated:
+        log.warning("%d of %d calibration prompts are longer than --max-seq-len %d tokens and "
+                    "lose their ends; raise it or lower --candidates", truncated, len(encoded),
+                    max_seq_len)
+    input_ids = [ids[:max_seq_len] for ids in encoded]
+    dataset = Dataset.from_dict({"input_ids": input_ids,
+                                 "attention_mask": [[1] * len(ids) for ids in input_ids]})
+    tokens = sum(len(ids) for ids in input_ids)
+    recipe = [
+        AWQModifier(duo_scaling="both"),
+        QuantizationModifier(targets=["Linear"], scheme=SCHEME, ignore=["lm_head"]),
+    ]
+    log.info("quantizing %s on %s with llmcompressor %s: %d calibration prompts, %d tokens",
+             model, used_device, version, len(prompts), tokens)
+    guard = _cpu_calibration() if used_device == "cpu" else contextlib.nullcontext()
+    with guard:
+        oneshot(model=lm, dataset=dataset, recipe=recipe, max_seq_length=max_seq_len,
+                num_calibration_samples=len(prompts), shuffle_calibration_samples=False)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        lm.save_pretrained(staging, save_compressed=True)
+        tokenizer.save_pretrained(staging)
+        check_output(staging)
+        result = QuantizeResult(
+            model=model, output=str(output), scheme=SCHEME, group_size=GROUP_SIZE, bits=BITS,
+            device=used_device, calibration_samples=len(prompts), calibration_tokens=tokens,
+            max_seq_len=max_seq_len, seconds=round(time.perf_counter() - started, 2),
+            bytes=_dir_bytes(staging), llmcompressor=version,
+            calibration_source=calibration_source,
+        )
+        (staging / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n",
+                                           encoding="utf-8")
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result

