@@ -70,6 +70,7 @@ def _quantize(args: argparse.Namespace) -> int:
         QuantizeError,
         calibration_prompts,
         check_destination,
+        hide_gpus_for_cpu,
         llmcompressor_version,
         quantize,
         select_device,
@@ -80,6 +81,7 @@ def _quantize(args: argparse.Namespace) -> int:
     labels = LabelAlphabet(args.label_alphabet).labels()
     try:
         # The cheap refusals first: no quantizer, no GPU, an output already there.
+        hide_gpus_for_cpu(args.device)
         llmcompressor_version()
         select_device(args.device)
         check_destination(output, args.overwrite)

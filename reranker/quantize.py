@@ -87,14 +87,20 @@ def llmcompressor_version() -> str:
     return version
 
 
-def select_device(device: str) -> str:
-    """``cuda`` needs a visible NVIDIA GPU; ``cpu`` hides every GPU from this process.
+def hide_gpus_for_cpu(device: str) -> None:
+    """For ``--device cpu``, hide every GPU from this process.
 
-    llm-compressor puts each layer on the first accelerator it finds, so CPU-only quantization
-    works by hiding the GPUs before torch initialises CUDA.
+    llm-compressor puts each layer on the first accelerator it finds, and it looks when it is
+    imported, so this must run before llmcompressor (or any CUDA call) is first imported.
     """
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def select_device(device: str) -> str:
+    """``cuda`` needs a visible NVIDIA GPU; ``cpu`` needs :func:`hide_gpus_for_cpu` first."""
+    if device == "cpu":
+        hide_gpus_for_cpu(device)
         return "cpu"
     if device != "cuda":
         raise QuantizeError(f"unknown device {device!r}; use --device cuda or --device cpu")
@@ -230,6 +236,7 @@ def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
     The directory is written beside ``output`` under a hidden name and renamed into place at the
     end, so an interrupted run never leaves a half-written model where vLLM would load it.
     """
+    hide_gpus_for_cpu(device)
     version = llmcompressor_version()
     check_destination(output, overwrite)
     if not prompts:

@@ -9,6 +9,9 @@ bash scripts/bootstrap.sh --dev
 # The real vLLM server on CPU, in its own venv cached outside the clone.
 RANKD_VLLM_PYTHON=$(bash scripts/setup_vllm_cpu.sh | tail -n 1)
 export RANKD_VLLM_PYTHON
+# llm-compressor for the `rankd quantize` test, in its own venv (it pins an older transformers).
+RANKD_QUANT_PYTHON=$(bash scripts/setup_quant.sh | tail -n 1)
+export RANKD_QUANT_PYTHON
 # Debian's docker-compose v1 validates the compose file without a Docker engine.
 if ! command -v docker-compose >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null 2>&1 \

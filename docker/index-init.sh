@@ -1,0 +1,43 @@
+#!/bin/sh
+# The one-shot index step (the `index` service of docker-compose.yml): builds a collection into
+# $RANKD_INDEX_DIR when it does not exist yet, then exits. An existing collection is left alone;
+# delete its directory (or the volume) to rebuild it.
+#
+#   RANKD_CATALOG_FILE          catalogue mounted in the container (CSV, JSONL or Parquet); when
+#                               unset, the embedded sample catalogue is indexed instead
+#   RANKD_CATALOG_ID_COLUMN     its id column (required with RANKD_CATALOG_FILE)
+#   RANKD_CATALOG_TEXT_COLUMN   its text column (required with RANKD_CATALOG_FILE)
+#   RANKD_CATALOG_COLLECTION    collection name (default: the file name without its extension)
+#   RANKD_CATALOG_INSTRUCTION   the collection's rerank instruction (optional)
+#   RANKD_CATALOG_INDEX_TYPE    flat (default), hnsw or ivf
+#   RANKD_INDEX_DIR, RANKD_EMBEDDER_MODEL  as for `rankd serve`
+set -eu
+index_dir=${RANKD_INDEX_DIR:-/data/index}
+
+if [ -z "${RANKD_CATALOG_FILE:-}" ]; then
+  echo "rankd-index-init: RANKD_CATALOG_FILE is not set; indexing the embedded sample catalogue"
+  exec python -c 'import os, pathlib; from service.cli import ensure_sample_index; ensure_sample_index(pathlib.Path(os.environ.get("RANKD_INDEX_DIR", "/data/index")), os.environ.get("RANKD_EMBEDDER_MODEL", "sentence-transformers/all-MiniLM-L6-v2")); print("rankd-index-init: sample collection ready")'
+fi
+
+catalog=$RANKD_CATALOG_FILE
+if [ ! -f "$catalog" ]; then
+  echo "rankd-index-init: RANKD_CATALOG_FILE=$catalog is not a file in the container; put the catalogue in RANKD_CATALOG_DIR (mounted at /data/catalog) and set RANKD_CATALOG_FILE=/data/catalog/<name>" >&2
+  exit 2
+fi
+: "${RANKD_CATALOG_ID_COLUMN:?rankd-index-init: set RANKD_CATALOG_ID_COLUMN to the catalogue id column}"
+: "${RANKD_CATALOG_TEXT_COLUMN:?rankd-index-init: set RANKD_CATALOG_TEXT_COLUMN to the catalogue text column}"
+name=$(basename "$catalog")
+collection=${RANKD_CATALOG_COLLECTION:-${name%.*}}
+
+if [ -f "$index_dir/$collection/manifest.json" ]; then
+  echo "rankd-index-init: collection $collection already exists in $index_dir; nothing to do"
+  exit 0
+fi
+echo "rankd-index-init: building collection $collection from $catalog into $index_dir"
+set -- --catalog "$catalog" --id-column "$RANKD_CATALOG_ID_COLUMN" \
+  --text-column "$RANKD_CATALOG_TEXT_COLUMN" --collection "$collection" --index-dir "$index_dir" \
+  --index-type "${RANKD_CATALOG_INDEX_TYPE:-flat}" --quiet
+if [ -n "${RANKD_CATALOG_INSTRUCTION:-}" ]; then
+  set -- "$@" --instruction "$RANKD_CATALOG_INSTRUCTION"
+fi
+exec rankd index build "$@"
