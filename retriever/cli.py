@@ -3,7 +3,141 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Light: no torch, transformers or datasets until a training run starts.
+from retriever.training import TrainingConfig
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Retriever training subcommands are added here by the train-retriever issue."""
+def _train_retriever(args: argparse.Namespace) -> int:
+    from retriever.catalog import CatalogError, read_catalog
+    from retriever.eedi import DEFAULT_QUERY_TEMPLATE
+    from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.training import (
+        LossKind,
+        NegativeSampling,
+        SamplerKind,
+        TrainingError,
+        parse_window,
+        read_pairs,
+        train_retriever,
+        write_validation_file,
+    )
+
+    try:
+        config = TrainingConfig(
+            output_dir=Path(args.output),
+            model=args.model or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER),
+            device=args.device,
+            epochs=args.epochs,
+            learning_rate=args.lr,
+            warmup_ratio=args.warmup,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            sampler=SamplerKind(args.batch_sampler),
+            loss=LossKind(args.loss),
+            mini_batch_size=args.mini_batch_size,
+            negatives=args.negatives,
+            negative_window=parse_window(args.negative_window),
+            negative_sampling=NegativeSampling(args.negative_sampling),
+            validation_fraction=args.validation_fraction,
+            holdout_fraction=args.holdout_misconceptions,
+            k=args.k,
+            eval_batch_size=args.eval_batch_size,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
+        config.check()
+        entries = read_catalog(args.catalog, args.id_column, args.text_column, args.catalog_format)
+        pairs = read_pairs(args.train, args.format,
+                           args.query_template or DEFAULT_QUERY_TEMPLATE)
+        report = train_retriever(pairs, entries, config)
+        validation_file = write_validation_file(args.train, args.format,
+                                                set(report["validation_groups"]), args.output)
+    except (TrainingError, CatalogError, EmbedderLoadError) as exc:
+        print(f"rankd train-retriever: {exc}", file=sys.stderr)
+        return 2
+    summary = {key: report[key] for key in ("output", "pairs", "validation_queries", "zero_shot",
+                                            "fine_tuned", "best_checkpoint", "seconds",
+                                            "peak_rss_mib")}
+    summary["validation_file"] = str(validation_file)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    defaults = TrainingConfig(output_dir=Path("."))
+    train = sub.add_parser(
+        "train-retriever",
+        help="fine-tune the embedder on labelled (query, catalogue id) pairs",
+        description="Contrastive fine-tuning (MultipleNegativesRankingLoss with mined hard "
+                    "negatives). --output becomes a model directory for `rankd index build "
+                    "--model DIR`; it also holds checkpoints/ and training_report.json.",
+    )
+    data = train.add_argument_group("data")
+    data.add_argument("--train", required=True, help="labelled pairs file")
+    data.add_argument("--format", required=True, choices=["eedi", "jsonl"],
+                      help="eedi: the competition's train.csv; jsonl: {query, positive_id} per line "
+                           "(optional group, id)")
+    data.add_argument("--catalog", required=True, help="catalogue file (CSV, JSONL or Parquet)")
+    data.add_argument("--id-column", default="MisconceptionId")
+    data.add_argument("--text-column", default="MisconceptionName")
+    data.add_argument("--catalog-format", choices=["csv", "jsonl", "parquet"],
+                      help="default: from the catalogue's suffix")
+    data.add_argument("--query-template", default=None,
+                      help="eedi query template (default: the batch client's, retriever/eedi.py)")
+    data.add_argument("--output", required=True, help="directory for the fine-tuned model")
+    data.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier training run in --output")
+
+    model = train.add_argument_group("model and training")
+    model.add_argument("--model", help="base embedder (default: $RANKD_EMBEDDER_MODEL or "
+                                       "all-MiniLM-L6-v2 from the package)")
+    model.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    model.add_argument("--epochs", type=float, default=defaults.epochs)
+    model.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
+    model.add_argument("--warmup", type=_fraction, default=defaults.warmup_ratio,
+                       help="warm-up as a fraction of all steps")
+    model.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="pairs per batch; each query's in-batch negatives are the others")
+    model.add_argument("--seed", type=int, default=defaults.seed)
+    model.add_argument("--batch-sampler", choices=["length-grouped", "no-duplicates"],
+                       default=defaults.sampler.value,
+                       help="both keep a text out of a batch twice; length-grouped also batches "
+                            "queries of similar length, which pads less")
+    model.add_argument("--loss", choices=["mnrl", "cached"], default=defaults.loss.value,
+                       help="cached: CachedMultipleNegativesRankingLoss, big batches in little memory")
+    model.add_argument("--mini-batch-size", type=int, default=defaults.mini_batch_size,
+                       help="forward chunk of the cached loss")
+
+    mining = train.add_argument_group("hard negatives (mined with the base model)")
+    mining.add_argument("--negatives", type=int, default=defaults.negatives,
+                        help="hard negatives per query")
+    mining.add_argument("--negative-window", default="{}-{}".format(*defaults.negative_window),
+                        help="base-model ranks to take them from, FIRST-LAST (1-based, inclusive)")
+    mining.add_argument("--negative-sampling", choices=["top", "random"],
+                        default=defaults.negative_sampling.value,
+                        help="the best-ranked eligible entries of the window, or a seeded random draw")
+
+    validation = train.add_argument_group("validation")
+    validation.add_argument("--validation-fraction", type=_fraction,
+                            default=defaults.validation_fraction,
+                            help="share of questions (groups, never rows) held for validation")
+    validation.add_argument("--holdout-misconceptions", type=_fraction,
+                            default=defaults.holdout_fraction,
+                            metavar="FRACTION",
+                            help="withhold this share of the positive ids from training entirely")
+    validation.add_argument("--k", type=int, default=defaults.k, help="cut-off of MAP@k and recall@k")
+    validation.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train_retriever)

@@ -1,0 +1,591 @@
+"""Fine-tune the retriever's embedder on (query, catalogue entry) pairs.
+
+Contrastive training with sentence-transformers' trainer: MultipleNegativesRankingLoss (or its
+cached variant) over in-batch negatives plus hard negatives that the base model itself ranks
+highly in the catalogue index. Validation is split by question (a group of pairs), scored with
+MAP@k and recall@k each epoch, and reported separately for queries whose positive was or was
+not trained on. The output directory is a sentence-transformers model that
+``rankd index build --model DIR`` and ``RANKD_EMBEDDER_MODEL=DIR`` load.
+
+Reading, splitting and mining are plain functions usable (and tested) without the trainer;
+the trainer stack is imported only inside :func:`train_retriever`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retriever.catalog import CatalogEntry
+from retriever.eedi import DEFAULT_QUERY_TEMPLATE, eedi_queries
+from retriever.embedder import DEFAULT_EMBEDDER, Embedder, select_device
+from retriever.index import Collection, build_collection, load_collection
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "training_report.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingError(ValueError):
+    """The training data or options cannot be used as given."""
+
+
+# ---------------------------------------------------------------- labelled pairs
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    """One labelled query. ``group`` keeps pairs of one question on one side of the split."""
+
+    query_id: str
+    group: str
+    query: str
+    positive_id: str
+
+
+class PairFormat(StrEnum):
+    EEDI = "eedi"
+    JSONL = "jsonl"
+
+
+def _eedi_pairs(path: Path, template: str) -> list[TrainingPair]:
+    """Eedi ``train.csv``: one pair per incorrect answer with a misconception id."""
+    try:
+        queries = eedi_queries(path, template)
+    except KeyError as exc:
+        raise TrainingError(f"{path}: not an Eedi train.csv: column {exc} is missing") from None
+    except ValueError as exc:  # a bad template, or a misconception id that is not a number
+        raise TrainingError(f"{path}: {exc}") from None
+    return [TrainingPair(q.id, q.question_id, q.text, q.misconception_id)
+            for q in queries if q.misconception_id is not None]
+
+
+def _jsonl_pairs(path: Path, template: str) -> list[TrainingPair]:
+    """JSONL: ``{"query": ..., "positive_id": ...}`` per line.
+
+    Optional ``id`` names the query and optional ``group`` (for example a question id) keeps
+    related queries on one side of the validation split; without it a query text is its own
+    group, so the same query with several positives never straddles the split.
+    """
+    pairs = []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrainingError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise TrainingError(f"{path}:{line_no}: expected a JSON object per line")
+            query = row.get("query")
+            positive = row.get("positive_id")
+            if not isinstance(query, str) or not query.strip():
+                raise TrainingError(f"{path}:{line_no}: field 'query' must be a non-empty string")
+            if positive is None or isinstance(positive, (dict, list, bool)) or not str(positive).strip():
+                raise TrainingError(
+                    f"{path}:{line_no}: field 'positive_id' must be a catalogue id (string or number)"
+                )
+            pairs.append(TrainingPair(str(row.get("id", f"line{line_no}")), _jsonl_group(row),
+                                      query.strip(), str(positive).strip()))
+    return pairs
+
+
+def _jsonl_group(row: dict[str, Any]) -> str:
+    return str(row.get("group", str(row.get("query", "")).strip()))
+
+
+PAIR_READERS: dict[PairFormat, Callable[[Path, str], list[TrainingPair]]] = {
+    PairFormat.EEDI: _eedi_pairs,
+    PairFormat.JSONL: _jsonl_pairs,
+}
+
+
+def read_pairs(path: str | Path, fmt: PairFormat | str,
+               template: str = DEFAULT_QUERY_TEMPLATE) -> list[TrainingPair]:
+    """Labelled pairs from ``path``; Eedi rows become query text through ``retriever.eedi``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"training file {path} does not exist")
+    pairs = PAIR_READERS[PairFormat(fmt)](path, template)
+    if not pairs:
+        raise TrainingError(f"{path}: no labelled pairs found")
+    return pairs
+
+
+def _eedi_validation_rows(source: Path, groups: set[str], target: Path) -> int:
+    with source.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = [row for row in reader if row["QuestionId"] in groups]
+        fieldnames = list(reader.fieldnames or [])
+    with target.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def _jsonl_validation_rows(source: Path, groups: set[str], target: Path) -> int:
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines()
+             if line.strip() and _jsonl_group(json.loads(line)) in groups]
+    target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
+
+
+VALIDATION_WRITERS: dict[PairFormat, tuple[str, Callable[[Path, set[str], Path], int]]] = {
+    PairFormat.EEDI: ("validation.csv", _eedi_validation_rows),
+    PairFormat.JSONL: ("validation.jsonl", _jsonl_validation_rows),
+}
+
+
+def write_validation_file(source: str | Path, fmt: PairFormat | str, groups: set[str],
+                          directory: str | Path) -> Path:
+    """The validation questions' rows of ``source``, in its format, as ``directory/validation.*``.
+
+    With it the served pipeline (`rankd batch`, `rankd eval`) is scored on exactly the
+    questions that training never saw.
+    """
+    name, write = VALIDATION_WRITERS[PairFormat(fmt)]
+    target = Path(directory) / name
+    write(Path(source), groups, target)
+    return target
+
+
+def check_positives(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry]) -> None:
+    """Every positive id must be a catalogue id."""
+    known = {e.id for e in entries}
+    missing = sorted({p.positive_id for p in pairs} - known)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise TrainingError(
+            f"{len(missing)} positive id(s) are not in the catalogue ({shown}); check --catalog "
+            "and --id-column"
+        )
+
+
+# ---------------------------------------------------------------- split
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[TrainingPair]
+    validation: list[TrainingPair]
+    held_out_ids: frozenset[str] = frozenset()
+    dropped_pairs: int = 0  # training pairs removed because their positive is held out
+
+    @property
+    def trained_ids(self) -> set[str]:
+        return {p.positive_id for p in self.train}
+
+
+def split_pairs(pairs: Sequence[TrainingPair], validation_fraction: float,
+                holdout_fraction: float = 0.0, seed: int = 0) -> Split:
+    """Split by group (question), never by row; optionally withhold positive ids from training.
+
+    ``validation_fraction`` of the groups (at least one, leaving at least one) go to
+    validation. ``holdout_fraction`` of the distinct positive ids are drawn at random and
+    every training pair with one of them is dropped, so validation queries about them are
+    honestly unseen.
+    """
+    if not 0 < validation_fraction < 1:
+        raise TrainingError(f"validation fraction must be between 0 and 1, got {validation_fraction}")
+    if not 0 <= holdout_fraction < 1:
+        raise TrainingError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    groups = sorted({p.group for p in pairs})
+    if len(groups) < 2:
+        raise TrainingError("a validation split needs pairs from at least two questions (groups)")
+    rng = random.Random(seed)
+    rng.shuffle(groups)
+    n_validation = min(len(groups) - 1, max(1, round(validation_fraction * len(groups))))
+    validation_groups = set(groups[:n_validation])
+    ids = sorted({p.positive_id for p in pairs})
+    held_out = frozenset(rng.sample(ids, round(holdout_fraction * len(ids))))
+    train = [p for p in pairs if p.group not in validation_groups]
+    kept = [p for p in train if p.positive_id not in held_out]
+    if not kept:
+        raise TrainingError("no training pairs remain after the split and the holdout")
+    validation = [p for p in pairs if p.group in validation_groups]
+    return Split(kept, validation, held_out, len(train) - len(kept))
+
+
+# ---------------------------------------------------------------- hard negatives
+
+
+class NegativeSampling(StrEnum):
+    TOP = "top"  # the best-ranked eligible entries in the window
+    RANDOM = "random"  # a seeded random draw from the eligible entries in the window
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``"5-50"`` -> (5, 50): 1-based, inclusive ranks in the base model's retrieval."""
+    first, sep, last = text.partition("-")
+    try:
+        window = (int(first), int(last))
+    except ValueError:
+        window = (0, 0)
+    if not sep or window[0] < 1 or window[1] < window[0]:
+        raise TrainingError(f"negative window {text!r} must look like FIRST-LAST with 1 <= FIRST <= LAST")
+    return window
+
+
+def mine_hard_negatives(pairs: Sequence[TrainingPair], collection: Collection, embedder: Embedder,
+                        *, window: tuple[int, int], count: int,
+                        sampling: NegativeSampling = NegativeSampling.TOP,
+                        exclude_ids: frozenset[str] = frozenset(), seed: int = 0,
+                        show_progress: bool = False) -> list[list[str]]:
+    """Catalogue ids of ``count`` hard negatives for each pair, mined from ``collection``.
+
+    Candidates are the base embedder's hits at ranks ``window`` (1-based, inclusive). Never
+    chosen: any positive of the same query text (so a query with several labels gets none of
+    them as negatives), any entry whose text equals one of those positives, and
+    ``exclude_ids`` (held-out ids). When the window holds too few eligible entries the next
+    ranks after it fill in.
+    """
+    if count < 1:
+        raise TrainingError(f"negatives per query must be at least 1, got {count}")
+    by_id = {e.id: e for e in collection.entries}
+    positives: dict[str, set[str]] = defaultdict(set)
+    for pair in pairs:
+        positives[pair.query].add(pair.positive_id)
+    texts = sorted(positives)
+    depth = min(len(collection), window[1] + count + len(exclude_ids) + max(map(len, positives.values())))
+    vectors = embedder.encode(texts, show_progress=show_progress)
+    hits = dict(zip(texts, collection.search(vectors, depth), strict=True))
+    rng = random.Random(seed)
+    negatives = []
+    for pair in pairs:
+        banned_ids = positives[pair.query] | exclude_ids
+        banned_texts = {by_id[i].text for i in positives[pair.query] if i in by_id}
+        eligible = [(rank, hit.id) for rank, hit in enumerate(hits[pair.query], 1)
+                    if rank >= window[0] and hit.id not in banned_ids and hit.text not in banned_texts]
+        inside = [i for rank, i in eligible if rank <= window[1]]
+        after = [i for rank, i in eligible if rank > window[1]]
+        if sampling is NegativeSampling.RANDOM:
+            chosen = rng.sample(inside, min(count, len(inside)))
+        else:
+            chosen = inside[:count]
+        chosen += after[: count - len(chosen)]
+        if len(chosen) < count:
+            raise TrainingError(
+                f"the catalogue ({len(collection)} entries) has too few eligible entries from rank "
+                f"{window[0]} on for {count} negatives per query; lower --negatives or the window"
+            )
+        negatives.append(chosen)
+    return negatives
+
+
+# ---------------------------------------------------------------- validation set
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    queries: dict[str, str]  # query key -> text
+    relevant: dict[str, set[str]]  # query key -> relevant catalogue ids
+    seen: set[str]  # keys of queries with a relevant id among the training positives
+
+
+def validation_set(split: Split) -> ValidationSet:
+    """Validation queries (pairs sharing a query text are one query with several relevant ids)."""
+    keys: dict[str, str] = {}  # query text -> key
+    relevant: dict[str, set[str]] = defaultdict(set)
+    for pair in split.validation:
+        if pair.query not in keys:
+            key = pair.query_id if pair.query_id not in relevant else f"{pair.query_id}#{len(keys)}"
+            keys[pair.query] = key
+            relevant[key] = set()
+        relevant[keys[pair.query]].add(pair.positive_id)
+    trained = split.trained_ids
+    return ValidationSet(
+        queries={key: text for text, key in keys.items()},
+        relevant=dict(relevant),
+        seen={key for key, ids in relevant.items() if ids & trained},
+    )
+
+
+# ---------------------------------------------------------------- configuration
+
+
+class LossKind(StrEnum):
+    MNRL = "mnrl"  # MultipleNegativesRankingLoss
+    CACHED = "cached"  # CachedMultipleNegativesRankingLoss: big batches in small memory
+
+
+def _mnrl(model: SentenceTransformer, config: TrainingConfig) -> nn.Module:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    return MultipleNegativesRankingLoss(model, scale=config.scale)
+
+
+def _cached_mnrl(model: SentenceTransformer, config: TrainingConfig) -> nn.Module:
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+    )
+
+    return CachedMultipleNegativesRankingLoss(model, scale=config.scale,
+                                              mini_batch_size=config.mini_batch_size)
+
+
+LOSSES: dict[LossKind, Callable[[SentenceTransformer, TrainingConfig], nn.Module]] = {
+    LossKind.MNRL: _mnrl,
+    LossKind.CACHED: _cached_mnrl,
+}
+
+
+class SamplerKind(StrEnum):
+    LENGTH_GROUPED = "length-grouped"  # no duplicate texts, similar query lengths: less padding
+    NO_DUPLICATES = "no-duplicates"  # sentence-transformers' NoDuplicatesBatchSampler
+
+
+def _batch_sampler(kind: SamplerKind) -> Any:
+    """The ``batch_sampler`` value for the training arguments."""
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    from retriever.training_components import LengthGroupedNoDuplicatesBatchSampler
+
+    samplers: dict[SamplerKind, Any] = {
+        SamplerKind.LENGTH_GROUPED: LengthGroupedNoDuplicatesBatchSampler,
+        SamplerKind.NO_DUPLICATES: BatchSamplers.NO_DUPLICATES,
+    }
+    return samplers[kind]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Options of one training run. Defaults fit Eedi's train.csv on 2 CPU cores."""
+
+    output_dir: Path
+    model: str = DEFAULT_EMBEDDER
+    device: str = "auto"
+    epochs: float = 2.0
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.1
+    batch_size: int = 32
+    seed: int = 42
+    sampler: SamplerKind = SamplerKind.LENGTH_GROUPED
+    loss: LossKind = LossKind.MNRL
+    mini_batch_size: int = 16
+    scale: float = 20.0
+    negatives: int = 1
+    negative_window: tuple[int, int] = (5, 50)
+    negative_sampling: NegativeSampling = NegativeSampling.TOP
+    validation_fraction: float = 0.2
+    holdout_fraction: float = 0.0
+    k: int = 25
+    eval_batch_size: int = 64
+    save_total_limit: int = 2
+    progress: bool = True
+    overwrite: bool = False
+
+    def check(self) -> None:
+        positive = {"epochs": self.epochs, "learning rate": self.learning_rate,
+                    "batch size": self.batch_size, "mini-batch size": self.mini_batch_size,
+                    "negatives": self.negatives, "k": self.k,
+                    "eval batch size": self.eval_batch_size, "scale": self.scale,
+                    "save total limit": self.save_total_limit}
+        for name, value in positive.items():
+            if not value > 0:
+                raise TrainingError(f"{name} must be positive, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError(f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.batch_size < 2:
+            raise TrainingError("batch size must be at least 2: the loss needs in-batch negatives")
+
+
+# ---------------------------------------------------------------- training
+
+
+def _prepare_output(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite:
+            raise TrainingError(f"output directory {directory} is not empty; pass --overwrite "
+                                "to replace an earlier training run")
+        if not (directory / REPORT_FILE).is_file():
+            raise TrainingError(f"{directory} is not empty and holds no {REPORT_FILE}: it is not "
+                                "an earlier training run, so it is not deleted; choose another --output")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def _train_dataset(split: Split, negatives: list[list[str]], entries: Sequence[CatalogEntry]) -> Any:
+    from datasets import Dataset
+
+    text = {e.id: e.text for e in entries}
+    columns: dict[str, list[str]] = {
+        "anchor": [p.query for p in split.train],
+        "positive": [text[p.positive_id] for p in split.train],
+    }
+    for n in range(len(negatives[0])):
+        columns[f"negative_{n + 1}"] = [text[ids[n]] for ids in negatives]
+    return Dataset.from_dict(columns)
+
+
+def _round(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry],
+                    config: TrainingConfig) -> dict[str, Any]:
+    """Train, keep the best epoch by validation MAP@k, save it to ``config.output_dir``.
+
+    Returns (and writes to ``output_dir/training_report.json``) the split sizes, zero-shot and
+    fine-tuned validation metrics (overall, seen, unseen), per-epoch metrics and timings and
+    the peak memory.
+    """
+    config.check()
+    check_positives(pairs, entries)
+    output = Path(config.output_dir)
+    _prepare_output(output, config.overwrite)
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+
+    import torch
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    from retriever.training_components import EpochTimer, SeenUnseenEvaluator, peak_rss_mib
+
+    split = split_pairs(pairs, config.validation_fraction, config.holdout_fraction, config.seed)
+    log.info("split: %d training pairs, %d validation pairs; %d ids held out (%d pairs dropped)",
+             len(split.train), len(split.validation), len(split.held_out_ids), split.dropped_pairs)
+    device = select_device(config.device)
+    base = Embedder.load(config.model, device, config.eval_batch_size)
+    model = base.model
+
+    mining_started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rankd-mining-") as tmp:
+        catalogue = load_collection(build_collection(list(entries), base, tmp, "catalogue",
+                                                     show_progress=config.progress))
+        negatives = mine_hard_negatives(
+            split.train, catalogue, base, window=config.negative_window, count=config.negatives,
+            sampling=config.negative_sampling, exclude_ids=split.held_out_ids, seed=config.seed,
+            show_progress=config.progress,
+        )
+    mining_seconds = time.perf_counter() - mining_started
+
+    validation = validation_set(split)
+    evaluator = SeenUnseenEvaluator({e.id: e.text for e in entries}, validation.queries,
+                                    validation.relevant, validation.seen, k=config.k,
+                                    batch_size=config.eval_batch_size)
+    zero_shot = evaluator(model)
+
+    timer = EpochTimer()
+    on_gpu = device.startswith("cuda")
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output / CHECKPOINT_DIR),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        seed=config.seed,
+        data_seed=config.seed,
+        batch_sampler=_batch_sampler(config.sampler),
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=config.save_total_limit,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model=f"eval_{evaluator.primary_metric}",
+        greater_is_better=True,
+        logging_steps=max(1, math.ceil(len(split.train) / config.batch_size / 10)),
+        disable_tqdm=not config.progress,
+        report_to="none",
+        use_cpu=not device.startswith(("cuda", "mps")),
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=_train_dataset(split, negatives, entries),
+        loss=LOSSES[config.loss](model, config), evaluator=evaluator, callbacks=[timer],
+    )
+    train_started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - train_started
+    model.save_pretrained(str(output))
+
+    # Evaluate what was written, loaded the way `rankd index build --model DIR` loads it.
+    fine_tuned = evaluator(Embedder.load(str(output), device, config.eval_batch_size).model)
+    epochs = [
+        {"epoch": entry["epoch"], "step": entry["step"],
+         **_round({k.removeprefix("eval_"): v for k, v in entry.items()
+                   if k.startswith(f"eval_{evaluator.name}")})}
+        for entry in trainer.state.log_history if f"eval_{evaluator.primary_metric}" in entry
+    ]
+    losses = [{"step": e["step"], "loss": round(e["loss"], 4)}
+              for e in trainer.state.log_history if "loss" in e]
+    best = trainer.state.best_model_checkpoint
+    report: dict[str, Any] = {
+        "base_model": base.name,
+        "output": str(output.resolve()),
+        "device": device,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "pairs": {"total": len(pairs), "train": len(split.train),
+                  "validation": len(split.validation), "dropped_held_out": split.dropped_pairs},
+        "validation_queries": {"total": len(validation.queries), "seen": len(validation.seen),
+                               "unseen": len(validation.queries) - len(validation.seen)},
+        "validation_groups": sorted({p.group for p in split.validation}),
+        "held_out_ids": sorted(split.held_out_ids),
+        "zero_shot": _round(zero_shot),
+        "fine_tuned": _round(fine_tuned),
+        "epochs": epochs,
+        "train_loss": losses,
+        "best_checkpoint": str(Path(best).resolve()) if best else None,
+        "seconds": {
+            "mining": round(mining_seconds, 1),
+            "train_epochs": [round(s, 1) for s in timer.seconds],
+            "evaluations": [round(s, 1) for s in evaluator.seconds],
+            "train_total": round(train_seconds, 1),
+            "total": round(time.perf_counter() - started, 1),
+            # CPU time of this process (all threads): wall time on a shared machine is not
+            # the whole story.
+            "train_epochs_cpu": [round(s, 1) for s in timer.cpu_seconds],
+            "cpu_total": round(time.process_time() - cpu_started, 1),
+        },
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_rss_mib_after_epoch": [round(m, 1) for m in timer.peak_rss_mib],
+    }
+    if on_gpu:
+        report["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    (output / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+__all__ = [
+    "LOSSES",
+    "PAIR_READERS",
+    "LossKind",
+    "NegativeSampling",
+    "PairFormat",
+    "SamplerKind",
+    "Split",
+    "TrainingConfig",
+    "TrainingError",
+    "TrainingPair",
+    "ValidationSet",
+    "check_positives",
+    "mine_hard_negatives",
+    "parse_window",
+    "read_pairs",
+    "split_pairs",
+    "train_retriever",
+    "validation_set",
+    "write_validation_file",
+]
