@@ -4,6 +4,7 @@ backend on the same request: the same passages, the same prompt, the same option
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 
 from tests.support.apps import app_client
 from tests.support.vllm_server import VllmServer
+
+RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
 
 # Same float32 weights, different kernels: see tests/reranker/test_vllm_backend.py for why
 # label probabilities may differ by ~3e-6 and why 5e-5 still catches a wrong label or position.
@@ -26,7 +29,7 @@ REQUEST = {
 @pytest.mark.vllm
 async def test_vllm_answer_matches_the_transformers_backend(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
-        record_property: pytest.RecordProperty) -> None:
+        record_property: RecordProperty) -> None:
     bodies: dict[str, dict[str, Any]] = {}
     for name, extra in [("transformers", {}), ("vllm", {"vllm_url": live_vllm.url})]:
         settings = settings_factory(reranker_backend=name, reranker_model=str(tiny_lm), **extra)

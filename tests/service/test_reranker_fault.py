@@ -34,6 +34,8 @@ from clients.queries import sample_queries
 from tests.support.apps import metric_value, serve_in_thread
 from tests.support.vllm_server import SlowVllm, VllmServer
 
+RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
+
 RATE = 4.0  # open-loop requests/s while vLLM is killed and restarted
 CANDIDATES = 8
 PHASE_ANSWERS = 8  # answers to see in each phase before moving on
@@ -175,7 +177,7 @@ def wait_for_handlers(within_s: float) -> None:
 @pytest.mark.slow
 async def test_killing_vllm_under_load_degrades_every_answer_and_reranking_resumes(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
-        record_property: pytest.RecordProperty) -> None:
+        record_property: RecordProperty) -> None:
     settings = vllm_settings(settings_factory, tiny_lm, live_vllm.url, rerank_timeout_s=30)
     transport = RecordingTransport(connections=256)
     stop = asyncio.Event()

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,8 @@ from clients.api import RankOptions
 from clients.loadtest import LevelResult, LoadConfig, run_loadtest
 from clients.queries import Query, sample_queries
 from tests.support.apps import free_port
+
+RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
 
 CONCURRENCY = 64
 WARMUP_REQUESTS = 1000
@@ -184,7 +186,7 @@ def _mib(kib: float) -> float:
 
 @pytest.mark.slow
 async def test_soak_at_concurrency_64_holds_memory_and_descriptors(
-        sample_index: Path, tmp_path: Path, record_property: pytest.RecordProperty) -> None:
+        sample_index: Path, tmp_path: Path, record_property: RecordProperty) -> None:
     requests = soak_requests()
     queries = distinct_queries(requests, "soak")
     levels: list[LevelResult] = []
