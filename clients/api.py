@@ -203,6 +203,12 @@ class RetryPolicy:
     backoff_s: float = 0.5
     max_wait_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.retries <= 100:
+            raise UsageError(f"--retries must be 0..100, got {self.retries}")
+        if not 0 <= self.backoff_s <= 600 or not 0 < self.max_wait_s <= 600:
+            raise UsageError("--backoff must be 0..600 s and --max-wait in (0, 600] s")
+
     def wait(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_wait_s)

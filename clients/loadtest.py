@@ -359,6 +359,7 @@ def write_plot(report: LoadReport, path: str | Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError as exc:
         raise UsageError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
     groups = [(mode, [lv for lv in report.levels if lv.mode == mode])
@@ -378,6 +379,10 @@ def write_plot(report: LoadReport, path: str | Path) -> None:
         latency_ax.set_xlabel(xlabel)
         latency_ax.set_ylabel("latency, ms")
         latency_ax.set_yscale("log")
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        latency_ax.yaxis.set_major_formatter(plain)
+        latency_ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+        latency_ax.yaxis.set_minor_formatter(plain)
         latency_ax.legend()
         throughput_ax.plot(xs, [lv.throughput for lv in levels], marker="o", color="tab:green")
         throughput_ax.set_xlabel(xlabel)
@@ -386,7 +391,7 @@ def write_plot(report: LoadReport, path: str | Path) -> None:
             if mode == "closed" and len(xs) > 1:
                 ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [f"{x:g}" for x in xs])
-            ax.minorticks_off()
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
             ax.grid(True, alpha=0.3)
     fig.suptitle(f"rankd load test: {report.url} ({time.strftime('%Y-%m-%d %H:%M')})")
     fig.tight_layout()

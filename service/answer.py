@@ -75,7 +75,7 @@ class AnswerResponse(BaseModel):
     timings_ms: AnswerTimings
 
 
-def _answer_components(request: Request) -> Components:
+async def _answer_components(request: Request) -> Components:
     components: Components = request.app.state.components
     if components.scorer is None:
         raise RerankUnavailableError(
@@ -84,7 +84,7 @@ def _answer_components(request: Request) -> Components:
     return components
 
 
-def _rank_service(request: Request) -> RankService:
+async def _rank_service(request: Request) -> RankService:
     service: RankService = request.app.state.rank_service
     return service
 

@@ -52,8 +52,14 @@ class Components:
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Components:
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        # The micro-batch (up to RANKD_EMBED_BATCH_SIZE queries) is encoded in length-sorted
+        # chunks: one chunk padded to its longest query costs far more per query at high load.
         embedder = await asyncio.to_thread(
-            Embedder.load, settings.embedder_model, settings.device, settings.embed_batch_size
+            Embedder.load, settings.embedder_model, settings.device, settings.embed_chunk_size
         )
         collections, errors = await asyncio.to_thread(load_all, settings, embedder)
         batchers: list[Batcher] = []

@@ -1,4 +1,7 @@
-"""Typed accessors for what the lifespan put on ``app.state``."""
+"""Typed accessors for what the lifespan put on ``app.state``.
+
+They are ``async def`` so FastAPI calls them on the event loop instead of a thread-pool hop.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +15,22 @@ from service.ranking import RankService
 from service.settings import Settings
 
 
-def _components(request: Request) -> Components:
+async def _components(request: Request) -> Components:
     components: Components = request.app.state.components
     return components
 
 
-def _rank_service(request: Request) -> RankService:
+async def _rank_service(request: Request) -> RankService:
     service: RankService = request.app.state.rank_service
     return service
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

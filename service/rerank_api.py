@@ -62,7 +62,7 @@ class RerankResponse(BaseModel):
     usage: dict[str, int]
 
 
-def _scorer(request: Request) -> ListwiseScorer:
+async def _scorer(request: Request) -> ListwiseScorer:
     components: Components = request.app.state.components
     if components.scorer is None:
         raise RerankUnavailableError(
@@ -71,7 +71,7 @@ def _scorer(request: Request) -> ListwiseScorer:
     return components.scorer
 
 
-def _components(request: Request) -> Components:
+async def _components(request: Request) -> Components:
     components: Components = request.app.state.components
     return components
 

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
 
     # Micro-batching
     embed_batch_size: int = Field(64, ge=1, description="Most queries in one embedder forward pass.")
+    embed_chunk_size: int = Field(16, ge=1, description="Queries per encoder forward pass within a micro-batch; sentence-transformers sorts them by length first, so small chunks pad less.")
+    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for in-process models; 0 keeps torch's default.")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a batch waits for more requests before it runs.")
     max_queue_depth: int = Field(1024, ge=1, description="Items waiting in a stage's queue before requests get 429.")
 

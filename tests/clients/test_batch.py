@@ -270,6 +270,8 @@ def test_bad_options_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--concurrency must be between 1 and 1024" in capsys.readouterr().err
     assert main([*args, "--url", "ftp://x"]) == 2
     assert "not an http(s) URL" in capsys.readouterr().err
+    assert main([*args, "--retries", "1000"]) == 2
+    assert "--retries must be 0..100" in capsys.readouterr().err
 
 
 def test_retry_after_accepts_seconds_and_http_dates() -> None:
