@@ -8,7 +8,7 @@ import ipaddress
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -35,6 +35,13 @@ class RankOptions:
     candidates: int | None = None
     rerank: bool = True
     collection: str | None = None
+
+    def answer_body(self, question: str, options: Sequence[str]) -> dict[str, Any]:
+        """The POST /answer body for a multiple-choice question."""
+        body: dict[str, Any] = {"question": question, "options": list(options)}
+        if self.collection is not None:
+            body["collection"] = self.collection
+        return body
 
     def body(self, query: str) -> dict[str, Any]:
         body: dict[str, Any] = {"query": query, "top_k": self.top_k, "rerank": self.rerank}

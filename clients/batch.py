@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SUBMISSION_HEADER = ("QuestionId_Answer", "MisconceptionId")
 SUBMISSION_K = 25  # the competition scored up to 25 ids per row
+MCQ_HEADER = ("id", "prediction")
+MCQ_K = 3  # the LLM Science Exam scored the top 3 labels (MAP@3)
 MAX_CONCURRENCY = 1024
 
 
@@ -152,18 +154,23 @@ class RecordFile:
 
 
 def result_ids(record: dict[str, Any]) -> list[str]:
-    """The ranked ids of a successful record, best first."""
-    return [str(r["id"]) for r in record["response"]["results"]]
+    """The ranked ids of a successful record, best first (option labels for /answer)."""
+    response = record["response"]
+    if "ranking" in response:
+        return [str(label) for label in response["ranking"]]
+    return [str(r["id"]) for r in response["results"]]
 
 
-def write_submission(path: Path, records: Iterable[dict[str, Any]], k: int = SUBMISSION_K) -> int:
-    """The Eedi submission CSV: ``QuestionId_Answer,MisconceptionId`` with up to ``k`` ids
-    separated by spaces. Failed queries have no row. Returns the number of rows."""
+def write_submission(path: Path, records: Iterable[dict[str, Any]], k: int = SUBMISSION_K,
+                     header: tuple[str, str] = SUBMISSION_HEADER) -> int:
+    """A submission CSV: ``QuestionId_Answer,MisconceptionId`` with up to ``k`` ids separated by
+    spaces for Eedi, ``id,prediction`` with the top 3 labels for mcq. Failed queries have no row.
+    Returns the number of rows."""
     rows = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(SUBMISSION_HEADER)
+        writer.writerow(header)
         for record in records:
             if "response" in record:
                 writer.writerow((record["id"], " ".join(result_ids(record)[:k])))
@@ -181,6 +188,10 @@ def default_submission_path(output: Path) -> Path:
 
 def _is_rank_response(response: Any) -> bool:
     return isinstance(response, dict) and isinstance(response.get("results"), list)
+
+
+def _is_answer_response(response: Any) -> bool:
+    return isinstance(response, dict) and isinstance(response.get("ranking"), list)
 
 
 class _Run:
@@ -207,15 +218,20 @@ class _Run:
         self.bar.update(1)
 
     async def one(self, query: Query) -> None:
-        body = self.config.rank.body(query.text)
+        if query.options:  # a multiple-choice question goes to /answer
+            path, body = "/answer", self.config.rank.answer_body(query.text, query.options)
+            valid, expected = _is_answer_response, "a ranking list"
+        else:
+            path, body = "/rank", self.config.rank.body(query.text)
+            valid, expected = _is_rank_response, "a results list"
         try:
-            response = await post_with_retries(self.lanes, "/rank", body, self.config.retry)
+            response = await post_with_retries(self.lanes, path, body, self.config.retry)
         except RequestFailedError as exc:
             self._write(query, error=exc.error)
             return
-        if not _is_rank_response(response):
+        if not valid(response):
             self._write(query, error=RequestError(200, "bad_response",
-                                                  "/rank answered without a results list"))
+                                                  f"{path} answered without {expected}"))
             return
         self._write(query, response=response)
 
@@ -253,7 +269,7 @@ class _Run:
                 unit = units.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            if self.config.batch_size:
+            if self.config.batch_size and not unit[0].options:
                 await self.many(unit)
             else:
                 await self.one(unit[0])

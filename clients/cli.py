@@ -60,9 +60,9 @@ def _float_list(text: str) -> tuple[float, ...]:
 def _add_query_file(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("queries")
     group.add_argument("--input", required=required, type=Path, help="query file")
-    group.add_argument("--format", choices=["eedi", "jsonl", "csv"], required=required,
+    group.add_argument("--format", choices=["eedi", "jsonl", "csv", "mcq"], required=required,
                        help="eedi: the competition layout (train.csv); jsonl/csv: id and query "
-                            "fields")
+                            "fields; mcq: id,prompt,A,B,C,D,E[,answer], answered by POST /answer")
     group.add_argument("--id-field", default="id", help="jsonl/csv: the id field (default: id)")
     group.add_argument("--query-field", default="query",
                        help="jsonl/csv: the query text field (default: query)")
@@ -114,6 +114,9 @@ def _rank_options(args: argparse.Namespace) -> RankOptions:
 def _batch(args: argparse.Namespace) -> int:
     from clients.api import DEFAULT_URL, RetryPolicy, UsageError, normalise_url
     from clients.batch import (
+        MCQ_HEADER,
+        MCQ_K,
+        SUBMISSION_HEADER,
         SUBMISSION_K,
         BatchConfig,
         default_submission_path,
@@ -146,9 +149,11 @@ def _batch(args: argparse.Namespace) -> int:
     print(f"rankd batch: {answered} of {summary.total} queries answered ({summary.skipped} by "
           f"an earlier run), {len(summary.failed)} failed, {summary.seconds:.1f} s "
           f"({rate:.1f} q/s) -> {summary.output}", file=sys.stderr)
-    if args.format == "eedi":
+    if args.format in ("eedi", "mcq"):
         path = args.submission or default_submission_path(args.output)
-        rows = write_submission(path, ordered_records(args.output, queries), SUBMISSION_K)
+        k, header = (MCQ_K, MCQ_HEADER) if args.format == "mcq" else (SUBMISSION_K,
+                                                                       SUBMISSION_HEADER)
+        rows = write_submission(path, ordered_records(args.output, queries), k, header)
         print(f"rankd batch: submission {path}: {rows} rows", file=sys.stderr)
     if summary.failed:
         for qid, error in list(summary.failed.items())[:10]:
@@ -220,7 +225,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     "batch client's output.")
     parser.add_argument("--submission", required=True, type=Path)
     parser.add_argument("--labels", required=True, type=Path)
-    parser.add_argument("--format", required=True, choices=["eedi", "jsonl"])
+    parser.add_argument("--format", required=True, choices=["eedi", "jsonl", "mcq"],
+                        help="mcq: --labels is the id,prompt,A..E,answer CSV; reports MAP@3 and "
+                             "accuracy")
     parser.add_argument("--map-k", type=int, default=25, help="k of MAP@k (default 25)")
     parser.add_argument("--ks", type=_int_list, default=(1, 5, 10, 25, 50, 100),
                         help="recall cut-offs (default 1,5,10,25,50,100)")

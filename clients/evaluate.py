@@ -136,6 +136,8 @@ def _ranked_of(record: dict[str, Any]) -> list[str] | None:
         return [str(i) for i in record["ranked"]]
     results = record.get("results")
     if results is None and isinstance(record.get("response"), dict):
+        if "ranking" in record["response"]:  # an /answer response: option labels, best first
+            return [str(label) for label in record["response"]["ranking"]]
         results = record["response"].get("results")
     if results is None:
         return None
@@ -203,7 +205,23 @@ def _generic_labels(path: Path) -> dict[str, list[str]]:
     return labels
 
 
-LABEL_READERS = {"eedi": _eedi_labels, "jsonl": _generic_labels}
+def _mcq_labels(path: Path) -> dict[str, list[str]]:
+    """The ``answer`` column of an LLM Science Exam CSV (``id,prompt,A..E,answer``)."""
+    labels: dict[str, list[str]] = {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            if "id" not in row or "answer" not in row:
+                raise InputError(f"{path}:{reader.line_num}: an mcq label file needs 'id' and "
+                                 "'answer' columns")
+            answer = (row["answer"] or "").strip().upper()
+            if answer:
+                labels[str(row["id"])] = [answer]
+    return labels
+
+
+LABEL_READERS = {"eedi": _eedi_labels, "jsonl": _generic_labels, "mcq": _mcq_labels}
+MCQ_MAP_K = 3
 
 
 def read_labels(path: str | Path, fmt: str) -> dict[str, list[str]]:
@@ -215,12 +233,16 @@ def read_labels(path: str | Path, fmt: str) -> dict[str, list[str]]:
 
 def evaluate_files(submission: str | Path, labels: str | Path, fmt: str,
                    map_k: int = COMPETITION_K, ks: Sequence[int] = DEFAULT_KS) -> Report:
+    if fmt == "mcq":  # the LLM Science Exam metric: MAP@3; accuracy is recall@1
+        map_k, ks = MCQ_MAP_K, (1, MCQ_MAP_K)
     return evaluate(read_submission(submission), read_labels(labels, fmt), fmt=fmt,
-                    map_k=map_k, ks=ks, with_ndcg=fmt != "eedi")
+                    map_k=map_k, ks=ks, with_ndcg=fmt == "jsonl")
 
 
 def format_report(report: Report) -> str:
     lines = [f"MAP@{report.map_k}: {report.map:.4f}"]
+    if report.format == "mcq" and report.recall.get(1) is not None:
+        lines.append(f"accuracy: {report.recall[1]:.4f}")
     for k, value in report.recall.items():
         shown = f"{value:.4f}" if value is not None else (
             f"n/a (the submission lists at most {report.depth} ids)")

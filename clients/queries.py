@@ -1,4 +1,5 @@
-"""Query files for the batch client and the load test: eedi, jsonl and csv, behind one registry.
+"""Query files for the batch client and the load test: eedi, jsonl, csv and mcq, behind one
+registry.
 
 Every reader returns :class:`Query` objects in file order. Eedi rows become query text through the
 one template in :mod:`retriever.eedi`; nothing here builds Eedi text itself.
@@ -26,6 +27,7 @@ class Query:
     id: str
     text: str
     relevant: tuple[str, ...] = ()  # labelled ids, where the file has them
+    options: tuple[str, ...] = ()  # mcq only: the answer options, labelled A, B, ... in order
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,35 @@ def _read_eedi(path: Path, options: QueryFileOptions) -> list[Query]:
             for q in rows]
 
 
+MCQ_OPTION_COLUMNS = ("A", "B", "C", "D", "E")
+
+
+def _read_mcq(path: Path, options: QueryFileOptions) -> list[Query]:
+    """The LLM Science Exam layout: ``id,prompt,A,B,C,D,E[,answer]``."""
+    queries = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            where = str(reader.line_num)
+            _check_fields(path, where, row, "id", "prompt", "A", "B")
+            texts = [(row.get(c) or "").strip() for c in MCQ_OPTION_COLUMNS]
+            while texts and not texts[-1]:
+                texts.pop()
+            if "" in texts:
+                raise InputError(f"{path}:{where}: an empty option stands before a filled one")
+            answer = (row.get("answer") or "").strip().upper()
+            queries.append(Query(str(row["id"]), row["prompt"] or "",
+                                 (answer,) if answer else (), tuple(texts)))
+    return queries
+
+
 Reader = Callable[[Path, QueryFileOptions], list[Query]]
 
 READERS: dict[str, Reader] = {
     "eedi": _read_eedi,
     "jsonl": _read_jsonl,
     "csv": _read_csv,
+    "mcq": _read_mcq,
 }
 
 

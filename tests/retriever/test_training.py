@@ -49,27 +49,30 @@ def _entries() -> list[CatalogEntry]:
 def write_eedi_csv(path: Path, entries: list[CatalogEntry]) -> Path:
     """An Eedi-layout train.csv built from the sample catalogue.
 
-    One question per (topic, up to three misconceptions); answer A is correct and each wrong
-    answer carries every other word of its misconception's name, so a query resembles its
-    positive without repeating it. The last question's answer D has no label.
+    Two questions per (topic, up to three misconceptions); answer A is correct and each wrong
+    answer carries half the words of its misconception's name (the even words in the first
+    question, the odd ones in the second), so a query resembles its positive without repeating
+    it and every misconception labels two questions. The last question's answer D has no label.
     """
     by_topic: dict[str, list[CatalogEntry]] = defaultdict(list)
     for entry in entries:
         by_topic[str(entry.metadata["Topic"])].append(entry)
     rows = []
-    for topic, group in sorted(by_topic.items()):
-        for start in range(0, len(group), 3):
-            chunk = group[start:start + 3]
-            row = {"QuestionId": str(len(rows) + 1), "ConstructId": "1",
-                   "ConstructName": f"Questions on {topic.lower()}", "SubjectId": "1",
-                   "SubjectName": topic, "CorrectAnswer": "A",
-                   "QuestionText": f"Question {len(rows) + 1} about {topic.lower()}",
-                   "AnswerAText": "the correct working", "MisconceptionAId": ""}
-            for answer, entry in zip("BCD", chunk + [None] * (3 - len(chunk)), strict=True):
-                text = " ".join(entry.text.split()[::2]) if entry else "a guess"
-                row[f"Answer{answer}Text"] = text
-                row[f"Misconception{answer}Id"] = f"{entry.id}.0" if entry else ""
-            rows.append(row)
+    for variant in (0, 1):
+        for topic, group in sorted(by_topic.items()):
+            for start in range(0, len(group), 3):
+                chunk = group[start:start + 3]
+                number = len(rows) + 1
+                row = {"QuestionId": str(number), "ConstructId": "1",
+                       "ConstructName": f"Questions on {topic.lower()}", "SubjectId": "1",
+                       "SubjectName": topic, "CorrectAnswer": "A",
+                       "QuestionText": f"Question {number} about {topic.lower()}",
+                       "AnswerAText": "the correct working", "MisconceptionAId": ""}
+                for answer, entry in zip("BCD", chunk + [None] * (3 - len(chunk)), strict=True):
+                    text = " ".join(entry.text.split()[variant::2]) if entry else "a guess"
+                    row[f"Answer{answer}Text"] = text
+                    row[f"Misconception{answer}Id"] = f"{entry.id}.0" if entry else ""
+                rows.append(row)
     rows[-1]["MisconceptionDId"] = ""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=EEDI_COLUMNS)
@@ -328,8 +331,8 @@ def test_training_lowers_the_contrastive_loss(trained: dict[str, Any], eedi_csv:
     after = loss_of(Embedder.load(str(trained["output"]), device="cpu").model)
     assert after < 0.9 * before
     logged = trained["report"]["train_loss"]
-    assert logged
-    assert all(entry["loss"] > 0 for entry in logged)
+    assert len(logged) >= 2
+    assert logged[-1]["loss"] < logged[0]["loss"]
 
 
 @pytest.mark.slow
@@ -344,7 +347,9 @@ def test_report_keeps_the_best_epoch_and_splits_seen_from_unseen(trained: dict[s
     assert Path(report["best_checkpoint"]).is_dir()
     assert Path(report["best_checkpoint"]).name == f"checkpoint-{best['step']}"
     queries = report["validation_queries"]
-    assert queries["seen"] + queries["unseen"] == queries["total"] > 0
+    assert queries["seen"] > 0
+    assert queries["unseen"] > 0
+    assert queries["seen"] + queries["unseen"] == queries["total"]
     for metrics in (report["zero_shot"], report["fine_tuned"]):
         assert metrics["validation_seen_queries"] == queries["seen"]
         assert metrics["validation_unseen_queries"] == queries["unseen"]
