@@ -265,7 +265,10 @@ def mine_hard_negatives(pairs: Sequence[TrainingPair], collection: Collection, e
     for pair in pairs:
         positives[pair.query].add(pair.positive_id)
     texts = sorted(positives)
-    depth = min(len(collection), window[1] + count + len(exclude_ids) + max(map(len, positives.values())))
+    # Deep enough that every exclusion can fall inside the window and still leave ``count``.
+    copies = len(collection) - len({e.text for e in collection.entries})
+    depth = min(len(collection), window[1] + count + len(exclude_ids) + copies
+                + max(map(len, positives.values())))
     vectors = embedder.encode(texts, show_progress=show_progress)
     hits = dict(zip(texts, collection.search(vectors, depth), strict=True))
     rng = random.Random(seed)
@@ -421,6 +424,9 @@ def _prepare_output(directory: Path, overwrite: bool) -> None:
                                 "an earlier training run, so it is not deleted; choose another --output")
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # Marks the directory as a training run at once, so that --overwrite may replace it even
+    # when this run stops half-way; the full report replaces it at the end.
+    (directory / REPORT_FILE).write_text(json.dumps({"status": "started"}), encoding="utf-8")
 
 
 def _train_dataset(split: Split, negatives: list[list[str]], entries: Sequence[CatalogEntry]) -> Any:
@@ -533,6 +539,7 @@ def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntr
               for e in trainer.state.log_history if "loss" in e]
     best = trainer.state.best_model_checkpoint
     report: dict[str, Any] = {
+        "status": "complete",
         "base_model": base.name,
         "output": str(output.resolve()),
         "device": device,

@@ -338,6 +338,7 @@ def test_training_lowers_the_contrastive_loss(trained: dict[str, Any], eedi_csv:
 @pytest.mark.slow
 def test_report_keeps_the_best_epoch_and_splits_seen_from_unseen(trained: dict[str, Any]) -> None:
     report = trained["report"]
+    assert report["status"] == "complete"
     epochs = report["epochs"]
     assert len(epochs) == 2
     best = max(epochs, key=lambda e: e["validation_map@25"])
