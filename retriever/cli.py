@@ -57,7 +57,7 @@ def _train_retriever(args: argparse.Namespace) -> int:
         report = train_retriever(pairs, entries, config)
         validation_file = write_validation_file(args.train, args.format,
                                                 set(report["validation_groups"]), args.output)
-    except (TrainingError, CatalogError, EmbedderLoadError) as exc:
+    except (TrainingError, CatalogError, EmbedderLoadError, OSError) as exc:
         print(f"rankd train-retriever: {exc}", file=sys.stderr)
         return 2
     summary = {key: report[key] for key in ("output", "pairs", "validation_queries", "zero_shot",

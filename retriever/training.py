@@ -469,6 +469,11 @@ def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntr
 
     from retriever.training_components import EpochTimer, SeenUnseenEvaluator, peak_rss_mib
 
+    # Its six INFO lines per subset and evaluation would bury the progress bar; the evaluator
+    # here logs one line per evaluation instead.
+    logging.getLogger("sentence_transformers.sentence_transformer.evaluation."
+                      "information_retrieval").setLevel(logging.WARNING)
+
     split = split_pairs(pairs, config.validation_fraction, config.holdout_fraction, config.seed)
     log.info("split: %d training pairs, %d validation pairs; %d ids held out (%d pairs dropped)",
              len(split.train), len(split.validation), len(split.held_out_ids), split.dropped_pairs)
