@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-dir", help="an existing index dir holding --collection")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-sizes", type=_ints, default=[16, 32, 64, 128])
+    parser.add_argument("--batch-sizes", type=_ints, default=[4, 8, 16, 32, 64, 128])
     parser.add_argument("--concurrency", type=_ints, default=[1, 16, 64])
     parser.add_argument("--c1-requests", type=int, default=128,
                         help="requests at concurrency 1 (latency-bound and slow; default 128)")

@@ -3,7 +3,8 @@
 Items submitted within ``max_wait_ms`` of each other, up to ``max_batch_size``, run as one call of
 a synchronous batch function in a dedicated worker thread, so the event loop never blocks and
 concurrent requests share forward passes. While a batch runs, new items queue up and form the
-next batch, which is where most of the batching under load comes from.
+next batch, which is where most of the batching under load comes from. Between batches the same
+thread can hand freed memory back to the OS (``MemoryRelease``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ class BatchObserver(Protocol):
 
     def rejected(self, stage: str) -> None: ...
 
+    def memory_released(self, stage: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class MemoryRelease:
+    """When the worker thread runs ``release`` (``service.memory.release_freed_memory``).
+
+    After every ``every_batches`` batches while load lasts, and once the stage has been idle
+    for ``idle_s`` seconds after a batch; 0 turns either off. It runs on the batch thread,
+    between batches, so it never races a forward pass for the allocator.
+    """
+
+    release: Callable[[], object]
+    every_batches: int = 0
+    idle_s: float = 0.0
+
 
 @dataclass
 class _Pending(Generic[T, R]):
@@ -61,6 +78,7 @@ class MicroBatcher(Generic[T, R]):
         max_wait_ms: float = 2.0,
         max_queue_depth: int = 4096,
         observer: BatchObserver | None = None,
+        memory_release: MemoryRelease | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -77,6 +95,9 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.batches_run = 0
+        self._memory_release = memory_release
+        self._batches_since_release = 0
+        self.memory_releases = 0
 
     @property
     def depth(self) -> int:
@@ -125,6 +146,13 @@ class MicroBatcher(Generic[T, R]):
     async def _collect(self) -> list[_Pending[T, R]]:
         while not self._queue:
             self._arrived.clear()
+            idle_s = self._memory_release.idle_s if self._memory_release else 0.0
+            if idle_s > 0 and self._batches_since_release > 0:
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), idle_s)
+                except TimeoutError:
+                    await self._release_memory()
+                continue
             await self._arrived.wait()
         if len(self._queue) < self.max_batch_size and self.max_wait > 0:
             deadline = asyncio.get_running_loop().time() + self.max_wait
@@ -145,8 +173,25 @@ class MicroBatcher(Generic[T, R]):
         while True:
             batch = await self._collect()
             await self._run_batch(loop, batch)
+            self._batches_since_release += 1
+            every = self._memory_release.every_batches if self._memory_release else 0
+            if every and self._batches_since_release >= every:
+                await self._release_memory()
             if not self._queue:
                 self._idle.set()
+
+    async def _release_memory(self) -> None:
+        assert self._memory_release is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await loop.run_in_executor(self._executor, self._memory_release.release)
+        except Exception as exc:  # the service goes on with the memory it holds
+            log.warning("%s: releasing freed memory failed: %s", self.stage, exc)
+        self._batches_since_release = 0
+        self.memory_releases += 1
+        if self._observer is not None:
+            self._observer.memory_released(self.stage, loop.time() - started)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T, R]]) -> None:
         live = [p for p in batch if not p.future.done()]  # callers that went away

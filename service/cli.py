@@ -94,25 +94,6 @@ def ensure_sample_index(index_dir: Path, model: str) -> None:
                      instruction=SAMPLE_INSTRUCTION, show_progress=False)
 
 
-def _pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> None:
-    """Keep glibc from hoarding freed tensor buffers.
-
-    Each new batch shape frees large blocks; glibc then raises its mmap threshold and serves the
-    next ones from a heap it never returns, so RSS creeps up by tens of MiB per thousand requests
-    (the soak test measures it). A fixed threshold keeps big buffers in mmap, which is returned.
-    """
-    import contextlib
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
-        ctypes.CDLL(libc_name).mallopt(m_mmap_threshold, threshold)
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -127,7 +108,6 @@ def _serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    _pin_malloc_mmap_threshold()
     if args.sample:
         ensure_sample_index(Path(settings.index_dir), settings.embedder_model)
     url = f"http://{settings.host}:{settings.port}"

@@ -13,7 +13,8 @@ from reranker.backends import Batcher
 from retriever import Collection, Embedder, IndexIntegrityError, load_collection
 from retriever.index import Hit, collection_dirs
 from retriever.search import Retriever, SearchQuery
-from service.batching import MicroBatcher
+from service.batching import MemoryRelease, MicroBatcher
+from service.memory import release_freed_memory
 from service.metrics import Metrics
 from service.settings import OnIndexError, Settings
 
@@ -69,6 +70,9 @@ class Components:
             batcher: MicroBatcher[Any, Any] = MicroBatcher(
                 stage, fn, max_batch_size=size, max_wait_ms=settings.batch_wait_ms,
                 max_queue_depth=settings.max_queue_depth, observer=metrics,
+                memory_release=MemoryRelease(release_freed_memory,
+                                             every_batches=settings.memory_release_batches,
+                                             idle_s=settings.memory_release_idle_s),
             )
             batchers.append(batcher)
             return batcher

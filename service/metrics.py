@@ -32,6 +32,10 @@ class Metrics:
         self.rerank_failures = Counter("rankd_rerank_failures",
                                        "Rerank calls that failed and fell back to retrieval order",
                                        ["reason"], registry=self.registry)
+        self.memory_release_latency = Histogram(
+            "rankd_memory_release_seconds",
+            "Time the batch thread spent handing freed memory back to the OS, by stage",
+            ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.overload_rejections = Counter("rankd_overload_rejections", "Requests refused with 429",
                                 ["stage"], registry=self.registry)
 
@@ -45,6 +49,9 @@ class Metrics:
 
     def rejected(self, stage: str) -> None:
         self.overload_rejections.labels(stage).inc()
+
+    def memory_released(self, stage: str, seconds: float) -> None:
+        self.memory_release_latency.labels(stage).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

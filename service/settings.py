@@ -51,10 +51,12 @@ class Settings(BaseSettings):
 
     # Micro-batching
     embed_batch_size: int = Field(64, ge=1, description="Most queries in one embedder forward pass.")
-    embed_chunk_size: int = Field(16, ge=1, description="Queries per encoder forward pass within a micro-batch; sentence-transformers sorts them by length first, so small chunks pad less.")
+    embed_chunk_size: int = Field(4, ge=1, description="Queries per encoder forward pass within a micro-batch; sentence-transformers sorts them by length first, so small chunks pad less (4 is fastest on CPU, docs/benchmarks.md; on a GPU set it to RANKD_EMBED_BATCH_SIZE).")
     torch_threads: int = Field(0, ge=0, description="Torch intra-op threads for in-process models; 0 keeps torch's default.")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a batch waits for more requests before it runs.")
     max_queue_depth: int = Field(1024, ge=1, description="Items waiting in a stage's queue before requests get 429.")
+    memory_release_batches: int = Field(16, ge=0, description="Under sustained load, hand the allocator's freed memory back to the OS (glibc malloc_trim) after this many batches of a stage; 0: never under load.")
+    memory_release_idle_s: float = Field(1.0, ge=0, le=3600, description="Hand freed memory back once a stage has been idle this long after a batch; 0: never when idle.")
 
     # Reranker
     reranker_backend: str = Field("none", description="Reranker backend: none (retrieval only), transformers (in-process) or vllm (HTTP).")

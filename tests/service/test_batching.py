@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from service.batching import BatcherClosedError, MicroBatcher, QueueFullError
+from service.batching import BatcherClosedError, MemoryRelease, MicroBatcher, QueueFullError
 
 
 class Recorder:
@@ -14,6 +14,7 @@ class Recorder:
         self.threads: set[str] = set()
         self.depths: list[int] = []
         self.rejections = 0
+        self.releases = 0
 
     def batch_ran(self, stage: str, size: int, seconds: float) -> None:
         self.sizes.append(size)
@@ -23,6 +24,9 @@ class Recorder:
 
     def rejected(self, stage: str) -> None:
         self.rejections += 1
+
+    def memory_released(self, stage: str, seconds: float) -> None:
+        self.releases += 1
 
 
 def _squares(recorder: Recorder, delay: float = 0.0):  # type: ignore[no-untyped-def]
@@ -123,3 +127,77 @@ async def test_close_finishes_queued_work() -> None:
     await asyncio.sleep(0)
     await batcher.close()
     assert [await p for p in pending] == [1, 2, 3, 4, 5, 6]
+
+
+class ReleaseLog:
+    """A release callable that records where it ran and whether a batch was running then."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.during_batch = 0
+        self.in_batch = threading.Event()
+
+    def batch(self, items: list[int]) -> list[int]:
+        self.in_batch.set()
+        try:
+            threading.Event().wait(0.002)
+            return items
+        finally:
+            self.in_batch.clear()
+
+    def release(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.during_batch += self.in_batch.is_set()
+
+
+async def test_memory_is_released_every_n_batches_under_load_on_the_batch_thread() -> None:
+    log, recorder = ReleaseLog(), Recorder()
+    batcher = MicroBatcher("t", log.batch, max_batch_size=1, max_wait_ms=0, observer=recorder,
+                           memory_release=MemoryRelease(log.release, every_batches=3))
+    await batcher.start()
+    try:
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(10))) == list(range(10))
+    finally:
+        await batcher.close()
+    assert len(recorder.sizes) == 10
+    assert len(log.threads) == 3 == recorder.releases == batcher.memory_releases
+    assert all(name.startswith("batch-t") for name in log.threads)
+    assert log.during_batch == 0
+
+
+async def test_memory_is_released_once_per_idle_spell() -> None:
+    log = ReleaseLog()
+    batcher = MicroBatcher("t", log.batch, max_batch_size=4, max_wait_ms=0,
+                           memory_release=MemoryRelease(log.release, idle_s=0.05))
+    await batcher.start()
+    try:
+        await asyncio.sleep(0.15)
+        assert log.threads == []  # nothing ran yet, so there is nothing to give back
+        assert await batcher.submit(1) == 1
+        await asyncio.sleep(0.02)
+        assert log.threads == []  # not idle long enough
+        await asyncio.sleep(0.2)
+        assert len(log.threads) == 1
+        await asyncio.sleep(0.15)
+        assert len(log.threads) == 1  # one release per idle spell, not one per timeout
+        assert await batcher.submit(2) == 2
+        await asyncio.sleep(0.2)
+        assert len(log.threads) == 2
+    finally:
+        await batcher.close()
+    assert log.during_batch == 0
+
+
+async def test_a_failing_release_does_not_stop_the_batcher(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise OSError("no allocator here")
+
+    batcher = MicroBatcher("t", lambda items: items, max_batch_size=1, max_wait_ms=0,
+                           memory_release=MemoryRelease(broken, every_batches=1))
+    await batcher.start()
+    try:
+        assert await batcher.submit_many([1, 2, 3]) == [1, 2, 3]
+    finally:
+        await batcher.close()
+    assert batcher.memory_releases == 3
+    assert "releasing freed memory failed: no allocator here" in caplog.text

@@ -8,7 +8,8 @@ keep-alive connections); after it, a run of ``RANKD_SOAK_REQUESTS`` distinct que
 
 - answer every request with 200;
 - grow the resident set by less than ``RSS_GROWTH_BOUND_MIB`` (read after every round of
-  ``ROUND_REQUESTS``, so the figures show a trend);
+  ``ROUND_REQUESTS``, so the figures show a trend, once the server has handed freed memory back
+  as it does when a stage goes idle: RANKD_MEMORY_RELEASE_IDLE_S);
 - leave as many open descriptors as before once the client has gone, and never hold more than
   one per client connection above that while it runs.
 
@@ -162,6 +163,30 @@ async def drive(served: Served, queries: Sequence[Query]) -> tuple[LevelResult, 
     return level, sampler
 
 
+RELEASES = 'rankd_memory_release_seconds_count{stage="search"}'
+
+
+async def memory_releases(served: Served) -> int:
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"{served.url}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(RELEASES):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+async def after_idle_release(served: Served, before: int, within_s: float = 10.0) -> int:
+    """Waits until the search stage, idle after a run that ended with ``before`` releases, has
+    handed freed memory back (the server does so RANKD_MEMORY_RELEASE_IDLE_S after its last
+    batch, unless its periodic release fell on that batch). Returns the releases so far."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        if (now := await memory_releases(served)) > before:
+            return now
+    return before
+
+
 async def settled_fds(pid: int, at_most: int | None = None, within_s: float = 10.0) -> int:
     """The server's descriptor count once the closed client connections have been reaped: polls
     until it is at most ``at_most`` or, without one, until it has not changed for a second; at
@@ -195,15 +220,18 @@ async def test_soak_at_concurrency_64_holds_memory_and_descriptors(
     async with rankd_serve(sample_index, tmp_path / "serve.log") as served:
         started = process_stats(served.pid)
         warmup, _ = await drive(served, distinct_queries(WARMUP_REQUESTS, "warmup"))
+        releases = await memory_releases(served)
         assert warmup.errors == {}, warmup.errors
         # The baseline: after the warm-up, with its client gone and its connections closed.
         baseline_fds = await settled_fds(served.pid)
+        releases = await after_idle_release(served, releases)
         baseline = process_stats(served.pid)
         # Rounds of ROUND_REQUESTS, each one harness run (a fresh client and 64 new
         # connections) bounded by the harness in time; the resident set is read after each.
         for first in range(0, requests, ROUND_REQUESTS):
             level, sampler = await drive(served, queries[first:first + ROUND_REQUESTS])
             levels.append(level)
+            releases = await after_idle_release(served, await memory_releases(served))
             rss_after_round.append(process_stats(served.pid).rss_kib)
             peak_rss, peak_fds = max(peak_rss, sampler.peak_rss_kib), max(peak_fds,
                                                                           sampler.peak_fds)
@@ -229,6 +257,7 @@ async def test_soak_at_concurrency_64_holds_memory_and_descriptors(
         "rss_after_each_round_mib": [round(_mib(r), 1) for r in rss_after_round],
         "rss_peak_mib": round(_mib(peak_rss), 1),
         "rss_growth_mib": round(growth_mib, 2),
+        "memory_releases": releases,
         "fds_start": started.fds, "fds_after_warmup": baseline_fds,
         "fds_peak": peak_fds, "fds_after_soak": after_fds,
         "threads_after_warmup": baseline.threads, "threads_after_soak": after.threads,
@@ -243,8 +272,8 @@ async def test_soak_at_concurrency_64_holds_memory_and_descriptors(
     assert answered == requests
     assert not any(level.interrupted for level in levels)
     # Resident memory, after the warm-up: a leak of 11 KiB per request fails this at 3000
-    # requests, of 1.6 KiB at 20000. (glibc keeps freed heap memory that varying
-    # tensor shapes fragment, unless the mmap threshold is pinned: see docs/reliability.md.)
+    # requests, of 1.6 KiB at 20000. (glibc keeps the freed heap memory that varying tensor
+    # shapes fragment until the server trims it: see docs/reliability.md.)
     assert growth_mib < RSS_GROWTH_BOUND_MIB, figures
     # Descriptors: back to the baseline once the client has gone, and at most one per client
     # connection above it while the run went on (no descriptor per request).
