@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ class VllmBackend:
     """
 
     name = "vllm"
+    RECHECK_S = 2.0  # between label checks while the server has not been checked
 
     def __init__(self, config: RerankerConfig, tokenizer: Any,
                  client: httpx.AsyncClient | None = None) -> None:
@@ -49,6 +51,10 @@ class VllmBackend:
             timeout=httpx.Timeout(config.timeout_s, connect=min(5.0, config.timeout_s)),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
+        self._checked = False  # the served model and the label tokens have been cross-checked
+        self._mismatch: str | None = None  # why the labels cannot be trusted, once found
+        self._check_lock = asyncio.Lock()
+        self._next_check = 0.0
 
     @classmethod
     async def create(cls, config: RerankerConfig, tokenizer: Any,
@@ -59,26 +65,53 @@ class VllmBackend:
     async def start(self) -> None:
         """Check the server once. An unreachable server is not fatal: rankd degrades and recovers;
         a server that tokenizes labels differently from the local tokenizer is."""
+        await self._check_server()
+
+    async def _check_server(self) -> bool:
+        """The served model and its label tokens, cross-checked: True once done, False while the
+        server cannot be asked. Raises LabelTokenError on a mismatch."""
         try:
             models = (await self.client.get("/v1/models", timeout=5.0)).json()
         except (httpx.HTTPError, ValueError) as exc:
-            log.warning("vLLM at %s is not reachable at start-up (%s); reranking will fall back "
-                        "to retrieval order until it is", self.url, exc)
-            return
+            log.warning("vLLM at %s is not reachable (%s); reranking falls back to retrieval "
+                        "order until it is, and its labels are checked then", self.url, exc)
+            return False
         data = models.get("data") if isinstance(models, dict) else None
         served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if self.model_name not in served:
             log.error("vLLM at %s serves %s, not %r: set RANKD_VLLM_MODEL_NAME", self.url,
                       served, self.model_name)
-            return
+            return False
         renderer = PromptRenderer(self.tokenizer, self.use_chat_template)
         context = renderer.answer_context(self.rank_template)
-        await self.verify_labels(context)
+        self._checked = await self.verify_labels(context)
+        return self._checked
 
-    async def verify_labels(self, context: str) -> None:
+    async def _ensure_checked(self) -> None:
+        """A server that was down at start-up is cross-checked once it answers.
+
+        One call at a time runs the check, at most every ``RECHECK_S``; the others go on
+        rather than queue behind it. A mismatch found then cannot stop a running service, so
+        it fails every rerank call (the service answers in retrieval order) and /ready reports
+        it until rankd is reconfigured.
+        """
+        now = time.monotonic()
+        if (not self._checked and self._mismatch is None and not self._check_lock.locked()
+                and now >= self._next_check):
+            async with self._check_lock:
+                self._next_check = now + self.RECHECK_S
+                try:
+                    await self._check_server()
+                except LabelTokenError as exc:
+                    self._mismatch = str(exc)
+                    log.error("vLLM label check failed; reranking is off: %s", exc)
+        if self._mismatch is not None:
+            raise BackendError("label_mismatch", self._mismatch)
+
+    async def verify_labels(self, context: str) -> bool:
         """Cross-check the local tokenizer with the server's /tokenize: each label after the
         prompt's ending must tokenize identically on both sides, so the label ids rankd asks
-        for are the server's label tokens."""
+        for are the server's label tokens. False when the server could not be asked."""
         for label in self.labels:
             text = context + label
             try:
@@ -91,7 +124,7 @@ class VllmBackend:
                 served = [int(t) for t in response.json()["tokens"]]
             except (httpx.HTTPError, KeyError, ValueError, TypeError) as exc:
                 log.warning("could not verify labels against vLLM /tokenize: %s", exc)
-                return
+                return False
             local = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             if served != local:
                 raise LabelTokenError(
@@ -100,6 +133,7 @@ class VllmBackend:
                     "RANKD_RERANKER_MODEL must name the model vLLM serves (its tokenizer renders "
                     "the prompts)"
                 )
+        return True
 
     async def _post_completions(self, payload: dict[str, Any]) -> dict[str, Any]:
         last: BackendError | None = None
@@ -163,6 +197,7 @@ class VllmBackend:
         return results
 
     async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
+        await self._ensure_checked()
         # One completions call per distinct label set; reads in a call share logprob_token_ids.
         groups: dict[tuple[int, ...], list[int]] = {}
         for position, read in enumerate(reads):
@@ -177,6 +212,8 @@ class VllmBackend:
         return results
 
     async def health(self) -> str | None:
+        if self._mismatch is not None:
+            return self._mismatch
         try:
             response = await self.client.get("/health", timeout=min(2.0, self.timeout_s))
         except httpx.HTTPError as exc:

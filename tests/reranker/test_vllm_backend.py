@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from reranker import LabelAlphabet, LabelTokenError, ListwiseScores
+from reranker import BackendError, LabelAlphabet, LabelTokenError, ListwiseScores
 from retriever.catalog import CatalogEntry
 from tests.reranker.conftest import make_task, open_scorer
+from tests.support.tcp_gate import TcpGate
 from tests.support.tiny_lm import build_tokenizer
 from tests.support.vllm_server import VllmServer
 
@@ -68,3 +69,31 @@ async def test_a_server_with_another_tokenizer_is_refused(live_vllm: VllmServer,
         async with open_scorer("vllm", model=str(tmp_path), vllm_url=live_vllm.url,
                                vllm_model_name=live_vllm.model_name):
             pass
+
+
+async def test_a_server_down_at_start_up_is_checked_once_it_is_up(
+        live_vllm: VllmServer, tiny_lm: Path, tmp_path: Path,
+        catalogue: list[CatalogEntry]) -> None:
+    """rankd starts while vLLM is down; the label cross-check then runs on the first rerank
+    after vLLM comes up. Another tokenizer's labels fail every call and show in health; the
+    served model's own pass."""
+    build_tokenizer(tmp_path, vocab_size=600)  # same kind, other merges: other token ids
+    task = make_task(catalogue[:5], "1/2 + 1/3 = 2/5")
+    async with TcpGate(int(live_vllm.port)) as gate:
+        async with open_scorer("vllm", model=str(tmp_path), vllm_url=gate.url,
+                               vllm_model_name=live_vllm.model_name) as wrong:
+            assert "unreachable" in (await wrong.health() or "")
+            await gate.open()
+            for _ in range(2):  # found once, then kept: no rerank trusts those labels
+                with pytest.raises(BackendError) as refused:
+                    await wrong.score([task])
+                assert refused.value.reason == "label_mismatch"
+                assert "RANKD_RERANKER_MODEL must name the model" in str(refused.value)
+            assert "RANKD_RERANKER_MODEL must name the model" in (await wrong.health() or "")
+        await gate.shut()
+        async with open_scorer("vllm", model=str(tiny_lm), vllm_url=gate.url) as right:
+            await gate.open()
+            (scores,) = await right.score([task])
+            assert await right.health() is None
+    assert len(scores.probabilities) == 5
+    assert all(0 < p < 1 for p in scores.probabilities)
