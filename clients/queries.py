@@ -8,7 +8,6 @@ one template in :mod:`retriever.eedi`; nothing here builds Eedi text itself.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,17 +57,9 @@ def _check_fields(path: Path, where: str, row: dict[str, Any], *names: str) -> N
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file."""
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{line_no}: expected one JSON object per line")
-            yield line_no, row
+    from retriever.catalog import jsonl_objects as read_objects  # numpy, faiss: only when used
+
+    return read_objects(path, InputError)
 
 
 def _read_jsonl(path: Path, options: QueryFileOptions) -> list[Query]:

@@ -44,7 +44,10 @@ def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
         yield from csv.DictReader(fh)
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
+def jsonl_objects(path: Path, error: type[Exception] = ValueError
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not one
+    JSON object raises ``error`` naming the file and the line."""
     with path.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
@@ -52,10 +55,15 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CatalogError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+                raise error(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise CatalogError(f"{path}:{line_no}: expected a JSON object per line")
-            yield row
+                raise error(f"{path}:{line_no}: expected a JSON object per line")
+            yield line_no, row
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
+    for _, row in jsonl_objects(path, CatalogError):
+        yield row
 
 
 def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:

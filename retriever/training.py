@@ -28,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retriever.catalog import CatalogEntry
+from retriever.catalog import CatalogEntry, jsonl_objects
 from retriever.eedi import DEFAULT_QUERY_TEMPLATE, eedi_queries
 from retriever.embedder import DEFAULT_EMBEDDER, Embedder, select_device
 from retriever.index import Collection, build_collection, load_collection
@@ -85,26 +85,17 @@ def _jsonl_pairs(path: Path, template: str) -> list[TrainingPair]:
     group, so the same query with several positives never straddles the split.
     """
     pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise TrainingError(f"{path}:{line_no}: expected a JSON object per line")
-            query = row.get("query")
-            positive = row.get("positive_id")
-            if not isinstance(query, str) or not query.strip():
-                raise TrainingError(f"{path}:{line_no}: field 'query' must be a non-empty string")
-            if positive is None or isinstance(positive, (dict, list, bool)) or not str(positive).strip():
-                raise TrainingError(
-                    f"{path}:{line_no}: field 'positive_id' must be a catalogue id (string or number)"
-                )
-            pairs.append(TrainingPair(str(row.get("id", f"line{line_no}")), _jsonl_group(row),
-                                      query.strip(), str(positive).strip()))
+    for line_no, row in jsonl_objects(path, TrainingError):
+        query = row.get("query")
+        positive = row.get("positive_id")
+        if not isinstance(query, str) or not query.strip():
+            raise TrainingError(f"{path}:{line_no}: field 'query' must be a non-empty string")
+        if positive is None or isinstance(positive, (dict, list, bool)) or not str(positive).strip():
+            raise TrainingError(
+                f"{path}:{line_no}: field 'positive_id' must be a catalogue id (string or number)"
+            )
+        pairs.append(TrainingPair(str(row.get("id", f"line{line_no}")), _jsonl_group(row),
+                                  query.strip(), str(positive).strip()))
     return pairs
 
 
