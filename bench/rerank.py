@@ -178,14 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from retriever import Embedder, build_collection, read_catalog
-    from retriever.data import (
-        SAMPLE_COLLECTION,
-        SAMPLE_ID_COLUMN,
-        SAMPLE_INSTRUCTION,
-        SAMPLE_TEXT_COLUMN,
-        sample_catalog_path,
-    )
+    from retriever import Embedder
+    from retriever.data import build_sample_collection
     from tests.support.apps import free_port
     from tests.support.tiny_lm import build_tiny_lm
     from tests.support.vllm_server import VllmServer, vllm_python
@@ -197,9 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         model_dir = build_tiny_lm(work / "tiny-lm")
         embedder = Embedder.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
-        entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
-        build_collection(entries, embedder, work / "index", SAMPLE_COLLECTION,
-                         instruction=SAMPLE_INSTRUCTION, show_progress=False)
+        build_sample_collection(embedder, work / "index")
         server = None
         if not args.skip_vllm:
             python = args.vllm_python or vllm_python()

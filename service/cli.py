@@ -77,21 +77,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 def ensure_sample_index(index_dir: Path, model: str) -> None:
     """Build the embedded sample collection when it is missing."""
-    from retriever import Embedder, build_collection, read_catalog
-    from retriever.data import (
-        SAMPLE_COLLECTION,
-        SAMPLE_ID_COLUMN,
-        SAMPLE_INSTRUCTION,
-        SAMPLE_TEXT_COLUMN,
-        sample_catalog_path,
-    )
+    from retriever import Embedder
+    from retriever.data import SAMPLE_COLLECTION, build_sample_collection
 
     if (index_dir / SAMPLE_COLLECTION / "manifest.json").is_file():
         return
     print(f"building the sample collection {SAMPLE_COLLECTION!r} in {index_dir} ...", flush=True)
-    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
-    build_collection(entries, Embedder.load(model), index_dir, SAMPLE_COLLECTION,
-                     instruction=SAMPLE_INSTRUCTION, show_progress=False)
+    build_sample_collection(Embedder.load(model), index_dir)
 
 
 def _serve(args: argparse.Namespace) -> int:

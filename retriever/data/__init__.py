@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retriever.embedder import Embedder
 
 SAMPLE_COLLECTION = "misconceptions"
 SAMPLE_ID_COLUMN = "MisconceptionId"
@@ -21,3 +25,13 @@ def sample_catalog_path() -> Path:
 def sample_queries_path() -> Path:
     """Labelled queries over the sample catalogue (JSONL: id, query, relevant)."""
     return Path(str(resources.files(__package__).joinpath("sample_queries.jsonl")))
+
+
+def build_sample_collection(embedder: Embedder, index_dir: str | Path) -> Path:
+    """Index the sample catalogue as ``index_dir/SAMPLE_COLLECTION``, with its instruction."""
+    from retriever.catalog import read_catalog
+    from retriever.index import build_collection
+
+    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    return build_collection(entries, embedder, index_dir, SAMPLE_COLLECTION,
+                            instruction=SAMPLE_INSTRUCTION, show_progress=False)
