@@ -65,8 +65,10 @@ def build_calibration_tasks(index_dir: Path, collection_name: str | None,
 
 def _quantize(args: argparse.Namespace) -> int:
     from reranker.errors import RerankerConfigError
+    from reranker.models import resolve_model
     from reranker.prompt import PromptRenderer, load_tokenizer
     from reranker.quantize import (
+        GROUP_SIZES,
         QuantizeError,
         calibration_prompts,
         check_destination,
@@ -75,6 +77,7 @@ def _quantize(args: argparse.Namespace) -> int:
         quantize,
         select_device,
     )
+    from reranker.vllm_cpu import probe_kernels
     from retriever import EmbedderLoadError, IndexIntegrityError
 
     output = Path(args.output)
@@ -94,15 +97,27 @@ def _quantize(args: argparse.Namespace) -> int:
         tasks, source = build_calibration_tasks(
             index_dir, args.collection, Path(args.queries) if args.queries else None,
             args.samples, args.candidates, args.seed)
-        renderer = PromptRenderer(load_tokenizer(args.model), args.chat_template)
+        if args.group_size not in GROUP_SIZES:
+            raise QuantizeError(f"--group-size must be one of {GROUP_SIZES}, got "
+                                f"{args.group_size}")
+        model = resolve_model(args.model)
+        renderer = PromptRenderer(load_tokenizer(model), args.chat_template)
         prompts = calibration_prompts(renderer, tasks, labels)
-        result = quantize(args.model, output, prompts, device=args.device,
+        # Without a GPU the result is served by vLLM's CPU build, if this CPU has its kernel.
+        note = (probe_kernels(os.environ.get("RANKD_VLLM_PYTHON")).w4a16_problem()
+                if args.device == "cpu" else None)
+        if note:
+            print(f"rankd quantize: note: {note}", file=sys.stderr)
+        result = quantize(model, output, prompts, device=args.device,
                           max_seq_len=args.max_seq_len, calibration_source=source,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, group_size=args.group_size,
+                          serving_note=note)
     except (QuantizeError, RerankerConfigError, IndexIntegrityError, EmbedderLoadError) as exc:
         print(f"rankd quantize: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(result)))
+    if note:
+        print(f"rankd quantize: {output} is written, but {note}", file=sys.stderr)
     return 0
 
 
@@ -143,6 +158,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "(default: $RANKD_RERANK_CHAT_TEMPLATE or true)")
     quant.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                        help="cuda (default) needs an NVIDIA GPU; cpu is for small models")
+    quant.add_argument("--group-size", type=int, default=128,
+                       help="input channels per scale and zero point: 128 (default), 64 or 32; "
+                            "it must divide every layer's width (SmolLM2-135M needs 64)")
     quant.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     quant.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     quant.set_defaults(handler=_quantize)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from reranker.labels import LabelAlphabet
 
@@ -39,3 +40,9 @@ class RerankerConfig:
     # The rank prompt template; as plain text (no chat template) its ending is where labels are
     # checked to be single tokens.
     rank_template: str = DEFAULT_RANK_TEMPLATE
+    # Orders each prompt runs in when a request does not say (see listwise.order_permutations).
+    default_orders: int = 2
+    # Where GGUF files are converted to model directories (None: ~/.cache/rankd/models).
+    cache_dir: Path | None = None
+    # Torch intra-op threads of the in-process reranker's worker; 0 keeps the process's.
+    threads: int = 0

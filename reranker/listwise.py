@@ -1,24 +1,27 @@
-"""The one label-logprob path: listwise prompts in two orders, label probabilities, averaging.
+"""The one label-logprob path: listwise prompts in several orders, label probabilities, averaging.
 
 Every caller (/rank, /v1/rerank, /answer) describes its prompt as a ``ListwiseTask``; this module
-renders it with the items in the given order and reversed, reads the next-token distribution
-restricted to the label tokens from the backend, renormalises it over the labels, maps labels back
-to items and averages the two orders to cancel position bias.
+renders it with the items in each order of an order scheme (``order_permutations``), reads the
+next-token distribution restricted to the label tokens from the backend, renormalises it over the
+labels, maps labels back to items and averages the orders (``combine_orders``) to cancel
+position bias.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reranker.backends import LabelLogprobBackend, LabelRead, MakeBatcher, backend_factory
 from reranker.config import RerankerConfig
 from reranker.errors import BackendError, RerankerConfigError, TooManyItemsError
 from reranker.labels import label_token_ids
+from reranker.models import resolve_model
 from reranker.prompt import PromptRenderer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -30,10 +33,12 @@ class ListwiseTask:
     fields: dict[str, str]
     items: list[str]
     item_ids: list[str] = field(default_factory=list)  # only reported in traces
+    orders: int | None = None  # the order scheme (order_permutations); None: the scorer's default
 
 
 @dataclass(frozen=True)
 class OrderTrace:
+    positions: list[int]  # the item index behind each label
     prompt: str
     labels: list[str]
     label_token_ids: list[int]
@@ -43,8 +48,47 @@ class OrderTrace:
 
 @dataclass(frozen=True)
 class ListwiseScores:
-    probabilities: list[float]  # item order, the mean over both orders
+    probabilities: list[float]  # item order, the mean over the orders
+    spreads: list[float]  # item order, max - min of the item's probability over the orders
     orders: list[OrderTrace]
+
+
+MAX_ORDERS = 52  # the largest label alphabet: more rotations than items are never distinct
+
+
+def order_permutations(n: int, orders: int) -> list[list[int]]:
+    """The item positions of each order of a scheme, the forward order first.
+
+    ``1``: retrieval (input) order. ``2``: forward and reversed. ``k >= 3``: ``min(k, n)`` cyclic
+    rotations with evenly spaced offsets, so each item visits ``k`` positions; with ``k = n``
+    every item holds every position once and a purely positional prior cancels exactly.
+    """
+    if orders < 1:
+        raise ValueError(f"orders must be at least 1, got {orders}")
+    forward = list(range(n))
+    if n <= 1 or orders == 1:
+        return [forward]
+    if orders == 2:
+        return [forward, forward[::-1]]
+    k = min(orders, n)
+    offsets = sorted({round(j * n / k) % n for j in range(k)})
+    return [[(i + offset) % n for i in range(n)] for offset in offsets]
+
+
+def combine_orders(n: int, permutations: Sequence[Sequence[int]],
+                   probabilities: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    """Each item's mean probability over the orders, and its spread (max - min) across them.
+
+    ``probabilities[o][j]`` is the probability of the label at position ``j`` of order ``o``,
+    whose item is ``permutations[o][j]``.
+    """
+    seen: list[list[float]] = [[] for _ in range(n)]
+    for positions, probs in zip(permutations, probabilities, strict=True):
+        for item, p in zip(positions, probs, strict=True):
+            seen[item].append(p)
+    means = [sum(ps) / len(ps) for ps in seen]
+    spreads = [max(ps) - min(ps) for ps in seen]
+    return means, spreads
 
 
 def renormalise(logprobs: Sequence[float]) -> list[float]:
@@ -57,8 +101,10 @@ def renormalise(logprobs: Sequence[float]) -> list[float]:
 
 class ListwiseScorer:
     def __init__(self, renderer: PromptRenderer, backend: LabelLogprobBackend, labels: list[str],
-                 token_ids: list[int]) -> None:
+                 token_ids: list[int], model: str = "", default_orders: int = 2) -> None:
         self.renderer = renderer
+        self.model = model
+        self.default_orders = default_orders
         self.backend = backend
         self.labels = labels
         self.label_token_ids = token_ids
@@ -83,9 +129,13 @@ class ListwiseScorer:
         if not config.model:
             raise RerankerConfigError(
                 f"RANKD_RERANKER_BACKEND={backend_name} needs RANKD_RERANKER_MODEL: the model "
-                "(local directory or hub id) whose tokenizer renders the prompt"
+                "(local directory, hub id or .gguf file) whose tokenizer renders the prompt"
             )
-        tokenizer = load_tokenizer(config.model)
+        # A GGUF file (or the embedded default) becomes a model directory once, off the loop.
+        spec = config.model
+        location = await asyncio.to_thread(resolve_model, spec, config.cache_dir)
+        config = replace(config, model=location)
+        tokenizer = await asyncio.to_thread(load_tokenizer, location)
         labels = config.label_alphabet.labels()
         renderer = PromptRenderer(tokenizer, config.use_chat_template)
         # Labels are checked where the model writes them: right after the rendered prompt.
@@ -96,37 +146,39 @@ class ListwiseScorer:
         except BaseException:
             await backend.close()
             raise
-        log.info("reranker ready: backend %s, model %s, %d labels", backend.name, config.model,
-                 len(labels))
-        return cls(renderer, backend, labels, token_ids)
+        log.info("reranker ready: backend %s, model %s, %d labels, %d orders", backend.name,
+                 config.model, len(labels), config.default_orders)
+        return cls(renderer, backend, labels, token_ids,
+                   model=spec if spec == location else f"{spec} ({location})",
+                   default_orders=config.default_orders)
 
     def check_count(self, count: int, field_name: str = "candidates") -> None:
         if count > self.max_items:
             raise TooManyItemsError(count, self.max_items, field_name)
 
-    def _orders(self, task: ListwiseTask) -> list[tuple[list[int], Any]]:
+    def _orders(self, task: ListwiseTask, orders: int) -> list[tuple[list[int], Any]]:
         n = len(task.items)
         labels = self.labels[:n]
-        forward = list(range(n))
-        orders = []
-        for positions in (forward, forward[::-1]):
-            prompt = self.renderer.render(task.template, task.fields,
-                                          [task.items[p] for p in positions], labels)
-            orders.append((positions, prompt))
-        return orders
+        return [
+            (positions, self.renderer.render(task.template, task.fields,
+                                             [task.items[p] for p in positions], labels))
+            for positions in order_permutations(n, orders)
+        ]
 
     async def score(self, tasks: Sequence[ListwiseTask]) -> list[ListwiseScores]:
-        """Score every task; all prompts of all tasks go to the backend in one call."""
+        """Score every task in its order scheme; all prompts of all tasks go to the backend in
+        one call."""
         for task in tasks:
             self.check_count(len(task.items))
-        rendered = [self._orders(task) if task.items else [] for task in tasks]
+        rendered = [self._orders(task, task.orders or self.default_orders) if task.items else []
+                    for task in tasks]
         reads = [
             LabelRead(prompt.token_ids, self.label_token_ids[: len(task.items)])
             for task, orders in zip(tasks, rendered, strict=True)
             for _, prompt in orders
         ]
         if not reads:
-            return [ListwiseScores([], []) for _ in tasks]
+            return [ListwiseScores([], [], []) for _ in tasks]
         try:
             logprobs = await self.backend.label_logprobs(reads)
         except BackendError as exc:
@@ -136,23 +188,23 @@ class ListwiseScorer:
         self.last_error = None
         results = []
         cursor = 0
-        for task, orders in zip(tasks, rendered, strict=True):
+        for task, task_orders in zip(tasks, rendered, strict=True):
             n = len(task.items)
-            totals = [0.0] * n
             traces = []
-            for positions, prompt in orders:
+            for positions, prompt in task_orders:
                 probabilities = renormalise(logprobs[cursor])
                 cursor += 1
-                for label_index, item_index in enumerate(positions):
-                    totals[item_index] += probabilities[label_index]
                 traces.append(OrderTrace(
+                    positions=list(positions),
                     prompt=prompt.text,
                     labels=self.labels[:n],
                     label_token_ids=self.label_token_ids[:n],
                     item_ids=[task.item_ids[p] if task.item_ids else str(p) for p in positions],
                     probabilities=probabilities,
                 ))
-            results.append(ListwiseScores([t / len(orders) for t in totals], traces))
+            means, spreads = combine_orders(n, [t.positions for t in traces],
+                                            [t.probabilities for t in traces])
+            results.append(ListwiseScores(means, spreads, traces))
         return results
 
     async def health(self) -> str | None:

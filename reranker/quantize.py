@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # 4-bit integer weights with a scale and a zero point per group of 128 input channels, 16-bit
 # activations: AWQ's own format, expressed as an llm-compressor preset scheme.
 SCHEME = "W4A16_ASYM"
-GROUP_SIZE = 128
+GROUP_SIZE = 128  # the preset's; --group-size changes it for models whose widths it does not divide
+GROUP_SIZES = (128, 64, 32)  # the sizes vLLM's 4-bit kernels (Marlin, WNA16) take
 BITS = 4
 # The tested llm-compressor release; its AWQ modifier moved to modifiers.transform.awq in 0.14.
 LLMCOMPRESSOR_VERSION = "0.14.0.1"
@@ -68,6 +69,9 @@ class QuantizeResult:
     bytes: int
     llmcompressor: str
     calibration_source: str
+    # Whether vLLM's CPU build can serve the result on this machine, and why not.
+    cpu_vllm_servable: bool | None = None
+    note: str | None = None
 
 
 def llmcompressor_version() -> str:
@@ -208,7 +212,26 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def check_output(directory: Path) -> dict[str, Any]:
+def check_group_size(lm: Any, group_size: int) -> None:
+    """Every quantized Linear's input width must be a multiple of the group size; otherwise say
+    which group size would fit (before calibration, not as a traceback after it)."""
+    import torch
+
+    widths = {name: module.in_features for name, module in lm.named_modules()
+              if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+    bad = {name: width for name, width in widths.items() if width % group_size}
+    if not bad:
+        return
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+    name, width = next(iter(bad.items()))
+    hint = (f"pass --group-size {fits[0]}" if fits
+            else f"no group size of {GROUP_SIZES} divides them all")
+    raise QuantizeError(
+        f"{len(bad)} layers have input widths that are not a multiple of --group-size "
+        f"{group_size} (e.g. {name}: {width}); {hint}")
+
+
+def check_output(directory: Path, group_size: int = GROUP_SIZE) -> dict[str, Any]:
     """The saved checkpoint's quantization config, checked to be what vLLM should load."""
     config_path = directory / "config.json"
     try:
@@ -219,10 +242,10 @@ def check_output(directory: Path) -> dict[str, Any]:
     groups = list((quant.get("config_groups") or {}).values())
     weights = [g.get("weights") or {} for g in groups]
     if (quant.get("quant_method") != "compressed-tensors" or not weights
-            or any(w.get("num_bits") != BITS or w.get("group_size") != GROUP_SIZE
+            or any(w.get("num_bits") != BITS or w.get("group_size") != group_size
                    for w in weights)):
         raise QuantizeError(
-            f"{config_path} does not describe {BITS}-bit weights in groups of {GROUP_SIZE} "
+            f"{config_path} does not describe {BITS}-bit weights in groups of {group_size} "
             f"(quantization_config: {json.dumps(quant)[:500]})"
         )
     return dict(quant)
@@ -230,7 +253,8 @@ def check_output(directory: Path) -> dict[str, Any]:
 
 def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
              max_seq_len: int = 2048, calibration_source: str = "",
-             overwrite: bool = False) -> QuantizeResult:
+             overwrite: bool = False, group_size: int = GROUP_SIZE,
+             serving_note: str | None = None) -> QuantizeResult:
     """Calibrate AWQ scales on ``prompts``, quantize to W4A16 and save a vLLM-ready directory.
 
     The directory is written beside ``output`` under a hidden name and renamed into place at the
@@ -270,10 +294,18 @@ def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
     dataset = Dataset.from_dict({"input_ids": input_ids,
                                  "attention_mask": [[1] * len(ids) for ids in input_ids]})
     tokens = sum(len(ids) for ids in input_ids)
-    recipe = [
-        AWQModifier(duo_scaling="both"),
-        QuantizationModifier(targets=["Linear"], scheme=SCHEME, ignore=["lm_head"]),
-    ]
+    check_group_size(lm, group_size)
+    if group_size == GROUP_SIZE:
+        quantization = QuantizationModifier(targets=["Linear"], scheme=SCHEME, ignore=["lm_head"])
+    else:
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        scheme = preset_name_to_scheme(SCHEME, ["Linear"])
+        assert scheme.weights is not None
+        scheme.weights.group_size = group_size
+        quantization = QuantizationModifier(config_groups={"group_0": scheme},
+                                            ignore=["lm_head"])
+    recipe = [AWQModifier(duo_scaling="both"), quantization]
     log.info("quantizing %s on %s with llmcompressor %s: %d calibration prompts, %d tokens",
              model, used_device, version, len(prompts), tokens)
     guard = _cpu_calibration() if used_device == "cpu" else contextlib.nullcontext()
@@ -286,13 +318,15 @@ def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
     try:
         lm.save_pretrained(staging, save_compressed=True)
         tokenizer.save_pretrained(staging)
-        check_output(staging)
+        check_output(staging, group_size)
         result = QuantizeResult(
-            model=model, output=str(output), scheme=SCHEME, group_size=GROUP_SIZE, bits=BITS,
+            model=model, output=str(output), scheme=SCHEME, group_size=group_size, bits=BITS,
             device=used_device, calibration_samples=len(prompts), calibration_tokens=tokens,
             max_seq_len=max_seq_len, seconds=round(time.perf_counter() - started, 2),
             bytes=_dir_bytes(staging), llmcompressor=version,
             calibration_source=calibration_source,
+            cpu_vllm_servable=serving_note is None if used_device == "cpu" else None,
+            note=serving_note,
         )
         (staging / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n",
                                            encoding="utf-8")

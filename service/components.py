@@ -36,6 +36,9 @@ def reranker_config(settings: Settings) -> RerankerConfig:
         batch_wait_ms=settings.batch_wait_ms,
         max_queue_depth=settings.max_queue_depth,
         rank_template=settings.rerank_prompt_template,
+        default_orders=settings.rerank_orders,
+        cache_dir=settings.model_cache_dir,
+        threads=settings.reranker_threads or settings.torch_threads,
     )
 
 

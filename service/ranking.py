@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from reranker import BackendError, ListwiseScores, ListwiseTask
+from reranker.fusion import Fusion, fuse
+from reranker.listwise import MAX_ORDERS
 from retriever.index import Hit
 from retriever.search import SearchQuery
 from service.components import Components
@@ -36,6 +38,9 @@ class RankPlan:
     collection: str
     retrieve_k: int
     rerank_n: int  # 0 when not reranking
+    orders: int
+    fusion: Fusion
+    fusion_weight: float
 
 
 def _ms(seconds: float) -> float:
@@ -94,8 +99,19 @@ class RankService:
                     f"{self.c.scorer.max_items} labels (RANKD_LABEL_ALPHABET)",
                     f"{prefix}candidates")
             rerank_n = candidates
+        orders = request.orders or s.rerank_orders
+        self.check_orders(orders, f"{prefix}orders")
         retrieve_k = max(request.top_k, rerank_n)
-        return RankPlan(request, collection, retrieve_k, rerank_n)
+        return RankPlan(request, collection, retrieve_k, rerank_n, orders,
+                        request.fusion or s.rerank_fusion,
+                        s.rerank_fusion_weight if request.fusion_weight is None
+                        else request.fusion_weight)
+
+    def check_orders(self, orders: int, field: str = "orders") -> None:
+        if orders > MAX_ORDERS:
+            raise LimitExceededError(
+                f"{field} is {orders}, over the limit of {MAX_ORDERS} (one rotation per "
+                "candidate at most)", field)
 
     def _task(self, plan: RankPlan, hits: list[Hit]) -> ListwiseTask:
         manifest = self.c.collections[plan.collection].manifest
@@ -106,6 +122,7 @@ class RankService:
                     "query": plan.request.query},
             items=[h.text for h in top],
             item_ids=[h.id for h in top],
+            orders=plan.orders,
         )
 
     async def rank(self, request: RankRequest) -> RankResponse:
@@ -156,23 +173,31 @@ class RankService:
     def _response(self, plan: RankPlan, hits: list[Hit], scored: ListwiseScores | None,
                   warnings: list[str], timings: Timings) -> RankResponse:
         k = plan.request.top_k
+        results: list[RankResult]
         if scored is None:
-            ordered = [(h, h.score) for h in hits[:k]]
+            results = [RankResult(id=h.id, text=h.text, score=h.score, retrieval_score=h.score,
+                                  rank=rank, rerank_score=None, order_spread=None)
+                       for rank, h in enumerate(hits[:k], 1)]
         else:
             head = hits[: plan.rerank_n]
-            # Stable sort: equal probabilities keep retrieval order.
-            reranked = sorted(zip(head, scored.probabilities, strict=True),
-                              key=lambda pair: -pair[1])
-            ordered = (reranked + [(h, 0.0) for h in hits[plan.rerank_n:]])[:k]
-        results = [
-            RankResult(id=h.id, text=h.text, score=score, retrieval_score=h.score, rank=rank)
-            for rank, (h, score) in enumerate(ordered, 1)
-        ]
+            final = fuse([h.score for h in head], scored.probabilities, plan.fusion,
+                         plan.fusion_weight)
+            # Stable sort: equal scores keep retrieval order.
+            order = sorted(range(len(head)), key=lambda i: -final[i])
+            ranked = [RankResult(id=head[i].id, text=head[i].text, score=final[i],
+                                 retrieval_score=head[i].score, rank=0,
+                                 rerank_score=scored.probabilities[i],
+                                 order_spread=scored.spreads[i]) for i in order]
+            ranked += [RankResult(id=h.id, text=h.text, score=0.0, retrieval_score=h.score,
+                                  rank=0, rerank_score=None, order_spread=None)
+                       for h in hits[plan.rerank_n:]]
+            results = [r.model_copy(update={"rank": rank}) for rank, r in enumerate(ranked[:k], 1)]
         debug = None
         if plan.request.debug and scored is not None:
-            debug = RankDebug(orders=[
-                OrderDebug(prompt=o.prompt, labels=o.labels, label_token_ids=o.label_token_ids,
-                           candidate_ids=o.item_ids, probabilities=o.probabilities)
+            debug = RankDebug(fusion=plan.fusion.value, fusion_weight=plan.fusion_weight, orders=[
+                OrderDebug(positions=o.positions, prompt=o.prompt, labels=o.labels,
+                           label_token_ids=o.label_token_ids, candidate_ids=o.item_ids,
+                           probabilities=o.probabilities)
                 for o in scored.orders
             ])
         return RankResponse(collection=plan.collection, results=results,

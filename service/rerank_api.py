@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from reranker import BackendError, ListwiseScorer, ListwiseTask
+from reranker.listwise import MAX_ORDERS
 from reranker.windows import balanced_windows, merge_window_scores
 from service.components import Components
 from service.errors import LimitExceededError, RerankUnavailableError
@@ -34,6 +35,8 @@ class RerankRequest(BaseModel):
     documents: list[StrictStr | TextDocument] = Field(min_length=1)
     top_n: int | None = Field(None, ge=1, strict=True)
     return_documents: bool = Field(False, strict=True)
+    orders: int | None = Field(None, ge=1, le=MAX_ORDERS, strict=True,
+                               description="Orders each window's prompt runs in (see /rank); default RANKD_RERANK_ORDERS.")
 
     @field_validator("query")
     @classmethod
@@ -116,6 +119,7 @@ async def rerank(body: RerankRequest, scorer: ScorerDep,
             fields={"instruction": settings.rerank_instruction, "query": body.query},
             items=[texts[i] for i in window],
             item_ids=[str(i) for i in window],
+            orders=body.orders,
         )
         for window in windows
     ]

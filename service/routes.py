@@ -75,7 +75,8 @@ async def ready(components: ComponentsDep) -> JSONResponse:
         problem = await components.scorer.health()
         statuses["reranker"] = ComponentStatus(
             status="degraded" if problem else "ok",
-            detail=problem or f"backend {components.scorer.backend_name}")
+            detail=problem or f"backend {components.scorer.backend_name}, model "
+                                  f"{components.scorer.model}")
     if not components.collections:
         statuses["collections"] = ComponentStatus(
             status="error",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from reranker.fusion import Fusion
+
 
 def _not_blank(value: str) -> str:
     if not value.strip():
@@ -22,6 +24,9 @@ class RankRequest(_Strict):
     top_k: int = Field(25, ge=1, description="Results to return (at most RANKD_MAX_TOP_K).")
     candidates: int | None = Field(None, ge=1, description="Retrieved candidates passed to the reranker (default RANKD_DEFAULT_CANDIDATES).")
     rerank: bool = Field(True, description="Rerank the candidates with the LLM when a reranker is configured.")
+    orders: int | None = Field(None, ge=1, description="Orders each prompt runs in: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations, at most one per candidate); default RANKD_RERANK_ORDERS.")
+    fusion: Fusion | None = Field(None, strict=False, description="Fuse the rerank scores with the retrieval order: none, rrf or linear; default RANKD_RERANK_FUSION.")
+    fusion_weight: float | None = Field(None, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion; default RANKD_RERANK_FUSION_WEIGHT.")
     debug: bool = Field(False, description="Return the exact prompts, label token ids and per-order probabilities.")
 
     _query_not_blank = field_validator("query")(_not_blank)
@@ -34,9 +39,11 @@ class RankBatchRequest(_Strict):
 class RankResult(BaseModel):
     id: str
     text: str
-    score: float = Field(description="Reranked: the mean label probability over both orders (0 for candidates beyond those reranked). Otherwise the retrieval score.")
+    score: float = Field(description="Reranked: the final score, which orders the results: the mean label probability over the orders, or its fusion with the retrieval order (0 for candidates beyond those reranked). Otherwise the retrieval score.")
     retrieval_score: float = Field(description="Inner product of unit embeddings (cosine similarity).")
     rank: int
+    rerank_score: float | None = Field(None, description="Reranked candidates: the mean label probability over the orders.")
+    order_spread: float | None = Field(None, description="Reranked candidates: max - min of the candidate's label probability across the orders; large when the model's choice depends on position.")
 
 
 class Timings(BaseModel):
@@ -46,6 +53,7 @@ class Timings(BaseModel):
 
 
 class OrderDebug(BaseModel):
+    positions: list[int] = Field(description="For each label, the retrieval rank (0-based) of the candidate behind it.")
     prompt: str
     labels: list[str]
     label_token_ids: list[int]
@@ -54,6 +62,8 @@ class OrderDebug(BaseModel):
 
 
 class RankDebug(BaseModel):
+    fusion: str
+    fusion_weight: float
     orders: list[OrderDebug]
 
 

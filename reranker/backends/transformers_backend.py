@@ -32,8 +32,10 @@ def _torch_dtype(name: str, device: str) -> Any:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model: Any, pad_token_id: int, device: str, timeout_s: float) -> None:
+    def __init__(self, model: Any, pad_token_id: int, device: str, timeout_s: float,
+                 threads: int = 0) -> None:
         self.model = model
+        self.threads = threads
         self.pad_token_id = pad_token_id
         self.device = device
         self.timeout_s = timeout_s
@@ -69,19 +71,24 @@ class TransformersBackend:
         except (OSError, ValueError) as exc:
             raise RerankerConfigError(
                 f"cannot load the reranker model {config.model!r}: {exc}. Set "
-                "RANKD_RERANKER_MODEL to a local model directory or a reachable hub id"
+                "RANKD_RERANKER_MODEL to a local model directory, a .gguf file or a reachable "
+                "hub id, or RANKD_RERANKER_BACKEND=none to serve retrieval only"
             ) from exc
         model.to(device).eval()
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         log.info("transformers reranker %s loaded on %s (%s)", config.model, device, model.dtype)
-        return cls(model, int(pad), device, config.timeout_s)
+        return cls(model, int(pad), device, config.timeout_s, config.threads)
 
     def score_batch(self, reads: list[LabelRead]) -> list[list[float]]:
         """One left-padded forward pass over ``reads``; label log-softmax at the last position."""
         import torch
 
+        if self.threads:
+            # Per call, in this worker thread: OpenMP's thread count is a per-thread setting, so
+            # the embedder's worker keeps its own.
+            torch.set_num_threads(self.threads)
         width = max(len(r.prompt_token_ids) for r in reads)
         input_ids = torch.full((len(reads), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(reads), width), dtype=torch.long)

@@ -55,6 +55,9 @@ class VllmBackend:
         self._mismatch: str | None = None  # why the labels cannot be trusted, once found
         self._check_lock = asyncio.Lock()
         self._next_check = 0.0
+        # The server's own account of its last failure (a 5xx body), kept so that a server that
+        # died after it is reported by its cause, not only as "unreachable".
+        self.last_server_error: str | None = None
 
     @classmethod
     async def create(cls, config: RerankerConfig, tokenizer: Any,
@@ -147,9 +150,11 @@ class VllmBackend:
                                                f"{self.timeout_s}s")
                 continue
             except httpx.TransportError as exc:
-                last = BackendError("unreachable", f"vLLM at {self.url} is unreachable: {exc!r}")
+                last = BackendError("unreachable", f"vLLM at {self.url} is unreachable: {exc!r}"
+                                                   f"{self._after_failure()}")
                 continue
             if response.status_code in _RETRY_STATUSES:
+                self.last_server_error = f"{response.status_code} {response.text[:500]}"
                 last = BackendError("server_error", f"vLLM answered {response.status_code}: "
                                                     f"{response.text[:300]}")
                 continue
@@ -160,9 +165,15 @@ class VllmBackend:
                 data: dict[str, Any] = response.json()
             except ValueError as exc:
                 raise BackendError("bad_response", f"vLLM answered non-JSON: {exc}") from exc
+            self.last_server_error = None
             return data
         assert last is not None
         raise last
+
+    def _after_failure(self) -> str:
+        if not self.last_server_error:
+            return ""
+        return f"; before that it failed with: {self.last_server_error}"
 
     async def _read_group(self, reads: list[LabelRead]) -> list[list[float]]:
         label_ids = reads[0].label_token_ids
@@ -217,9 +228,12 @@ class VllmBackend:
         try:
             response = await self.client.get("/health", timeout=min(2.0, self.timeout_s))
         except httpx.HTTPError as exc:
-            return f"vLLM at {self.url} is unreachable: {exc!r}"
+            return f"vLLM at {self.url} is unreachable: {exc!r}{self._after_failure()}"
         if response.status_code != 200:
-            return f"vLLM at {self.url}/health answered {response.status_code}"
+            # vLLM answers 503 once its engine is dead; the body (or the last 5xx) says why.
+            body = response.text[:300].strip()
+            return (f"vLLM at {self.url}/health answered {response.status_code}"
+                    f"{': ' + body if body else ''}{self._after_failure()}")
         return None
 
     async def close(self) -> None:

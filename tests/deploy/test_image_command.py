@@ -115,15 +115,23 @@ def test_index_step_then_the_image_command(tmp_path: Path, embedder: Embedder) -
         health = httpx.get(f"{url}/health", timeout=10)
         assert health.status_code == 200
         assert health.json() == {"status": "ok"}
-        response = httpx.post(f"{url}/rank", json={"query": query, "top_k": 3}, timeout=60)
+        response = httpx.post(f"{url}/rank", json={"query": query, "top_k": 3, "rerank": False},
+                              timeout=60)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["collection"] == SAMPLE_COLLECTION
         # The served ranking is the library's own search over the index the step built.
         assert [r["id"] for r in body["results"]] == expected
-        assert body["reranked"] is False  # the image's default: no reranker configured
+        # The image's default reranker: the embedded SmolLM2, in process.
+        nearest = [hit.id for hit in collection.search(embedder.encode([query]), 5)[0]]
+        reranked = httpx.post(f"{url}/rank", json={"query": query, "top_k": 5, "candidates": 5},
+                              timeout=120).json()
+        assert reranked["reranked"] is True, reranked["warnings"]
+        assert sorted(r["id"] for r in reranked["results"]) == sorted(nearest)
         ready = httpx.get(f"{url}/ready", timeout=10).json()
         assert ready["components"][f"collection:{SAMPLE_COLLECTION}"]["status"] == "ok"
+        assert ready["components"]["reranker"]["status"] == "ok"
+        assert "smollm2-135m-instruct" in ready["components"]["reranker"]["detail"]
 
         # The image's HEALTHCHECK command passes against it, and fails on a dead port.
         _, check = healthcheck(dockerfile_stages()[-1])

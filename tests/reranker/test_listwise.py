@@ -139,7 +139,7 @@ async def test_more_items_than_labels_is_refused(tiny_lm: Path,
         with pytest.raises(TooManyItemsError) as caught:
             await scorer.score([make_task(catalogue[:27], "too many")])
         assert caught.value.limit == 26
-        assert await scorer.score([make_task([], "nothing")]) == [ListwiseScores([], [])]
+        assert await scorer.score([make_task([], "nothing")]) == [ListwiseScores([], [], [])]
     async with open_scorer("transformers", model=str(tiny_lm),
                            label_alphabet=LabelAlphabet.UPPER_LOWER) as scorer:
         (scores,) = await scorer.score([make_task(catalogue[:40], "forty items")])

@@ -37,7 +37,8 @@ async def test_vllm_answer_matches_the_transformers_backend(
             response = await client.post("/answer", json=REQUEST)
             ready = (await client.get("/ready")).json()
         assert response.status_code == 200, response.text
-        assert ready["components"]["reranker"] == {"status": "ok", "detail": f"backend {name}"}
+        assert ready["components"]["reranker"] == {"status": "ok",
+                                                   "detail": f"backend {name}, model {tiny_lm}"}
         bodies[name] = response.json()
 
     local, remote = bodies["transformers"], bodies["vllm"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,45 @@ def check_reranked(body: dict[str, Any], retrieval: list[str], candidates: int) 
         for label, candidate in zip(order["labels"], order["candidate_ids"], strict=True):
             assert f"\n{label}. {texts[candidate]}\n" in order["prompt"]
     means = averaged(body)
-    expected = sorted(retrieval[:candidates], key=lambda c: -means[c])  # stable: ties keep order
-    expected += retrieval[candidates:]
     results = body["results"]
+    retrieval_scores = {r["id"]: r["retrieval_score"] for r in results}
+    final = fused_by_hand(body["debug"], retrieval[:candidates], retrieval_scores, means)
+    expected = sorted(retrieval[:candidates], key=lambda c: -final[c])  # stable: ties keep order
+    expected += retrieval[candidates:]
     assert [r["id"] for r in results] == expected[: len(results)]
     for result in results:
-        assert result["score"] == pytest.approx(means.get(result["id"], 0.0), abs=1e-12)
+        assert result["score"] == pytest.approx(final.get(result["id"], 0.0), abs=1e-12)
+        if result["id"] in means:
+            spread = [p for o in body["debug"]["orders"]
+                      for c, p in zip(o["candidate_ids"], o["probabilities"], strict=True)
+                      if c == result["id"]]
+            assert result["rerank_score"] == pytest.approx(means[result["id"]], abs=1e-12)
+            assert result["order_spread"] == pytest.approx(max(spread) - min(spread), abs=1e-12)
+        else:
+            assert result["rerank_score"] is None
     assert [r["rank"] for r in results] == list(range(1, len(results) + 1))
     return [r["id"] for r in results]
+
+
+def fused_by_hand(debug: dict[str, Any], head: list[str], retrieval_scores: dict[str, float],
+                  means: dict[str, float]) -> dict[str, float]:
+    """The final score of each reranked candidate, from the formulas in the README."""
+    fusion, w = debug["fusion"], debug["fusion_weight"]
+    if fusion == "none":
+        return dict(means)
+    if fusion == "rrf":
+        by_rerank = sorted(head, key=lambda c: -means[c])
+        return {c: w / (60 + head.index(c) + 1) + (1 - w) / (60 + by_rerank.index(c) + 1)
+                for c in head}
+    assert fusion == "linear"
+
+    def z(values: dict[str, float]) -> dict[str, float]:
+        mean = sum(values.values()) / len(values)
+        std = (sum((v - mean) ** 2 for v in values.values()) / len(values)) ** 0.5
+        return {c: (v - mean) / std if std else 0.0 for c, v in values.items()}
+
+    zr, zm = z({c: retrieval_scores[c] for c in head}), z({c: means[c] for c in head})
+    return {c: 1 / (1 + math.exp(-(w * zr[c] + (1 - w) * zm[c]))) for c in head}
 
 
 async def retrieval_order(client: httpx.AsyncClient, query: str, top_k: int) -> list[str]:
@@ -118,7 +150,8 @@ async def test_transformers_rerank_orders_by_averaged_label_probabilities(
         ready = (await client.get("/ready")).json()
     assert moved >= 1  # the reranker really changes the retrieval order
     assert ready["status"] == "ready"
-    assert ready["components"]["reranker"] == {"status": "ok", "detail": "backend transformers"}
+    assert ready["components"]["reranker"] == {"status": "ok",
+                                               "detail": f"backend transformers, model {tiny_lm}"}
 
 
 async def test_more_candidates_than_labels_is_a_422(settings_factory: Any, tiny_lm: Path) -> None:
@@ -266,7 +299,8 @@ async def test_vllm_rerank_matches_the_transformers_backend(
             ready = (await client.get("/ready")).json()
         assert too_many.status_code == 422
         assert too_many.json()["error"]["field"] == "candidates"
-        assert ready["components"]["reranker"] == {"status": "ok", "detail": f"backend {name}"}
+        assert ready["components"]["reranker"] == {"status": "ok",
+                                                   "detail": f"backend {name}, model {tiny_lm}"}
     for local, remote in zip(bodies["transformers"], bodies["vllm"], strict=True):
         for a, b in zip(local["debug"]["orders"], remote["debug"]["orders"], strict=True):
             assert a["prompt"] == b["prompt"]

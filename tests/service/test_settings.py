@@ -22,6 +22,10 @@ def test_reads_the_rankd_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
         ("RANKD_LABEL_ALPHABET", "greek", "RANKD_LABEL_ALPHABET"),
         ("RANKD_RERANK_PROMPT_TEMPLATE", "{query} {nope} {items}", "RANKD_RERANK_PROMPT_TEMPLATE"),
         ("RANKD_DEFAULT_CANDIDATES", "500", "RANKD_DEFAULT_CANDIDATES"),
+        ("RANKD_RERANK_ORDERS", "0", "RANKD_RERANK_ORDERS"),
+        ("RANKD_RERANK_ORDERS", "53", "RANKD_RERANK_ORDERS"),
+        ("RANKD_RERANK_FUSION", "borda", "RANKD_RERANK_FUSION"),
+        ("RANKD_RERANK_FUSION_WEIGHT", "1.5", "RANKD_RERANK_FUSION_WEIGHT"),
     ],
 )
 def test_invalid_values_fail_fast_naming_the_variable(monkeypatch: pytest.MonkeyPatch,
