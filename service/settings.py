@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     rerank_chat_template: bool = Field(True, description="Wrap the prompt in the model's chat template.")
     rerank_batch_size: int = Field(16, ge=1, description="Most prompts in one transformers forward pass.")
     rerank_orders: int = Field(2, ge=1, le=MAX_ORDERS, description="Orders each rerank prompt runs in when a request does not say: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations).")
-    rerank_fusion: Fusion = Field(Fusion.LINEAR, description="Fusion of the rerank scores with the retrieval order when a request does not say: none, rrf (reciprocal-rank) or linear (z-scores). The default, with weight 0.75, is the best measured on Eedi for the embedded model (docs/benchmarks.md); lower the weight for a stronger reranker.")
-    rerank_fusion_weight: float = Field(0.75, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion.")
+    rerank_fusion: Fusion = Field(Fusion.RRF, description="Fusion of the rerank scores with the retrieval order when a request does not say: none, rrf (reciprocal-rank) or linear (z-scores). The default, rrf with weight 0.9, is the scheme measured on Eedi that does not fall below retrieval alone with the embedded model (docs/benchmarks.md); lower the weight for a stronger reranker.")
+    rerank_fusion_weight: float = Field(0.9, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion.")
 
     # Multiple-choice answering (/answer)
     answer_instruction: str = Field(DEFAULT_ANSWER_INSTRUCTION, description="Instruction of the /answer prompt.")

@@ -195,6 +195,19 @@ def _scores_in_quant_venv(settings: dict[str, Any], queries: list[str]) -> list[
     return scores
 
 
+def _quantized_and_full(quantized_dir: Path, full_dir: Path, index: Path, settings_factory: Any,
+                        queries: list[str]) -> tuple[list[dict[str, float]],
+                                                     list[dict[str, float]]]:
+    """The rerank scores of the 4-bit checkpoint (in the llm-compressor venv) and of the model
+    it came from (here), through the same app on the same queries."""
+    quantized = _scores_in_quant_venv({"index_dir": str(index), "device": "cpu",
+                                       "reranker_backend": "transformers",
+                                       "reranker_model": str(quantized_dir)}, queries)
+    full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
+                                                    reranker_model=str(full_dir)), queries))
+    return quantized, full
+
+
 @pytest.fixture(scope="module")
 def tiny_w4a16(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path,
                sample_index: Path) -> tuple[Path, dict[str, Any], str]:
@@ -261,11 +274,8 @@ def test_quantized_checkpoint_ranks_close_to_the_full_model(
     came from than a uniform guess and than another random model of the same shape."""
     output, report, _ = tiny_w4a16
     queries = _sample_queries(6)
-    common = {"index_dir": str(sample_index), "device": "cpu",
-              "reranker_backend": "transformers"}
-    quantized = _scores_in_quant_venv({**common, "reranker_model": str(output)}, queries)
-    full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
-                                                    reranker_model=str(tiny_lm)), queries))
+    quantized, full = _quantized_and_full(output, tiny_lm, sample_index, settings_factory,
+                                          queries)
     other_dir = build_tiny_lm(tmp_path / "other-seed", seed=1)
     other = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
                                                      reranker_model=str(other_dir)), queries))
@@ -335,11 +345,8 @@ def test_quantized_smollm2_agrees_with_full_precision(
                           "--max-seq-len", "512", "--group-size", "64")
     assert report["group_size"] == 64
     queries = _sample_queries(8)
-    common = {"index_dir": str(sample_index), "device": "cpu",
-              "reranker_backend": "transformers"}
-    quantized = _scores_in_quant_venv({**common, "reranker_model": str(output)}, queries)
-    full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
-                                                    reranker_model=str(smollm2)), queries))
+    quantized, full = _quantized_and_full(output, smollm2, sample_index, settings_factory,
+                                          queries)
     top1 = statistics.fmean(max(q, key=q.__getitem__) == max(f, key=f.__getitem__)
                             for q, f in zip(quantized, full, strict=True))
     rho = statistics.fmean(_spearman(q, f) for q, f in zip(quantized, full, strict=True))
