@@ -138,13 +138,17 @@ async def test_transformers_rerank_orders_by_averaged_label_probabilities(
     async with app_client(tf_settings(settings_factory, tiny_lm)) as (_, client):
         for query in _queries(4):
             retrieval = await retrieval_order(client, query, 15)
+            # fusion none: the order is the averaged probabilities alone (the default rrf at
+            # retrieval weight 0.9 mostly keeps the retrieval order).
             response = await client.post("/rank", json={"query": query, "top_k": 15,
-                                                        "candidates": 10, "debug": True})
+                                                        "candidates": 10, "debug": True,
+                                                        "fusion": "none"})
             assert response.status_code == 200
             order = check_reranked(response.json(), retrieval, 10)
             moved += order != retrieval
             plain = (await client.post("/rank", json={"query": query, "top_k": 15,
-                                                      "candidates": 10})).json()
+                                                      "candidates": 10,
+                                                      "fusion": "none"})).json()
             assert plain["debug"] is None
             assert [r["id"] for r in plain["results"]] == order
         ready = (await client.get("/ready")).json()
@@ -292,7 +296,8 @@ async def test_vllm_rerank_matches_the_transformers_backend(
             for query in queries:
                 retrieval = await retrieval_order(client, query, 30)
                 body = (await client.post("/rank", json={"query": query, "top_k": 30,
-                                                         "debug": True})).json()
+                                                         "debug": True,
+                                                         "fusion": "none"})).json()
                 check_reranked(body, retrieval, 25)  # the default 25 candidates
                 bodies[name].append(body)
             too_many = await client.post("/rank", json={"query": "q", "candidates": 27})
