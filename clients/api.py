@@ -248,22 +248,10 @@ async def post_with_retries(lanes: Lanes, path: str, body: Any, policy: RetryPol
 
 def parse_prometheus(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Samples of a Prometheus text exposition, keyed by (name, labels)."""
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        name, _, label_text = key.partition("{")
-        labels = []
-        for part in label_text.rstrip("}").split(","):
-            if "=" in part:
-                label, _, raw = part.partition("=")
-                labels.append((label.strip(), raw.strip().strip('"')))
-        try:
-            samples[(name, frozenset(labels))] = float(value)
-        except ValueError:
-            continue
-    return samples
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, frozenset(sample.labels.items())): float(sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def _check_fields(path: Path, where: str, row: dict[str, Any], *names: str) -> N
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file."""
-    from retriever.catalog import jsonl_objects as read_objects  # numpy, faiss: only when used
+    from retriever.catalog import jsonl_objects as read_objects
 
     return read_objects(path, InputError)
 

@@ -16,7 +16,7 @@ index_dir=${RANKD_INDEX_DIR:-/data/index}
 
 if [ -z "${RANKD_CATALOG_FILE:-}" ]; then
   echo "rankd-index-init: RANKD_CATALOG_FILE is not set; indexing the embedded sample catalogue"
-  exec python -c 'import os, pathlib; from service.cli import ensure_sample_index; ensure_sample_index(pathlib.Path(os.environ.get("RANKD_INDEX_DIR", "/data/index")), os.environ.get("RANKD_EMBEDDER_MODEL", "sentence-transformers/all-MiniLM-L6-v2")); print("rankd-index-init: sample collection ready")'
+  exec python -c 'import os, pathlib; from retriever.data import ensure_sample_collection; ensure_sample_collection(pathlib.Path(os.environ.get("RANKD_INDEX_DIR", "/data/index")), os.environ.get("RANKD_EMBEDDER_MODEL", "sentence-transformers/all-MiniLM-L6-v2")); print("rankd-index-init: sample collection ready")'
 fi
 
 catalog=$RANKD_CATALOG_FILE

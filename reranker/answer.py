@@ -1,26 +1,13 @@
 """Multiple-choice answering on the listwise engine: the options are the labelled items.
 
-Only the prompt differs from reranking: passages, then the question, then the options, then
-"Answer:". Scoring goes through ListwiseScorer.score like everything else.
+Only the prompt differs from reranking (``DEFAULT_ANSWER_TEMPLATE`` in reranker/config.py):
+passages, then the question, then the options, then "Answer:". Scoring goes through
+ListwiseScorer.score like everything else.
 """
 
 from __future__ import annotations
 
 from reranker.prompt import PromptRenderer
-
-DEFAULT_ANSWER_INSTRUCTION = (
-    "Answer the multiple-choice question. Use the context passages where they help."
-)
-# The passages come first (they do not depend on option order), best passage last so that it
-# stands nearest the question.
-DEFAULT_ANSWER_TEMPLATE = (
-    "{instruction}\n\n"
-    "Context:\n{context}\n\n"
-    "Question:\n{question}\n\n"
-    "Options:\n{items}\n\n"
-    "Reply with the label ({first_label}-{last_label}) of the correct option alone.\n"
-    "Answer:"
-)
 
 
 def fit_passages(renderer: PromptRenderer, passages: list[str], budget_tokens: int) -> list[str]:

@@ -52,8 +52,8 @@ def build_calibration_tasks(index_dir: Path, collection_name: str | None,
     # One more than needed, so that an entry standing in as a query can leave itself out.
     hits = collection.search(embedder.encode(queries), candidates + 1)
     instruction = (collection.manifest.instruction
-                   or os.environ.get("RANKD_RERANK_INSTRUCTION", DEFAULT_INSTRUCTION))
-    template = os.environ.get("RANKD_RERANK_PROMPT_TEMPLATE", DEFAULT_RANK_TEMPLATE)
+                   or os.environ.get("RANKD_RERANKER_INSTRUCTION", DEFAULT_INSTRUCTION))
+    template = os.environ.get("RANKD_RERANKER_RANK_TEMPLATE", DEFAULT_RANK_TEMPLATE)
     tasks: list[ListwiseTask] = []
     for query, row in zip(queries, hits, strict=True):
         items = [hit.text for hit in row if hit.text != query][:candidates]
@@ -149,13 +149,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     quant.add_argument("--max-seq-len", type=int, default=2048,
                        help="tokens kept per calibration prompt (default 2048)")
     quant.add_argument("--label-alphabet", choices=[a.value for a in LabelAlphabet],
-                       default=os.environ.get("RANKD_LABEL_ALPHABET", LabelAlphabet.UPPER.value),
-                       help="default: $RANKD_LABEL_ALPHABET or upper")
+                       default=os.environ.get("RANKD_RERANKER_LABEL_ALPHABET", LabelAlphabet.UPPER.value),
+                       help="default: $RANKD_RERANKER_LABEL_ALPHABET or upper")
     quant.add_argument("--chat-template", action=argparse.BooleanOptionalAction,
-                       default=os.environ.get("RANKD_RERANK_CHAT_TEMPLATE", "true").lower()
+                       default=os.environ.get("RANKD_RERANKER_CHAT_TEMPLATE", "true").lower()
                        not in _FALSE,
                        help="wrap prompts in the model's chat template, as the reranker does "
-                            "(default: $RANKD_RERANK_CHAT_TEMPLATE or true)")
+                            "(default: $RANKD_RERANKER_CHAT_TEMPLATE or true)")
     quant.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                        help="cuda (default) needs an NVIDIA GPU; cpu is for small models")
     quant.add_argument("--group-size", type=int, default=128,

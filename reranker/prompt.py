@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from reranker.config import DEFAULT_RANK_TEMPLATE
+from reranker.config import DEFAULT_RANK_TEMPLATE, LABEL_FIELDS, template_fields
 from reranker.errors import RerankerConfigError
 
 _WHITESPACE = re.compile(r"\s+")
@@ -32,7 +32,7 @@ class PromptRenderer:
         if use_chat_template and not getattr(tokenizer, "chat_template", None):
             raise RerankerConfigError(
                 "the reranker tokenizer has no chat template; use an instruct model or set "
-                "RANKD_RERANK_CHAT_TEMPLATE=false to send the prompt as plain text"
+                "RANKD_RERANKER_CHAT_TEMPLATE=false to send the prompt as plain text"
             )
         specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", []) if t}
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
@@ -88,7 +88,7 @@ class PromptRenderer:
         With a chat template every prompt ends in the same assistant-turn header, so this is the
         context in which labels are tokenized; as plain text it is the given template's ending.
         """
-        fields = {"instruction": "Instruction.", "query": "Query."}
+        fields = {name: "Text." for name in template_fields(template) if name not in LABEL_FIELDS}
         return self.render(template, fields, ["First item.", "Second item."], ["A", "B"]).text
 
     def count_tokens(self, text: str) -> int:

@@ -46,7 +46,7 @@ INSTALL_HINT = (
     "install the [quant] extra: `pip install 'rankd[quant]'` (llmcompressor "
     f"{LLMCOMPRESSOR_VERSION} pins transformers 5.15-5.17, so use its own environment: "
     "`bash scripts/setup_quant.sh` makes one and prints its python; run "
-    "`<that python> -m service.cli quantize ...` from the repository root)"
+    "`<that python> -m rankd.cli quantize ...` from the repository root)"
 )
 
 

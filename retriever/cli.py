@@ -1,4 +1,5 @@
-"""Registers retriever subcommands (train-retriever) on the ``rankd`` parser."""
+"""Registers the retriever's subcommands on the ``rankd`` parser: ``index build`` and
+``train-retriever``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,57 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 # Light: no torch, transformers or datasets until a training run starts.
 from retriever.training import TrainingConfig
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from retriever import Embedder, IndexKind, build_collection, read_catalog
+    from retriever.catalog import CatalogError
+    from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+
+    index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", "./rankd-index"))
+    model = args.model or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER)
+    started = time.perf_counter()
+    try:
+        entries = read_catalog(args.catalog, args.id_column, args.text_column, args.format)
+        embedder = Embedder.load(model, args.device, args.batch_size)
+    except (CatalogError, EmbedderLoadError) as exc:
+        print(f"rankd index build: {exc}", file=sys.stderr)
+        return 2
+    path = build_collection(entries, embedder, index_dir, args.collection,
+                            instruction=args.instruction, kind=IndexKind(args.index_type),
+                            show_progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(json.dumps({"collection": args.collection, "path": str(path), "count": len(entries),
+                      "embedder": embedder.name, "dimension": embedder.dimension,
+                      "index_type": args.index_type, "seconds": round(elapsed, 2),
+                      "bytes": size}))
+    return 0
+
+
+def register_index(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="build and inspect collection indexes")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    build = index_sub.add_parser("build", help="embed a catalogue into a FAISS collection")
+    build.add_argument("--catalog", required=True, help="CSV, JSONL or Parquet file")
+    build.add_argument("--id-column", required=True)
+    build.add_argument("--text-column", required=True)
+    build.add_argument("--collection", required=True, help="collection name")
+    build.add_argument("--index-dir", help="default: $RANKD_INDEX_DIR or ./rankd-index")
+    build.add_argument("--model", help="embedder: hub id or directory (default: $RANKD_EMBEDDER_MODEL or all-MiniLM-L6-v2)")
+    build.add_argument("--instruction", help="the collection's rerank instruction, kept in its manifest")
+    build.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="default: from the file suffix")
+    build.add_argument("--index-type", choices=["flat", "hnsw", "ivf"], default="flat",
+                       help="flat is exact; hnsw/ivf are approximate, for large catalogues")
+    build.add_argument("--device", default="auto")
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(handler=_index_build)
 
 
 def _train_retriever(args: argparse.Namespace) -> int:
@@ -76,6 +124,11 @@ def _fraction(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    register_index(sub)
+    register_train(sub)
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
     defaults = TrainingConfig(output_dir=Path("."))
     train = sub.add_parser(
         "train-retriever",

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import shutil
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -260,14 +259,3 @@ def collection_dirs(index_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def load_collections(index_dir: str | Path, embedder: Embedder) -> dict[str, Collection]:
-    started = time.perf_counter()
-    collections = {}
-    for directory in collection_dirs(index_dir):
-        collection = load_collection(directory, embedder.name, embedder.dimension)
-        collections[collection.name] = collection
-    log.info("loaded %d collections from %s in %.2fs", len(collections), index_dir,
-             time.perf_counter() - started)
-    return collections

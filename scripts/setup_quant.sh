@@ -3,7 +3,7 @@
 # for `rankd quantize` and its test. Its own venv because llmcompressor 0.14 pins
 # transformers <= 5.17 while rankd's .venv runs a newer transformers. Prints the venv's python
 # on its last line. rankd itself is not installed there: run it from a checkout
-# (`<python> -m service.cli quantize ...` in the repository root). rankd's dependencies are
+# (`<python> -m rankd.cli quantize ...` in the repository root). rankd's dependencies are
 # installed again whenever pyproject.toml changes.
 #   RANKD_QUANT_VENV  where the venv lives (default ~/.cache/rankd/quant-llmcompressor-0.14.0.1)
 set -euo pipefail

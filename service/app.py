@@ -1,20 +1,19 @@
-"""The app factory: ``create_app(settings)`` with a lifespan that loads and closes components."""
+"""The app factory: ``create_app(settings)`` with a lifespan that starts and closes the engine."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+from starlette.routing import BaseRoute
 
-from service.answer import router as answer_router
-from service.components import Components
+from service.engine import Engine
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
-from service.ranking import RankService
-from service.rerank_api import router as rerank_router
 from service.routes import router
 from service.security import ApiKeyMiddleware, BodyLimitMiddleware
 from service.settings import Settings, load_settings
@@ -24,23 +23,29 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or load_settings()
-    metrics = Metrics()
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The HTTP app over an engine: the one its lifespan starts from ``settings``, or ``engine``,
+    already started by the caller (``rankd serve`` does, to report a bad configuration in one
+    line), which the caller also closes."""
+    settings = settings or (engine.settings if engine else load_settings())
+    metrics = engine.metrics if engine else Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        components = await Components.start(settings, metrics)
-        app.state.components = components
-        app.state.rank_service = RankService(components)
-        log.info("rankd ready: %d collections, reranker %s", len(components.collections),
-                 settings.reranker_backend)
+        owned = engine is None
+        running = await Engine.start(settings, metrics) if engine is None else engine
+        app.state.engine = running
+        log.info("rankd ready: %d collections, reranker %s", len(running.collections_loaded),
+                 settings.reranker.backend)
         try:
             yield
         finally:
-            await components.close()
+            if owned:
+                await running.close()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets installed with fastapi-offline, not from a CDN, so
+    # /docs works on a machine without internet.
+    app = FastAPIOffline(
         title="rankd",
         version=VERSION,
         summary="Two-stage retrieve-and-rerank: embeddings + FAISS, then a listwise LLM reranker.",
@@ -49,9 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
-    # Added innermost first: requests pass CORS, then the API key, then the body limit, then
-    # metrics, so refused requests are counted too.
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Added innermost first, so a request passes metrics, CORS, the API key, then the body limit:
+    # the refusals of the last two are counted.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
@@ -59,7 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+
+    def routes() -> Sequence[BaseRoute]:
+        # rankd's own routes first: the app lists an included router as one opaque entry.
+        return [*router.routes, *app.router.routes]
+
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.include_router(router)
-    app.include_router(rerank_router)
-    app.include_router(answer_router)
     return app

@@ -1,4 +1,4 @@
-"""Typed accessors for what the lifespan put on ``app.state``.
+"""The typed dependencies of the routes: the engine and the metrics the app was built with.
 
 They are ``async def`` so FastAPI calls them on the event loop instead of a thread-pool hop.
 """
@@ -9,20 +9,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.components import Components
+from service.engine import Engine
 from service.metrics import Metrics
-from service.ranking import RankService
-from service.settings import Settings
 
 
-async def _components(request: Request) -> Components:
-    components: Components = request.app.state.components
-    return components
-
-
-async def _rank_service(request: Request) -> RankService:
-    service: RankService = request.app.state.rank_service
-    return service
+async def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
 
 
 async def _metrics(request: Request) -> Metrics:
@@ -30,12 +23,5 @@ async def _metrics(request: Request) -> Metrics:
     return metrics
 
 
-async def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-ComponentsDep = Annotated[Components, Depends(_components)]
-RankServiceDep = Annotated[RankService, Depends(_rank_service)]
+EngineDep = Annotated[Engine, Depends(_engine)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
-SettingsDep = Annotated[Settings, Depends(_settings)]

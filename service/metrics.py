@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -21,22 +23,22 @@ class Metrics:
                                          ["route"], buckets=_LATENCY_BUCKETS,
                                          registry=self.registry)
         self.stage_latency = Histogram("rankd_stage_seconds",
-                                       "Per-request latency of each stage (retrieve, rerank)",
+                                       "Per-request latency of each stage: retrieve, rerank (/rank and /v1/rerank), answer",
                                        ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("rankd_batch_size", "Items per micro-batch, by stage",
                                     ["stage"], buckets=_BATCH_BUCKETS, registry=self.registry)
         self.batch_latency = Histogram("rankd_batch_seconds", "Time one micro-batch took, by stage",
                                        ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.queue_depth_gauge = Gauge("rankd_queue_depth", "Items waiting in a stage's queue",
+        self.queue_depth_gauge = Gauge("rankd_queue_depth", "Items waiting in a stage's queue, as of its last change",
                                  ["stage"], registry=self.registry)
         self.rerank_failures = Counter("rankd_rerank_failures",
-                                       "Rerank calls that failed and fell back to retrieval order",
+                                       "Reranker calls that failed, by reason: /rank falls back to the retrieval order (or answers 503 with RANKD_RERANK_REQUIRED), /v1/rerank and /answer answer 503",
                                        ["reason"], registry=self.registry)
         self.memory_release_latency = Histogram(
             "rankd_memory_release_seconds",
             "Time the batch thread spent handing freed memory back to the OS, by stage",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.overload_rejections = Counter("rankd_overload_rejections", "Requests refused with 429",
+        self.overload_rejections = Counter("rankd_overload_rejections", "Submissions refused because a stage's queue was full (the request got 429), by stage",
                                 ["stage"], registry=self.registry)
 
     # BatchObserver
@@ -58,11 +60,29 @@ class Metrics:
 
 
 class MetricsMiddleware:
-    """Counts requests by route template and status, and times them. Pure ASGI for low overhead."""
+    """Counts requests by route template and status, and times them. Pure ASGI for low overhead.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    It is the outermost middleware, so requests that the API key or the body limit refuse are
+    counted too. Those never reach the router, and the documentation pages are plain Starlette
+    routes that leave no ``route`` in the scope; their route is found by matching the path
+    against ``routes()``, so that only paths no route matches count as ``unmatched``.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics,
+                 routes: Callable[[], Sequence[BaseRoute]]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
+
+    def _route_path(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is not None and getattr(route, "path", None):
+            return str(route.path)
+        for candidate in self.routes():
+            match, _ = candidate.matches(scope)
+            if match is not Match.NONE:
+                return str(getattr(candidate, "path", "unmatched"))
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,7 +100,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = self._route_path(scope)
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.request_latency.labels(path).observe(time.perf_counter() - started)

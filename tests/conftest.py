@@ -37,12 +37,19 @@ def sample_index(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -
 @pytest.fixture
 def settings_factory(sample_index: Path) -> Any:
     """``settings_factory(**overrides)``: Settings on the sample index, retrieval only unless a
-    test names a reranker backend (the embedded SmolLM2 default is slow for most tests)."""
+    test names a reranker backend (the embedded SmolLM2 default is slow for most tests).
+
+    ``reranker_<field>=...`` sets the nested reranker config's field, as the environment's
+    ``RANKD_RERANKER_<FIELD>`` does."""
 
     def make(**overrides: object) -> Settings:
-        values: dict[str, object] = {"index_dir": sample_index, "device": "cpu",
-                                     "reranker_backend": "none"}
-        values.update(overrides)
-        return Settings(**values)  # type: ignore[arg-type]
+        reranker: dict[str, object] = {"backend": "none"}
+        values: dict[str, object] = {"index_dir": sample_index, "device": "cpu"}
+        for name, value in overrides.items():
+            if name.startswith("reranker_"):
+                reranker[name.removeprefix("reranker_")] = value
+            else:
+                values[name] = value
+        return Settings(**values, reranker=reranker)  # type: ignore[arg-type]
 
     return make

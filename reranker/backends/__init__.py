@@ -4,27 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from reranker.backends.base import (
-    BackendFactory,
-    Batcher,
-    LabelLogprobBackend,
-    LabelRead,
-    MakeBatcher,
-)
-from reranker.config import RerankerConfig
+from rankd.batching import BatchObserver
+from reranker.backends.base import BackendFactory, LabelLogprobBackend, LabelRead
+from reranker.config import NO_RERANKER, RerankerConfig
 from reranker.errors import RerankerConfigError
 
 
-async def _transformers(config: RerankerConfig, tokenizer: Any, make_batcher: MakeBatcher) -> LabelLogprobBackend:
+async def _transformers(config: RerankerConfig, tokenizer: Any, observer: BatchObserver | None) -> LabelLogprobBackend:
     from reranker.backends.transformers_backend import TransformersBackend
 
-    return await TransformersBackend.create(config, tokenizer, make_batcher)
+    return await TransformersBackend.create(config, tokenizer, observer)
 
 
-async def _vllm(config: RerankerConfig, tokenizer: Any, make_batcher: MakeBatcher) -> LabelLogprobBackend:
+async def _vllm(config: RerankerConfig, tokenizer: Any, observer: BatchObserver | None) -> LabelLogprobBackend:
     from reranker.backends.vllm_backend import VllmBackend
 
-    return await VllmBackend.create(config, tokenizer, make_batcher)
+    return await VllmBackend.create(config, tokenizer, observer)
 
 
 # "none" is not a backend: it means retrieval only, and the service then builds no reranker.
@@ -32,7 +27,6 @@ BACKENDS: dict[str, BackendFactory] = {
     "transformers": _transformers,
     "vllm": _vllm,
 }
-NO_RERANKER = "none"
 
 
 def backend_factory(name: str) -> BackendFactory:
@@ -49,9 +43,8 @@ __all__ = [
     "BACKENDS",
     "NO_RERANKER",
     "BackendFactory",
-    "Batcher",
+    "BatchObserver",
     "LabelLogprobBackend",
     "LabelRead",
-    "MakeBatcher",
     "backend_factory",
 ]

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rankd.batching import BatchObserver
 from reranker.config import RerankerConfig
 
 
@@ -37,15 +38,5 @@ class LabelLogprobBackend(Protocol):
     async def close(self) -> None: ...
 
 
-class Batcher(Protocol):
-    """What an in-process backend needs from the service's micro-batcher."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def submit_many(self, items: Sequence[Any]) -> list[Any]: ...
-
-
-MakeBatcher = Callable[[str, Callable[[list[Any]], Sequence[Any]]], Batcher]
-BackendFactory = Callable[[RerankerConfig, Any, MakeBatcher], Awaitable[LabelLogprobBackend]]
+BackendFactory = Callable[[RerankerConfig, Any, BatchObserver | None],
+                          Awaitable[LabelLogprobBackend]]

@@ -7,7 +7,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from reranker.backends.base import Batcher, LabelRead, MakeBatcher
+from rankd.batching import BatcherClosedError, BatchObserver, MicroBatcher, default_memory_release
+from reranker.backends.base import LabelRead
 from reranker.config import RerankerConfig
 from reranker.errors import BackendError, RerankerConfigError
 
@@ -32,35 +33,33 @@ def _torch_dtype(name: str, device: str) -> Any:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model: Any, pad_token_id: int, device: str, timeout_s: float,
-                 threads: int = 0) -> None:
+    def __init__(self, model: Any, pad_token_id: int, device: str, config: RerankerConfig,
+                 observer: BatchObserver | None = None) -> None:
         self.model = model
-        self.threads = threads
+        self.threads = config.threads
         self.pad_token_id = pad_token_id
         self.device = device
-        self.timeout_s = timeout_s
-        self._batcher: Batcher | None = None
+        self.timeout_s = config.timeout_s
+        # Concurrent requests share forward passes; the batch runs on the batcher's own thread.
+        self._batcher: MicroBatcher[LabelRead, list[float]] = MicroBatcher(
+            "rerank", self.score_batch, max_batch_size=config.batch_size,
+            max_wait_ms=config.batch_wait_ms, max_queue_depth=config.max_queue_depth,
+            observer=observer, memory_release=default_memory_release())
         self.forward_passes = 0
 
     @classmethod
     async def create(cls, config: RerankerConfig, tokenizer: Any,
-                     make_batcher: MakeBatcher) -> TransformersBackend:
-        if not config.model:
-            raise RerankerConfigError(
-                "the transformers reranker needs a model: set RANKD_RERANKER_MODEL to a local "
-                "directory or hub id"
-            )
-        backend = await asyncio.to_thread(cls.load, config, tokenizer)
-        backend._batcher = make_batcher("rerank", backend.score_batch)
-        return backend
+                     observer: BatchObserver | None = None) -> TransformersBackend:
+        model, device, pad = await asyncio.to_thread(cls.load, config, tokenizer)
+        return cls(model, pad, device, config, observer)
 
     @classmethod
-    def load(cls, config: RerankerConfig, tokenizer: Any) -> TransformersBackend:
+    def load(cls, config: RerankerConfig, tokenizer: Any) -> tuple[Any, str, int]:
+        """The model on its device, the device, and the pad token id."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        if not config.model:
-            raise RerankerConfigError("the transformers reranker needs RANKD_RERANKER_MODEL")
+        assert config.model, "RerankerConfig requires a model"
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +78,7 @@ class TransformersBackend:
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         log.info("transformers reranker %s loaded on %s (%s)", config.model, device, model.dtype)
-        return cls(model, int(pad), device, config.timeout_s, config.threads)
+        return model, device, int(pad)
 
     def score_batch(self, reads: list[LabelRead]) -> list[list[float]]:
         """One left-padded forward pass over ``reads``; label log-softmax at the last position."""
@@ -114,17 +113,16 @@ class TransformersBackend:
         return results
 
     async def start(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.start()
+        await self._batcher.start()
 
     async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
-        if self._batcher is None:
-            raise BackendError("not_started", "the transformers reranker was not started")
         try:
             return await asyncio.wait_for(self._batcher.submit_many(reads), self.timeout_s)
         except TimeoutError:
             raise BackendError("timeout", f"transformers reranker took over {self.timeout_s}s") from None
         # Overload (the batcher's queue-full error) is not one of these and reaches the caller.
+        except BatcherClosedError:
+            raise BackendError("not_started", "the transformers reranker is not running") from None
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise BackendError("model_error", f"transformers reranker failed: {exc}") from exc
 
@@ -132,5 +130,4 @@ class TransformersBackend:
         return None
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close()
+        await self._batcher.close()

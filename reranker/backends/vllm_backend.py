@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 
-from reranker.backends.base import LabelRead, MakeBatcher
+from rankd.batching import BatchObserver
+from reranker.backends.base import LabelRead
 from reranker.config import RerankerConfig
 from reranker.errors import BackendError, LabelTokenError, RerankerConfigError
 from reranker.prompt import PromptRenderer
@@ -18,6 +19,9 @@ from reranker.prompt import PromptRenderer
 log = logging.getLogger(__name__)
 
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
+# The first vLLM release rankd is tested on that honours logprob_token_ids on /v1/completions
+# (the [gpu] extra's floor).
+MIN_VLLM = "0.32"
 
 
 class VllmBackend:
@@ -38,11 +42,11 @@ class VllmBackend:
             raise RerankerConfigError(
                 "the vllm reranker needs the served model: set RANKD_RERANKER_MODEL (the model "
                 "vLLM was started with; its tokenizer is loaded from there) and, if vLLM uses "
-                "--served-model-name, RANKD_VLLM_MODEL_NAME"
+                "--served-model-name, RANKD_RERANKER_VLLM_MODEL_NAME"
             )
         self.tokenizer = tokenizer
         self.labels = config.label_alphabet.labels()
-        self.use_chat_template = config.use_chat_template
+        self.use_chat_template = config.chat_template
         self.rank_template = config.rank_template
         self.timeout_s = config.timeout_s
         self.retries = config.retries
@@ -61,7 +65,7 @@ class VllmBackend:
 
     @classmethod
     async def create(cls, config: RerankerConfig, tokenizer: Any,
-                     make_batcher: MakeBatcher) -> VllmBackend:
+                     observer: BatchObserver | None = None) -> VllmBackend:
         # vLLM batches continuously on its side; no client-side batcher is needed.
         return cls(config, tokenizer)
 
@@ -82,7 +86,7 @@ class VllmBackend:
         data = models.get("data") if isinstance(models, dict) else None
         served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if self.model_name not in served:
-            log.error("vLLM at %s serves %s, not %r: set RANKD_VLLM_MODEL_NAME", self.url,
+            log.error("vLLM at %s serves %s, not %r: set RANKD_RERANKER_VLLM_MODEL_NAME", self.url,
                       served, self.model_name)
             return False
         renderer = PromptRenderer(self.tokenizer, self.use_chat_template)
@@ -198,13 +202,22 @@ class VllmBackend:
         for choice in choices:
             try:
                 top = choice["logprobs"]["top_logprobs"][0]
-                results.append([float(top[f"token_id:{t}"]) for t in label_ids])
-            except (KeyError, IndexError, TypeError, ValueError) as exc:
+            except (KeyError, IndexError, TypeError) as exc:
+                raise BackendError("bad_response",
+                                   f"vLLM answered without logprobs ({exc!r})") from exc
+            missing = [t for t in label_ids if f"token_id:{t}" not in top]
+            if missing:
+                # A server that predates logprob_token_ids ignores the field and returns its own
+                # top tokens, which need not include the labels.
                 raise BackendError(
-                    "bad_response",
-                    f"vLLM response lacks a label logprob ({exc!r}); is the server started with "
-                    f"--max-logprobs >= {len(label_ids)}?",
-                ) from exc
+                    "unsupported_server",
+                    f"vLLM at {self.url} returned no logprob for label tokens {missing[:5]}: it "
+                    f"ignored logprob_token_ids, which needs vLLM >= {MIN_VLLM}; upgrade the "
+                    "server")
+            try:
+                results.append([float(top[f"token_id:{t}"]) for t in label_ids])
+            except (TypeError, ValueError) as exc:
+                raise BackendError("bad_response", f"vLLM answered a bad logprob: {exc!r}") from exc
         return results
 
     async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:

@@ -35,3 +35,14 @@ def build_sample_collection(embedder: Embedder, index_dir: str | Path) -> Path:
     entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
     return build_collection(entries, embedder, index_dir, SAMPLE_COLLECTION,
                             instruction=SAMPLE_INSTRUCTION, show_progress=False)
+
+
+def ensure_sample_collection(index_dir: str | Path, model: str) -> Path:
+    """Build the sample collection into ``index_dir`` unless it is there already."""
+    directory = Path(index_dir) / SAMPLE_COLLECTION
+    if (directory / "manifest.json").is_file():
+        return directory
+    from retriever.embedder import Embedder
+
+    print(f"building the sample collection {SAMPLE_COLLECTION!r} in {index_dir} ...", flush=True)
+    return build_sample_collection(Embedder.load(model), index_dir)

@@ -14,9 +14,9 @@ import pytest
 from clients.api import RankOptions, RetryPolicy, parse_retry_after
 from clients.batch import BatchConfig, run_batch
 from clients.queries import Query, read_queries
+from rankd.cli import main
 from retriever.data import sample_queries_path
 from retriever.eedi import eedi_queries
-from service.cli import main
 from tests.clients.conftest import MAX_QUERY_CHARS, Gate, Server, read_jsonl
 from tests.support.apps import wait_for
 

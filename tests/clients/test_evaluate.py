@@ -18,8 +18,8 @@ from clients.evaluate import (
     recall,
 )
 from clients.queries import InputError
+from rankd.cli import main
 from retriever.data import sample_queries_path
-from service.cli import main
 from tests.clients.conftest import Server, read_jsonl
 
 # ---------------------------------------------------------------- one query

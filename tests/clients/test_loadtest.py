@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clients.loadtest import percentile
-from service.cli import main
+from rankd.cli import main
 from tests.clients.conftest import MAX_QUERY_CHARS, Server
 
 
@@ -105,7 +105,7 @@ def test_ctrl_c_prints_what_was_measured(server: Server, tmp_path: Path) -> None
     report_path = tmp_path / "partial.json"
     before = server.rank_requests()
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "loadtest", "--url", server.url, "--no-rerank",
+        [sys.executable, "-m", "rankd.cli", "loadtest", "--url", server.url, "--no-rerank",
          "--concurrency", "2,8", "--duration", "120", "--warmup", "0", "--json",
          str(report_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,7 +12,7 @@ import pytest
 
 from clients.evaluate import evaluate, read_labels, read_submission
 from clients.queries import InputError, read_queries
-from service.cli import main
+from rankd.cli import main
 from tests.support.apps import serve_in_thread
 
 ROWS = [

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.settings import Settings
+from service.settings_doc import env_names
 from tests.deploy.files import (
     COMPOSE,
     ENV_EXAMPLE,
@@ -28,7 +28,7 @@ from tests.deploy.files import (
 LONG_RUNNING = ["vllm", "api", "vllm-cpu", "api-cpu"]
 # Set per service by docker-compose.yml (or the image), not passed through from .env.
 FIXED_SETTINGS = {"RANKD_HOST", "RANKD_PORT", "RANKD_INDEX_DIR", "RANKD_RERANKER_BACKEND",
-                  "RANKD_RERANKER_MODEL", "RANKD_VLLM_URL"}
+                  "RANKD_RERANKER_MODEL", "RANKD_RERANKER_VLLM_URL"}
 
 
 def _docker_compose(*args: str) -> subprocess.CompletedProcess[str]:
@@ -96,7 +96,7 @@ def test_vllm_runs_a_pinned_image_on_a_reserved_gpu() -> None:
 def test_vllm_flags_are_those_the_reranker_needs() -> None:
     command = _services()["vllm"]["command"]
     flags = _flags(command)
-    # 52 labels with RANKD_LABEL_ALPHABET=upper_lower.
+    # 52 labels with RANKD_RERANKER_LABEL_ALPHABET=upper_lower.
     assert int(flags["--max-logprobs"]) >= 52
     assert "--enable-prefix-caching" in flags
     assert flags["--generation-config"] == "vllm"
@@ -147,7 +147,7 @@ def test_api_is_configured_for_the_vllm_service() -> None:
     api = services["api"]
     env = api["environment"]
     assert env["RANKD_RERANKER_BACKEND"] == "vllm"
-    assert env["RANKD_VLLM_URL"] == "http://vllm:8000"
+    assert env["RANKD_RERANKER_VLLM_URL"] == "http://vllm:8000"
     # The api renders prompts with the tokenizer of the very model vLLM serves.
     assert env["RANKD_RERANKER_MODEL"] == services["vllm"]["command"][0]
     assert api["build"]["dockerfile"] == "docker/Dockerfile"
@@ -169,7 +169,7 @@ def test_cpu_profile_runs_retrieval_only_or_cpu_vllm() -> None:
     assert interpolate(api_cpu["RANKD_RERANKER_BACKEND"]) == "none"
     assert interpolate(api_cpu["RANKD_RERANKER_BACKEND"],
                        {"RANKD_CPU_RERANKER_BACKEND": "vllm"}) == "vllm"
-    assert api_cpu["RANKD_VLLM_URL"] == "http://vllm-cpu:8000"
+    assert api_cpu["RANKD_RERANKER_VLLM_URL"] == "http://vllm-cpu:8000"
     assert api_cpu["RANKD_RERANKER_MODEL"] == \
         services["vllm-cpu"]["command"][0].removeprefix("--model=")
     flags = _flags(services["vllm-cpu"]["command"])
@@ -184,8 +184,7 @@ def test_every_rankd_setting_reaches_the_api() -> None:
     by the compose file; and .env.example lists it."""
     services = _services()
     listed = env_example_names()
-    for field_name in Settings.model_fields:
-        env_name = f"RANKD_{field_name.upper()}"
+    for env_name in env_names():
         for name in ("api", "api-cpu"):
             env = services[name]["environment"]
             assert env_name in env or env_name in FIXED_SETTINGS, \

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from rankd.cli import main
+from rankd.devtools.venvs import side_venv_python
 from reranker.cli import build_calibration_tasks
 from reranker.labels import LabelAlphabet
 from reranker.prompt import PromptRenderer, load_tokenizer
@@ -28,7 +30,6 @@ from reranker.quantize import calibration_prompts
 from reranker.vllm_cpu import WNA16_KERNEL, probe_kernels
 from retriever import Embedder, load_collection
 from retriever.data import SAMPLE_COLLECTION, SAMPLE_INSTRUCTION, sample_queries_path
-from service.cli import main
 from tests.deploy.files import (
     VLLM_CPU_DOCKERFILE,
     compose,
@@ -39,7 +40,6 @@ from tests.deploy.files import (
 from tests.support.apps import app_client, free_port
 from tests.support.rank_scores import rank_scores
 from tests.support.tiny_lm import build_tiny_lm
-from tests.support.venvs import side_venv_python
 from tests.support.vllm_server import VllmServer, vllm_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +126,7 @@ def test_quantize_says_when_a_gpu_is_needed(tmp_path: Path, sample_index: Path) 
     if probe.stdout.strip() == "True":
         pytest.skip("a GPU is visible: --device cuda would quantize")
     result = subprocess.run(
-        [python, "-m", "service.cli", "quantize", "--model", str(tmp_path / "model"),
+        [python, "-m", "rankd.cli", "quantize", "--model", str(tmp_path / "model"),
          "--output", str(tmp_path / "out"), "--index-dir", str(sample_index)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2
@@ -174,7 +174,7 @@ def _sample_queries(count: int) -> list[str]:
 def _quantize(model: Path, output: Path, index: Path, *extra: str) -> tuple[dict[str, Any], str]:
     """`rankd quantize --device cpu` in the llm-compressor venv: its JSON report and stderr."""
     result = subprocess.run(
-        [quant_python(), "-m", "service.cli", "quantize", "--model", str(model),
+        [quant_python(), "-m", "rankd.cli", "quantize", "--model", str(model),
          "--output", str(output), "--index-dir", str(index), "--device", "cpu", *extra],
         cwd=REPO, capture_output=True, text=True, timeout=QUANT_TIMEOUT_S, check=False,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -306,7 +306,7 @@ def test_quantized_tiny_model_ranks_on_cpu_vllm(
         assert "CPUWNA16LinearKernel" in (tmp_path / "vllm.log").read_text()
         queries = _sample_queries(6)
         quantized = asyncio.run(rank_scores(settings_factory(
-            reranker_backend="vllm", reranker_model=str(output), vllm_url=server.url), queries))
+            reranker_backend="vllm", reranker_model=str(output), reranker_vllm_url=server.url), queries))
     finally:
         server.stop()
     full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
@@ -331,7 +331,7 @@ def test_quantized_smollm2_agrees_with_full_precision(
     128), and the ranking agreement of its 4-bit weights with the full model on the sample
     queries: top-1 agreement and Spearman's rank correlation, 8 candidates each."""
     refused = subprocess.run(
-        [quant_python(), "-m", "service.cli", "quantize", "--model", str(smollm2),
+        [quant_python(), "-m", "rankd.cli", "quantize", "--model", str(smollm2),
          "--output", str(tmp_path / "refused"), "--index-dir", str(sample_index),
          "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -374,7 +374,7 @@ def test_a_vllm_that_dies_on_a_4bit_model_is_reported_by_its_cause(
 
     async def rank_then_ready() -> tuple[dict[str, Any], dict[str, Any]]:
         settings = settings_factory(reranker_backend="vllm", reranker_model=str(output),
-                                    vllm_url=server.url)
+                                    reranker_vllm_url=server.url)
         async with app_client(settings) as (_, client):
             body = (await client.post("/rank", json={"query": "2/5", "candidates": 4})).json()
             ready = (await client.get("/ready")).json()

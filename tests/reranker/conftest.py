@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -12,7 +12,6 @@ from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, ListwiseTask, Rerank
 from retriever import read_catalog
 from retriever.catalog import CatalogEntry
 from retriever.data import SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN, sample_catalog_path
-from service.batching import MicroBatcher
 
 
 @pytest.fixture(scope="session")
@@ -28,16 +27,8 @@ def make_task(entries: Sequence[CatalogEntry], query: str) -> ListwiseTask:
 
 @contextlib.asynccontextmanager
 async def open_scorer(backend: str, **config: Any) -> AsyncIterator[ListwiseScorer]:
-    """A started ListwiseScorer; in-process backends get the service's real micro-batcher."""
-    batchers: list[MicroBatcher[Any, Any]] = []
-
-    def make_batcher(stage: str, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
-        batcher: MicroBatcher[Any, Any] = MicroBatcher(stage, fn, max_batch_size=16,
-                                                       max_wait_ms=2.0)
-        batchers.append(batcher)
-        return batcher
-
-    scorer = await ListwiseScorer.create(backend, RerankerConfig(**config), make_batcher)
+    """A started ListwiseScorer; an in-process backend runs its own micro-batcher."""
+    scorer = await ListwiseScorer.create(RerankerConfig(backend=backend, **config))
     try:
         yield scorer
     finally:

@@ -61,7 +61,7 @@ def test_a_label_that_splits_refuses_with_label_tokens_and_setting(tmp_path: Pat
     message = str(caught.value)
     assert "label 'A'" in message
     assert "2 tokens ['▁', 'A']" in message
-    assert "RANKD_LABEL_ALPHABET" in message
+    assert "RANKD_RERANKER_LABEL_ALPHABET" in message
 
 
 def test_labels_that_share_a_token_refuse_to_start(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_labels_that_share_a_token_refuse_to_start(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "'A' and 'a' share token 'a'" in message
     assert f"id {upper[0]}" in message
-    assert "RANKD_LABEL_ALPHABET" in message
+    assert "RANKD_RERANKER_LABEL_ALPHABET" in message
 
 
 @pytest.mark.parametrize("backend", ["transformers", "vllm"])

@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from reranker import LabelAlphabet, ListwiseScorer, ListwiseTask, RerankerConfig
 from reranker.errors import RerankerConfigError
 from reranker.models import EMBEDDED_RERANKER, MARKER, convert_gguf, embedded_gguf, file_sha256
 from reranker.prompt import PromptRenderer
-from service.batching import MicroBatcher
 
 pytestmark = pytest.mark.slow
 
@@ -71,14 +69,10 @@ def test_missing_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
     assert resolve_model("some/hub-id") == "some/hub-id"
 
 
-def _make_batcher(stage: str, fn: Any) -> Any:
-    return MicroBatcher(stage, fn, max_batch_size=16, max_wait_ms=2)
-
-
 async def test_scores_equal_a_forward_pass_in_every_order_scheme(smollm2: Path) -> None:
     """The scorer's label probabilities, for 1, 2 and 5 orders, against the model run here."""
     config = RerankerConfig(model=EMBEDDED_RERANKER)
-    scorer = await ListwiseScorer.create("transformers", config, _make_batcher)
+    scorer = await ListwiseScorer.create(config)
     items = ["Adds the numerators and adds the denominators", "Confuses area and perimeter",
              "Thinks a negative times a negative is negative", "Rounds to the wrong place value",
              "Believes any number to the power zero is zero"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from rankd.cli import main
 from retriever import Embedder, build_collection, load_collection, read_catalog
 from retriever.catalog import CatalogEntry
 from retriever.data import (
@@ -32,7 +33,6 @@ from retriever.training import (
     split_pairs,
     validation_set,
 )
-from service.cli import main
 from service.settings import Settings
 from tests.support.apps import app_client
 

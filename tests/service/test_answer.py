@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reranker.answer import DEFAULT_ANSWER_INSTRUCTION, DEFAULT_ANSWER_TEMPLATE, fit_passages
+from reranker.answer import fit_passages
+from reranker.config import DEFAULT_ANSWER_TEMPLATE
 from reranker.prompt import PromptRenderer
 from tests.support.apps import app_client
 
@@ -25,7 +26,7 @@ def _by_hand(model_dir: Path, question: str, options: list[str], context: str) -
     for order in (list(range(len(options))), list(range(len(options)))[::-1]):
         lines = "\n".join(f"{labels[pos]}. {options[i]}" for pos, i in enumerate(order))
         content = DEFAULT_ANSWER_TEMPLATE.format(
-            instruction=DEFAULT_ANSWER_INSTRUCTION, context=context, question=question,
+            context=context, question=question,
             items=lines, first_label=labels[0], last_label=labels[-1])
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                              tokenize=False, add_generation_prompt=True)
@@ -112,10 +113,10 @@ def test_passage_truncation_respects_the_budget(tiny_lm: Path) -> None:
 
 BAD = [
     ({"question": "q", "options": ["only one"]}, "options", "at least 2"),
-    ({"question": "q", "options": [f"o{i}" for i in range(27)]}, "options", "at most 26"),
+    ({"question": "q", "options": [f"o{i}" for i in range(27)]}, "options", "26 labels"),
     ({"question": "  ", "options": ["a", "b"]}, "question", "empty"),
     ({"question": "q", "options": ["a", 3]}, "options[1]", "string"),
-    ({"question": "q", "options": ["a", " "]}, "options", "empty"),
+    ({"question": "q", "options": ["a", " "]}, "options[1]", "empty"),
     ({"question": "q", "options": ["a", "b"], "passages": 99}, "passages", "RANKD_MAX_ANSWER_PASSAGES"),
     ({"question": "q", "options": "ab"}, "options", "list"),
     ({"options": ["a", "b"]}, "question", "required"),

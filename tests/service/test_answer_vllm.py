@@ -31,7 +31,7 @@ async def test_vllm_answer_matches_the_transformers_backend(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
         record_property: RecordProperty) -> None:
     bodies: dict[str, dict[str, Any]] = {}
-    for name, extra in [("transformers", {}), ("vllm", {"vllm_url": live_vllm.url})]:
+    for name, extra in [("transformers", {}), ("vllm", {"reranker_vllm_url": live_vllm.url})]:
         settings = settings_factory(reranker_backend=name, reranker_model=str(tiny_lm), **extra)
         async with app_client(settings) as (_, client):
             response = await client.post("/answer", json=REQUEST)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from service.batching import BatcherClosedError, MemoryRelease, MicroBatcher, QueueFullError
+from rankd.batching import BatcherClosedError, MemoryRelease, MicroBatcher, QueueFullError
 
 
 class Recorder:

@@ -4,7 +4,9 @@ status with a conforming body, and never a 500."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -36,8 +39,9 @@ STATUSES: Counter[int] = Counter()
 def fuzz_target(sample_index: Path, tiny_lm: Path) -> Iterator[tuple[Any, str]]:
     from service.settings import Settings
 
-    app_settings = Settings(index_dir=sample_index, device="cpu", reranker_backend="transformers",
-                            reranker_model=str(tiny_lm), max_body_bytes=65536,
+    app_settings = Settings(index_dir=sample_index, device="cpu",
+                            reranker={"backend": "transformers", "model": str(tiny_lm)},
+                            max_body_bytes=65536,
                             max_rerank_documents=60)
     with serve_in_thread(app_settings) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json"), url
@@ -83,6 +87,46 @@ def test_operations_cover_the_schema(fuzz_target: tuple[Any, str]) -> None:
     listed = {(op.ok().method.upper(), op.ok().path)
               for op in fuzz_target[0].get_all_operations()}
     assert listed == set(OPERATIONS)
+
+
+# Text the schema cannot express: lone surrogates (valid JSON, invalid Unicode), control and
+# format characters, private-use code points and noncharacters, mixed with plain letters.
+ODD_TEXT = st.text(alphabet=st.one_of(
+    st.characters(codec=None, categories=["Cs", "Cc", "Cf", "Co", "Cn", "Zl", "Zp"]),
+    st.sampled_from(["a", " ", "\ufffe", "\uffff", "\U0010ffff", "\x00", "\u202e"])),
+    min_size=1, max_size=12)
+# Where each endpoint carries text; the odd text replaces "?".
+TEXT_FIELDS = [
+    ("/rank", {"query": "?"}, "query"), ("/rank", {"query": "q", "collection": "?"}, "collection"),
+    ("/v1/rerank", {"query": "?", "documents": ["a"]}, "query"),
+    ("/v1/rerank", {"query": "q", "documents": ["?"]}, "documents[0]"),
+    ("/answer", {"question": "?", "options": ["a", "b"]}, "question"),
+    ("/answer", {"question": "q", "options": ["a", "?"]}, "options[1]"),
+    ("/answer", {"question": "q", "options": ["a", "b"], "context": ["?"]}, "context[0]"),
+]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@pytest.mark.parametrize(("path", "template", "field"), TEXT_FIELDS)
+def test_odd_code_points_in_any_text_field_never_get_a_500(
+        fuzz_target: tuple[Any, str], path: str, template: dict[str, Any], field: str) -> None:
+    url = fuzz_target[1]
+    session = requests.Session()
+
+    @given(text=ODD_TEXT)
+    @settings(max_examples=QUICK_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(text: str) -> None:
+        body = json.dumps(template).replace('"?"', json.dumps(text))  # ASCII: surrogates escaped
+        response = session.post(url + path, data=body.encode(),
+                                headers={"Content-Type": "application/json"}, timeout=60)
+        STATUSES[response.status_code] += 1
+        assert response.status_code < 500, response.text
+        if _SURROGATE.search(text):
+            assert response.status_code == 422
+            assert response.json()["error"]["field"] == field
+
+    check()
 
 
 def test_fuzzing_exercised_errors_and_successes() -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
-from reranker import RerankerConfigError
 from retriever.data import sample_catalog_path, sample_queries_path
 from tests.support.apps import app_client, metric_value
 from tests.support.vllm_server import SlowVllm, VllmServer
@@ -44,7 +44,7 @@ def tf_settings(settings_factory: Any, tiny_lm: Path, **overrides: Any) -> Any:
 
 
 def vllm_settings(settings_factory: Any, tiny_lm: Path, url: str, **overrides: Any) -> Any:
-    return settings_factory(reranker_backend="vllm", reranker_model=str(tiny_lm), vllm_url=url,
+    return settings_factory(reranker_backend="vllm", reranker_model=str(tiny_lm), reranker_vllm_url=url,
                             **overrides)
 
 
@@ -167,10 +167,11 @@ async def test_more_candidates_than_labels_is_a_422(settings_factory: Any, tiny_
                                                     "top_k": 30})
     assert too_many.status_code == 422
     error = too_many.json()["error"]
+    assert error["code"] == "too_many_items"
     assert error["field"] == "candidates"
     assert "27" in error["message"]
     assert "26 labels" in error["message"]
-    assert "RANKD_LABEL_ALPHABET" in error["message"]
+    assert "RANKD_RERANKER_LABEL_ALPHABET" in error["message"]
     assert unreranked.status_code == 200
     assert at_limit.status_code == 200
     assert at_limit.json()["reranked"] is True
@@ -205,7 +206,7 @@ async def test_concurrent_requests_share_rerank_forward_passes(settings_factory:
 async def test_a_failing_reranker_degrades_to_retrieval_order(settings_factory: Any,
                                                               tiny_lm: Path) -> None:
     # A timeout far below one forward pass: the in-process backend fails every call.
-    settings = tf_settings(settings_factory, tiny_lm, rerank_timeout_s=1e-6)
+    settings = tf_settings(settings_factory, tiny_lm, reranker_timeout_s=1e-6)
     async with app_client(settings) as (_, client):
         retrieval = await retrieval_order(client, "1/2 + 1/3 = 2/5", 10)
         response = await client.post("/rank", json={"query": "1/2 + 1/3 = 2/5", "top_k": 10,
@@ -240,14 +241,13 @@ async def test_a_failing_reranker_degrades_to_retrieval_order(settings_factory: 
     assert unreranked.status_code == 200
 
 
-async def test_start_up_refuses_default_candidates_beyond_the_labels(settings_factory: Any,
+async def test_settings_refuse_default_candidates_beyond_the_labels(settings_factory: Any,
                                                                      tiny_lm: Path) -> None:
-    settings = tf_settings(settings_factory, tiny_lm, default_candidates=30)
-    with pytest.raises(RerankerConfigError, match="RANKD_DEFAULT_CANDIDATES"):
-        async with app_client(settings):
-            pass
+    # Checked by the settings validator, before any model loads.
+    with pytest.raises(ValidationError, match=r"RANKD_DEFAULT_CANDIDATES.*26 labels"):
+        tf_settings(settings_factory, tiny_lm, default_candidates=30)
     async with app_client(tf_settings(settings_factory, tiny_lm, default_candidates=30,
-                                      label_alphabet="upper_lower")) as (_, client):
+                                      reranker_label_alphabet="upper_lower")) as (_, client):
         body = (await client.post("/rank", json={"query": "ratio", "top_k": 30})).json()
     assert body["reranked"] is True
     assert len(body["results"]) == 30
@@ -260,8 +260,8 @@ async def test_a_backend_slower_than_the_timeout_degrades_then_recovers(
         settings_factory: Any, tiny_lm: Path) -> None:
     # The timeout leaves room for the stand-in's real forward pass on a loaded 2-core machine.
     with SlowVllm(tiny_lm, delay_s=6.0) as slow:
-        settings = vllm_settings(settings_factory, tiny_lm, slow.url, rerank_timeout_s=2.0,
-                                 rerank_retries=0)
+        settings = vllm_settings(settings_factory, tiny_lm, slow.url, reranker_timeout_s=2.0,
+                                 reranker_retries=0)
         async with app_client(settings) as (_, client):
             late = await client.post("/rank", json={"query": "1/2 + 1/3 = 2/5", "top_k": 5})
             degraded = (await client.get("/ready")).json()
@@ -327,7 +327,7 @@ async def test_vllm_outage_degrades_and_recovers_without_restarting_rankd(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
         record_property: pytest.RecordProperty) -> None:
     query = {"query": "1/2 + 1/3 = 2/5", "top_k": 5}
-    settings = vllm_settings(settings_factory, tiny_lm, live_vllm.url, rerank_timeout_s=10)
+    settings = vllm_settings(settings_factory, tiny_lm, live_vllm.url, reranker_timeout_s=10)
     required = settings.model_copy(update={"rerank_required": True})
     async with app_client(settings) as (_, client), app_client(required) as (_, strict):
         retrieval = await retrieval_order(client, query["query"], 5)

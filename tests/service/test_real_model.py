@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from reranker import RerankerConfig
 from reranker.errors import RerankerConfigError
 from reranker.models import EMBEDDED_RERANKER, embedded_gguf
 from service.settings import Settings
@@ -25,14 +26,14 @@ QUERY = "Calculate 1/2 + 1/3. Incorrect answer: 2/5"
 
 def embedded(settings_factory: Any, **overrides: Any) -> Settings:
     """The shipped defaults for the reranker (the factory's retrieval-only default undone)."""
-    defaults = Settings.model_fields
-    return settings_factory(reranker_backend=defaults["reranker_backend"].default,
-                            reranker_model=defaults["reranker_model"].default, **overrides)
+    defaults = RerankerConfig()
+    return settings_factory(reranker_backend=defaults.backend, reranker_model=defaults.model,
+                            **overrides)
 
 
 def test_the_default_reranker_is_the_embedded_model() -> None:
-    assert Settings.model_fields["reranker_backend"].default == "transformers"
-    assert Settings.model_fields["reranker_model"].default == EMBEDDED_RERANKER
+    assert Settings().reranker.backend == "transformers"
+    assert Settings().reranker.model == EMBEDDED_RERANKER
 
 
 def test_missing_embedded_weights_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,7 +121,7 @@ async def test_vllm_cpu_serves_the_converted_model_as_transformers_scores_it(
             ("transformers", settings_factory(reranker_backend="transformers",
                                               reranker_model=str(smollm2))),
             ("vllm", settings_factory(reranker_backend="vllm", reranker_model=str(smollm2),
-                                      vllm_url=server.url)),
+                                      reranker_vllm_url=server.url)),
         ]:
             async with app_client(settings) as (_, client):
                 bodies[name] = []

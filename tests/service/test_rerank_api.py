@@ -36,7 +36,7 @@ async def test_rerank_matches_rank_scores_for_the_same_items(rerank_settings: An
     assert response.status_code == 200
     body = response.json()
     assert body["id"]
-    assert body["model"] == str(rerank_settings.reranker_model)
+    assert body["model"] == str(rerank_settings.reranker.model)
     scores = [r["relevance_score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
     assert sorted(r["index"] for r in body["results"]) == [0, 1, 2, 3]
@@ -54,13 +54,13 @@ async def test_more_documents_than_labels_are_ranked_in_windows(rerank_settings:
     async with app_client(rerank_settings) as (app, client):
         response = await client.post("/v1/rerank", json={"query": "fractions",
                                                          "documents": documents, "top_n": 10})
-        scorer = app.state.components.scorer
+        scorer = app.state.engine.scorer
         windows = balanced_windows(len(documents), scorer.max_items)
         from reranker import ListwiseTask
 
         direct = await scorer.score([
-            ListwiseTask(rerank_settings.rerank_prompt_template,
-                         {"instruction": rerank_settings.rerank_instruction, "query": "fractions"},
+            ListwiseTask(rerank_settings.reranker.rank_template,
+                         {"instruction": rerank_settings.reranker.instruction, "query": "fractions"},
                          [documents[i] for i in w]) for w in windows])
     assert [len(w) for w in windows] == [20, 20, 20]
     body = response.json()

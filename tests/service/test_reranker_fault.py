@@ -31,7 +31,7 @@ import pytest
 from clients.api import RankOptions
 from clients.loadtest import LoadConfig, LoadReport, run_loadtest
 from clients.queries import sample_queries
-from tests.support.apps import metric_value, serve_in_thread
+from tests.support.apps import app_client, metric_value, serve_in_thread
 from tests.support.vllm_server import SlowVllm, VllmServer
 
 RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
@@ -93,7 +93,7 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 
 
 def vllm_settings(settings_factory: Any, tiny_lm: Path, url: str, **overrides: Any) -> Any:
-    return settings_factory(reranker_backend="vllm", reranker_model=str(tiny_lm), vllm_url=url,
+    return settings_factory(reranker_backend="vllm", reranker_model=str(tiny_lm), reranker_vllm_url=url,
                             **overrides)
 
 
@@ -178,7 +178,7 @@ def wait_for_handlers(within_s: float) -> None:
 async def test_killing_vllm_under_load_degrades_every_answer_and_reranking_resumes(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
         record_property: RecordProperty) -> None:
-    settings = vllm_settings(settings_factory, tiny_lm, live_vllm.url, rerank_timeout_s=30)
+    settings = vllm_settings(settings_factory, tiny_lm, live_vllm.url, reranker_timeout_s=30)
     transport = RecordingTransport(connections=256)
     stop = asyncio.Event()
     report = LoadReport(url="", started_at="", queries=0, options={})
@@ -287,8 +287,8 @@ async def test_a_backend_slower_than_the_timeout_under_load_degrades_every_answe
         settings_factory: Any, tiny_lm: Path) -> None:
     requests, concurrency, delay_s, timeout_s = 48, 16, 3.0, 0.5
     with SlowVllm(tiny_lm, delay_s=delay_s) as slow:
-        settings = vllm_settings(settings_factory, tiny_lm, slow.url, rerank_timeout_s=timeout_s,
-                                 rerank_retries=0)
+        settings = vllm_settings(settings_factory, tiny_lm, slow.url, reranker_timeout_s=timeout_s,
+                                 reranker_retries=0)
         transport = RecordingTransport(connections=concurrency)
         with serve_in_thread(settings) as url:
             config = LoadConfig(url=url, rank=RankOptions(top_k=5, candidates=5),
@@ -323,3 +323,21 @@ async def test_a_backend_slower_than_the_timeout_under_load_degrades_every_answe
     assert metric_value(metrics, "rankd_rerank_failures_total", reason="timeout") == requests
     assert metric_value(metrics, "rankd_requests_total", route="/rank", method="POST",
                         status="200") == requests
+
+
+async def test_a_vllm_that_ignores_logprob_token_ids_is_named_as_too_old(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    with SlowVllm(tiny_lm, ignores_token_ids=True) as old:
+        settings = vllm_settings(settings_factory, tiny_lm, old.url, reranker_retries=0)
+        async with app_client(settings) as (_, client):
+            ranked = (await client.post("/rank", json={"query": "fractions", "top_k": 5,
+                                                       "candidates": 5})).json()
+            ready = (await client.get("/ready")).json()
+            metrics = (await client.get("/metrics")).text
+    assert ranked["reranked"] is False
+    (warning,) = ranked["warnings"]
+    assert "unsupported_server" in warning
+    assert "ignored logprob_token_ids" in warning
+    assert "vLLM >= 0.32" in warning
+    assert "ignored logprob_token_ids" in ready["components"]["reranker"]["detail"]
+    assert metric_value(metrics, "rankd_rerank_failures_total", reason="unsupported_server") == 1

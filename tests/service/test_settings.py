@@ -19,11 +19,11 @@ def test_reads_the_rankd_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
         ("RANKD_PORT", "99999", "RANKD_PORT"),
         ("RANKD_MAX_TOP_K", "zero", "RANKD_MAX_TOP_K"),
         ("RANKD_LOG_LEVEL", "chatty", "RANKD_LOG_LEVEL"),
-        ("RANKD_LABEL_ALPHABET", "greek", "RANKD_LABEL_ALPHABET"),
-        ("RANKD_RERANK_PROMPT_TEMPLATE", "{query} {nope} {items}", "RANKD_RERANK_PROMPT_TEMPLATE"),
+        ("RANKD_RERANKER_LABEL_ALPHABET", "greek", "RANKD_RERANKER_LABEL_ALPHABET"),
+        ("RANKD_RERANKER_RANK_TEMPLATE", "{query} {nope} {items}", "RANKD_RERANKER_RANK_TEMPLATE"),
         ("RANKD_DEFAULT_CANDIDATES", "500", "RANKD_DEFAULT_CANDIDATES"),
-        ("RANKD_RERANK_ORDERS", "0", "RANKD_RERANK_ORDERS"),
-        ("RANKD_RERANK_ORDERS", "53", "RANKD_RERANK_ORDERS"),
+        ("RANKD_RERANKER_ORDERS", "0", "RANKD_RERANKER_ORDERS"),
+        ("RANKD_RERANKER_ORDERS", "53", "RANKD_RERANKER_ORDERS"),
         ("RANKD_RERANK_FUSION", "borda", "RANKD_RERANK_FUSION"),
         ("RANKD_RERANK_FUSION_WEIGHT", "1.5", "RANKD_RERANK_FUSION_WEIGHT"),
     ],
@@ -43,10 +43,11 @@ def test_settings_are_immutable() -> None:
         settings.port = 1  # type: ignore[misc]
 
 
-def test_readme_configuration_table_is_current() -> None:
+def test_the_configuration_page_is_current() -> None:
     from pathlib import Path
 
-    from service.settings_doc import settings_table
+    from service.settings_doc import configuration_page
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    assert settings_table() in readme, "regenerate with `python -m service.settings_doc`"
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert page.read_text(encoding="utf-8") == configuration_page(), \
+        "regenerate with `python -m service.settings_doc > docs/configuration.md`"

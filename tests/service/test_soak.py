@@ -9,7 +9,7 @@ keep-alive connections); after it, a run of ``RANKD_SOAK_REQUESTS`` distinct que
 - answer every request with 200;
 - grow the resident set by less than ``RSS_GROWTH_BOUND_MIB`` (read after every round of
   ``ROUND_REQUESTS``, so the figures show a trend, once the server has handed freed memory back
-  as it does when a stage goes idle: RANKD_MEMORY_RELEASE_IDLE_S);
+  as it does 1 s after a stage goes idle);
 - leave as many open descriptors as before once the client has gone, and never hold more than
   one per client connection above that while it runs.
 
@@ -177,7 +177,7 @@ async def memory_releases(served: Served) -> int:
 
 async def after_idle_release(served: Served, before: int, within_s: float = 10.0) -> int:
     """Waits until the search stage, idle after a run that ended with ``before`` releases, has
-    handed freed memory back (the server does so RANKD_MEMORY_RELEASE_IDLE_S after its last
+    handed freed memory back (the server does so 1 s after its last
     batch, unless its periodic release fell on that batch). Returns the releases so far."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:

@@ -1,19 +1,18 @@
-"""Run the real app in-process (lifespan included) or on a loopback port."""
+"""Run the real app in-process, lifespan included; on a loopback port, rankd/devtools/serving.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 
+from clients.api import parse_prometheus
+from rankd.devtools.serving import free_port, serve_asgi_in_thread, serve_in_thread
 from service.app import create_app
 from service.settings import Settings
 
@@ -29,53 +28,9 @@ async def app_client(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.A
             yield app, client
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve_in_thread(settings: Settings, **uvicorn_options: Any) -> Iterator[str]:
-    """The real app behind uvicorn on a free loopback port, in a background thread."""
-    with serve_asgi_in_thread(create_app(settings), **uvicorn_options) as url:
-        yield url
-
-
-@contextlib.contextmanager
-def serve_asgi_in_thread(app: Any, **uvicorn_options: Any) -> Iterator[str]:
-    """Any ASGI app (e.g. the real app behind a test middleware) on a free loopback port."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port,
-                            log_level="warning", **uvicorn_options)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("rankd test server did not start")
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text format (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        key, _, value = line.rpartition(" ")
-        sample, _, label_text = key.partition("{")
-        found = ",".join(sorted(p for p in label_text.rstrip("}").split(",") if p))
-        if sample == name and found == wanted:
-            return float(value)
-    return 0.0
+    return parse_prometheus(text).get((name, frozenset(labels.items())), 0.0)
 
 
 async def wait_for(predicate: Any, within_s: float = 30.0) -> None:
@@ -84,3 +39,7 @@ async def wait_for(predicate: Any, within_s: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         await asyncio.sleep(0.1)
+
+
+__all__ = ["app_client", "free_port", "metric_value", "serve_asgi_in_thread", "serve_in_thread",
+           "wait_for"]

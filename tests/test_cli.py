@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from rankd.cli import main
 from retriever import load_collection
-from retriever.data import sample_catalog_path
-from service.cli import ensure_sample_index, main
+from retriever.data import ensure_sample_collection, sample_catalog_path
 
 
 def test_index_build_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,9 +33,9 @@ def test_index_build_reports_bad_columns(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_sample_index_is_built_once(tmp_path: Path) -> None:
-    ensure_sample_index(tmp_path, "all-MiniLM-L6-v2")
+    ensure_sample_collection(tmp_path, "all-MiniLM-L6-v2")
     manifest = (tmp_path / "misconceptions" / "manifest.json").read_text()
-    ensure_sample_index(tmp_path, "all-MiniLM-L6-v2")
+    ensure_sample_collection(tmp_path, "all-MiniLM-L6-v2")
     assert (tmp_path / "misconceptions" / "manifest.json").read_text() == manifest
 
 

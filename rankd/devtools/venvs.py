@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: scripts/ lives there
 
 
 def side_venv_python(variable: str, setup_script: str, failure_hint: str = "") -> str:

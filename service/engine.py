@@ -1,0 +1,461 @@
+"""The engine: everything rankd does, behind one object with no HTTP.
+
+``Engine.start(settings)`` loads the embedder, the collections and the reranker; then
+``rank``, ``rerank`` and ``answer`` each take a typed request (service/protocol.py) and return a
+typed response, and ``ready`` and ``collections`` report on what is loaded. The HTTP routes
+(service/routes.py) are thin adapters over these methods, and the clients, the benchmarks and the
+tests can use the same object in process::
+
+    engine = await Engine.start(load_settings())
+    try:
+        response = await engine.rank(RankRequest(query="..."))
+    finally:
+        await engine.close()
+
+The path of a /rank request: ``plan`` checks it against the limits; the search micro-batcher
+embeds the query with others that arrived with it and searches the collection; the scorer renders
+the candidates in each order on its tokenizer thread, reads the label logprobs from the backend
+(whose own micro-batcher shares forward passes between requests) and averages the orders;
+``fuse`` combines that with the retrieval order. CPU work never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rankd.batching import BatchObserver, MicroBatcher, default_memory_release
+from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
+from reranker.answer import fit_passages, format_context
+from reranker.fusion import Fusion, fuse
+from reranker.windows import balanced_windows, merge_window_scores
+from retriever import Collection, Embedder, IndexIntegrityError, load_collection
+from retriever.index import Hit, collection_dirs
+from retriever.search import Retriever, SearchQuery
+from service.errors import (
+    CollectionRequiredError,
+    LimitExceededError,
+    NotReadyError,
+    RerankUnavailableError,
+    UnknownCollectionError,
+)
+from service.metrics import Metrics
+from service.protocol import (
+    AnswerRequest,
+    AnswerResponse,
+    AnswerTimings,
+    CollectionInfo,
+    ComponentStatus,
+    OptionScore,
+    OrderDebug,
+    Passage,
+    RankDebug,
+    RankRequest,
+    RankResponse,
+    RankResult,
+    ReadyResponse,
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    Timings,
+)
+from service.settings import OnIndexError, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    request: RankRequest
+    collection: str
+    retrieve_k: int
+    rerank_n: int  # 0 when not reranking
+    orders: int | None
+    fusion: Fusion
+    fusion_weight: float
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics, embedder: Embedder,
+                 collections: dict[str, Collection], collection_errors: dict[str, str],
+                 search_batcher: MicroBatcher[SearchQuery, list[Hit]],
+                 scorer: ListwiseScorer | None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.embedder = embedder
+        self.collections_loaded = collections
+        self.collection_errors = collection_errors
+        self.search_batcher = search_batcher
+        self.scorer = scorer
+
+    # ------------------------------------------------------------------ life cycle
+
+    @classmethod
+    async def start(cls, settings: Settings, metrics: Metrics | None = None) -> Engine:
+        """Load and start everything; a configuration the engine cannot serve raises before
+        anything is left running."""
+        metrics = metrics or Metrics()
+        # The micro-batch (up to RANKD_EMBED_BATCH_SIZE queries) is encoded in length-sorted
+        # chunks: one chunk padded to its longest query costs far more per query at high load.
+        embedder = await asyncio.to_thread(
+            Embedder.load, settings.embedder_model, settings.device, settings.embed_chunk_size)
+        collections, errors = await asyncio.to_thread(load_all, settings, embedder)
+        retriever = Retriever(embedder, collections)
+        observer: BatchObserver = metrics
+        search_batcher: MicroBatcher[SearchQuery, list[Hit]] = MicroBatcher(
+            "search", retriever.search, max_batch_size=settings.embed_batch_size,
+            max_wait_ms=settings.batch_wait_ms, max_queue_depth=settings.max_queue_depth,
+            observer=observer, memory_release=default_memory_release())
+        await search_batcher.start()
+        scorer = None
+        if not settings.reranker.enabled:
+            log.warning("no reranker configured (RANKD_RERANKER_BACKEND=none): serving retrieval "
+                        "order only")
+        else:
+            try:
+                scorer = await ListwiseScorer.create(settings.reranker, observer)
+            except BaseException:
+                await search_batcher.close()  # start-up refused: leave no worker behind
+                raise
+        return cls(settings, metrics, embedder, collections, errors, search_batcher, scorer)
+
+    async def close(self) -> None:
+        await self.search_batcher.close()
+        if self.scorer is not None:
+            await self.scorer.close()
+
+    # ------------------------------------------------------------------ checks
+
+    def resolve_collection(self, name: str | None) -> str:
+        loaded = self.collections_loaded
+        if not loaded:
+            raise NotReadyError(
+                f"no collection is loaded from {self.settings.index_dir}; build one with "
+                "`rankd index build` and restart")
+        if name is None:
+            if len(loaded) == 1:
+                return next(iter(loaded))
+            raise CollectionRequiredError(
+                f"{len(loaded)} collections are loaded ({', '.join(sorted(loaded))}); say which",
+                "collection")
+        if name not in loaded:
+            raise UnknownCollectionError(
+                f"unknown collection {name!r}; loaded: {', '.join(sorted(loaded))}", "collection")
+        return name
+
+    def _check_chars(self, text: str, field: str, limit: int, setting: str) -> None:
+        if len(text) > limit:
+            raise LimitExceededError(
+                f"{field} is {len(text)} characters, over the limit of {limit} ({setting})",
+                field)
+
+    def _check_query(self, text: str, field: str) -> None:
+        self._check_chars(text, field, self.settings.max_query_chars, "RANKD_MAX_QUERY_CHARS")
+
+    def _check_documents(self, texts: Sequence[str], field: str) -> None:
+        for i, text in enumerate(texts):
+            self._check_chars(text, f"{field}[{i}]", self.settings.max_document_chars,
+                              "RANKD_MAX_DOCUMENT_CHARS")
+
+    def _require_scorer(self, endpoint: str) -> ListwiseScorer:
+        if self.scorer is None:
+            raise RerankUnavailableError(
+                f"{endpoint} needs the LLM and no reranker is configured "
+                "(RANKD_RERANKER_BACKEND=none); set RANKD_RERANKER_BACKEND and "
+                "RANKD_RERANKER_MODEL")
+        return self.scorer
+
+    def _backend_failed(self, exc: BackendError) -> RerankUnavailableError:
+        self.metrics.rerank_failures.labels(exc.reason).inc()
+        return RerankUnavailableError(f"the reranker failed ({exc.reason}): {exc}")
+
+    # ------------------------------------------------------------------ /rank
+
+    def plan(self, request: RankRequest, prefix: str = "") -> RankPlan:
+        s = self.settings
+        self._check_query(request.query, f"{prefix}query")
+        if request.top_k > s.max_top_k:
+            raise LimitExceededError(
+                f"top_k is {request.top_k}, over the limit of {s.max_top_k} (RANKD_MAX_TOP_K)",
+                f"{prefix}top_k")
+        collection = self.resolve_collection(request.collection)
+        rerank_n = 0
+        if request.rerank and self.scorer is not None:
+            rerank_n = request.candidates or s.default_candidates
+            self.scorer.check_count(rerank_n, f"{prefix}candidates")
+        return RankPlan(request, collection, max(request.top_k, rerank_n), rerank_n,
+                        request.orders, request.fusion or s.rerank_fusion,
+                        s.rerank_fusion_weight if request.fusion_weight is None
+                        else request.fusion_weight)
+
+    def _rank_task(self, plan: RankPlan, hits: list[Hit]) -> ListwiseTask:
+        manifest = self.collections_loaded[plan.collection].manifest
+        top = hits[: plan.rerank_n]
+        return ListwiseTask(
+            template=self.settings.reranker.rank_template,
+            fields={"instruction": manifest.instruction or self.settings.reranker.instruction,
+                    "query": plan.request.query},
+            items=[h.text for h in top],
+            item_ids=[h.id for h in top],
+            orders=plan.orders,
+        )
+
+    async def rank(self, request: RankRequest) -> RankResponse:
+        """Retrieve candidates for one query and rerank them."""
+        return (await self.rank_many([request]))[0]
+
+    async def rank_many(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
+        """Several queries: one search micro-batch and one scorer call for all of them."""
+        limit = self.settings.max_batch_queries
+        if len(requests) > limit:
+            raise LimitExceededError(
+                f"queries holds {len(requests)} items, over the limit of {limit} "
+                "(RANKD_MAX_BATCH_QUERIES)", "queries")
+        started = time.perf_counter()
+        plans = [self.plan(r, f"queries[{i}]." if len(requests) > 1 else "")
+                 for i, r in enumerate(requests)]
+        hits = await self.search_batcher.submit_many(
+            [SearchQuery(p.request.query, p.collection, p.retrieve_k) for p in plans])
+        retrieved = time.perf_counter()
+        self.metrics.stage_latency.labels("retrieve").observe(retrieved - started)
+
+        to_rerank = [i for i, p in enumerate(plans) if p.rerank_n and hits[i]]
+        scores: dict[int, ListwiseScores] = {}
+        warnings: list[str] = []
+        rerank_seconds: float | None = None
+        if to_rerank:
+            assert self.scorer is not None
+            try:
+                tasks = [self._rank_task(plans[i], hits[i]) for i in to_rerank]
+                scores = dict(zip(to_rerank, await self.scorer.score(tasks), strict=True))
+            except BackendError as exc:
+                log.warning("rerank failed (%s): %s", exc.reason, exc)
+                failure = self._backend_failed(exc)
+                if self.settings.rerank_required:
+                    raise RerankUnavailableError(
+                        f"{failure}; RANKD_RERANK_REQUIRED=true turns this into an error instead "
+                        "of the retrieval order") from exc
+                warnings.append(f"reranker unavailable ({exc.reason}): {exc}; results are in "
+                                "retrieval order")
+            rerank_seconds = time.perf_counter() - retrieved
+            self.metrics.stage_latency.labels("rerank").observe(rerank_seconds)
+        elif any(p.request.rerank for p in plans) and self.scorer is None:
+            warnings.append("rerank was requested but no reranker is configured "
+                            "(RANKD_RERANKER_BACKEND=none); results are in retrieval order")
+        total = time.perf_counter() - started
+        timings = Timings(retrieve=_ms(retrieved - started),
+                          rerank=None if rerank_seconds is None else _ms(rerank_seconds),
+                          total=_ms(total))
+        return [self._rank_response(plan, hits[i], scores.get(i),
+                                    warnings if plan.request.rerank else [], timings)
+                for i, plan in enumerate(plans)]
+
+    def _rank_response(self, plan: RankPlan, hits: list[Hit], scored: ListwiseScores | None,
+                       warnings: list[str], timings: Timings) -> RankResponse:
+        k = plan.request.top_k
+        results: list[RankResult]
+        if scored is None:
+            results = [RankResult(id=h.id, text=h.text, score=h.score, retrieval_score=h.score,
+                                  rank=rank, metadata=h.metadata)
+                       for rank, h in enumerate(hits[:k], 1)]
+        else:
+            head = hits[: plan.rerank_n]
+            final = fuse([h.score for h in head], scored.probabilities, plan.fusion,
+                         plan.fusion_weight)
+            # Stable sort: equal scores keep retrieval order.
+            order = sorted(range(len(head)), key=lambda i: -final[i])
+            ranked = [RankResult(id=head[i].id, text=head[i].text, score=final[i],
+                                 retrieval_score=head[i].score, rank=0,
+                                 rerank_score=scored.probabilities[i],
+                                 order_spread=scored.spreads[i], metadata=head[i].metadata)
+                      for i in order]
+            ranked += [RankResult(id=h.id, text=h.text, score=0.0, retrieval_score=h.score,
+                                  rank=0, metadata=h.metadata)
+                       for h in hits[plan.rerank_n:]]
+            results = [r.model_copy(update={"rank": rank}) for rank, r in enumerate(ranked[:k], 1)]
+        debug = None
+        if plan.request.debug and scored is not None:
+            debug = RankDebug(fusion=plan.fusion.value, fusion_weight=plan.fusion_weight, orders=[
+                OrderDebug(positions=o.positions, prompt=o.prompt, labels=o.labels,
+                           label_token_ids=o.label_token_ids, candidate_ids=o.item_ids,
+                           probabilities=o.probabilities)
+                for o in scored.orders
+            ])
+        return RankResponse(collection=plan.collection, results=results,
+                            reranked=scored is not None, timings_ms=timings,
+                            warnings=list(warnings), debug=debug)
+
+    # ------------------------------------------------------------------ /v1/rerank
+
+    async def rerank(self, request: RerankRequest) -> RerankResponse:
+        """Rerank the caller's documents for the query, best first; nothing is retrieved.
+
+        More documents than labels are scored in balanced windows, all in one scorer call."""
+        scorer = self._require_scorer("/v1/rerank")
+        started = time.perf_counter()
+        self._check_query(request.query, "query")
+        limit = self.settings.max_rerank_documents
+        if len(request.documents) > limit:
+            raise LimitExceededError(
+                f"documents holds {len(request.documents)} items, over the limit of {limit} "
+                "(RANKD_MAX_RERANK_DOCUMENTS)", "documents")
+        texts = request.texts()
+        self._check_documents(texts, "documents")
+        windows = balanced_windows(len(texts), scorer.max_items)
+        config = self.settings.reranker
+        tasks = [ListwiseTask(template=config.rank_template,
+                              fields={"instruction": config.instruction, "query": request.query},
+                              items=[texts[i] for i in window],
+                              item_ids=[str(i) for i in window],
+                              orders=request.orders)
+                 for window in windows]
+        try:
+            scored = await scorer.score(tasks)
+        except BackendError as exc:
+            raise self._backend_failed(exc) from exc
+        scores = merge_window_scores(windows, [s.probabilities for s in scored])
+        order = sorted(range(len(texts)), key=lambda i: -scores[i])
+        if request.top_n is not None:
+            order = order[: request.top_n]
+        self.metrics.stage_latency.labels("rerank").observe(time.perf_counter() - started)
+        return RerankResponse(
+            id=str(uuid.uuid4()),
+            model=config.model or "",
+            results=[RerankResult(index=i, relevance_score=scores[i],
+                                  document=(RerankDocument(text=texts[i])
+                                            if request.return_documents else None))
+                     for i in order],
+            meta={"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+            usage={"search_units": 1, "documents": len(texts), "windows": len(windows)},
+        )
+
+    # ------------------------------------------------------------------ /answer
+
+    async def answer(self, request: AnswerRequest) -> AnswerResponse:
+        """Pick the answer: option probabilities averaged over the option orders."""
+        scorer = self._require_scorer("/answer")
+        started = time.perf_counter()
+        self._check_query(request.question, "question")
+        scorer.check_count(len(request.options), "options")
+        self._check_documents(request.options, "options")
+        if request.passages > self.settings.max_answer_passages:
+            raise LimitExceededError(
+                f"passages is {request.passages}, over the limit of "
+                f"{self.settings.max_answer_passages} (RANKD_MAX_ANSWER_PASSAGES)", "passages")
+        passages: list[Passage]
+        if request.context is not None:
+            self._check_documents(request.context, "context")
+            passages = [Passage(id=f"context:{i}", text=t, score=None)
+                        for i, t in enumerate(request.context)]
+        elif request.passages:
+            collection = self.resolve_collection(request.collection)
+            query = request.question
+            if self.settings.answer_query_with_options:
+                query += "\n" + "\n".join(request.options)
+            hits = await self.search_batcher.submit(
+                SearchQuery(query, collection, request.passages))
+            passages = [Passage(id=h.id, text=h.text, score=h.score, metadata=h.metadata)
+                        for h in hits]
+        else:
+            passages = []
+        retrieved = time.perf_counter()
+        context = await scorer.off_loop(fit_passages, scorer.renderer, [p.text for p in passages],
+                                        self.settings.answer_context_tokens)
+        task = ListwiseTask(
+            template=self.settings.reranker.answer_template,
+            fields={"context": format_context(context), "question": request.question},
+            items=request.options,
+            item_ids=scorer.labels[: len(request.options)],
+            orders=request.orders,
+        )
+        try:
+            (scored,) = await scorer.score([task])
+        except BackendError as exc:
+            raise self._backend_failed(exc) from exc
+        answered = time.perf_counter()
+        self.metrics.stage_latency.labels("answer").observe(answered - retrieved)
+        options = sorted(
+            (OptionScore(label=scorer.labels[i], index=i, text=text, probability=p)
+             for i, (text, p) in enumerate(zip(request.options, scored.probabilities,
+                                               strict=True))),
+            key=lambda o: -o.probability)
+        return AnswerResponse(
+            options=options,
+            ranking=[o.label for o in options],
+            passages=passages,
+            timings_ms=AnswerTimings(retrieve=_ms(retrieved - started),
+                                     answer=_ms(answered - retrieved),
+                                     total=_ms(answered - started)),
+        )
+
+    # ------------------------------------------------------------------ operations
+
+    async def ready(self) -> ReadyResponse:
+        """Readiness with a status per component: embedder, each collection, reranker."""
+        statuses: dict[str, ComponentStatus] = {
+            "embedder": ComponentStatus(status="ok", detail=self.embedder.name),
+        }
+        for name, collection in self.collections_loaded.items():
+            statuses[f"collection:{name}"] = ComponentStatus(
+                status="ok", detail=f"{len(collection)} entries")
+        for name, error in self.collection_errors.items():
+            statuses[f"collection:{name}"] = ComponentStatus(status="error", detail=error)
+        if self.scorer is None:
+            statuses["reranker"] = ComponentStatus(
+                status="disabled", detail="RANKD_RERANKER_BACKEND=none: retrieval order only")
+        else:
+            problem = await self.scorer.health()
+            statuses["reranker"] = ComponentStatus(
+                status="degraded" if problem else "ok",
+                detail=problem or f"backend {self.scorer.backend_name}, model "
+                                  f"{self.scorer.model}")
+        if not self.collections_loaded:
+            statuses["collections"] = ComponentStatus(
+                status="error", detail=f"no collection loaded from {self.settings.index_dir}")
+            overall = "not_ready"
+        elif any(s.status in ("degraded", "error") for s in statuses.values()):
+            overall = "degraded"
+        else:
+            overall = "ready"
+        return ReadyResponse(status=overall, components=statuses)
+
+    def collections(self) -> list[CollectionInfo]:
+        """Loaded collections with their size, embedder and build time."""
+        return [
+            CollectionInfo(name=c.name, count=len(c), embedder=c.manifest.embedder,
+                           dimension=c.manifest.dimension, index_kind=c.manifest.index_kind,
+                           built_at=c.manifest.created_at, instruction=c.manifest.instruction)
+            for c in self.collections_loaded.values()
+        ]
+
+
+def load_all(settings: Settings, embedder: Embedder) -> tuple[dict[str, Collection], dict[str, str]]:
+    """Load every collection; a damaged one stops start-up or is skipped, as configured."""
+    collections: dict[str, Collection] = {}
+    errors: dict[str, str] = {}
+    directories = collection_dirs(settings.index_dir)
+    if not directories:
+        log.error("no collections under RANKD_INDEX_DIR=%s; build one with `rankd index build`",
+                  settings.index_dir)
+    for directory in directories:
+        try:
+            collection = load_collection(directory, embedder.name, embedder.dimension)
+        except IndexIntegrityError as exc:
+            if settings.on_index_error is OnIndexError.FAIL:
+                raise
+            log.error("skipping collection %s: %s", directory.name, exc)
+            errors[directory.name] = str(exc)
+            continue
+        collections[collection.name] = collection
+        log.info("collection %s: %d entries, embedder %s", collection.name, len(collection),
+                 collection.manifest.embedder)
+    return collections, errors
