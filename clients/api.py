@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-API_KEY_ENV = "RANKD_API_KEY"
 # Statuses that mean "not now" rather than "never": the service's 429 (queue full) and 503
 # (not ready, reranker down). Both carry Retry-After.
 RETRY_STATUSES = frozenset({429, 503})

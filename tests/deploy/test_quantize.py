@@ -39,7 +39,7 @@ from tests.deploy.files import (
 )
 from tests.support.apps import app_client, free_port
 from tests.support.rank_scores import rank_scores
-from tests.support.tiny_lm import build_tiny_lm
+from rankd.devtools.tiny_lm import build_tiny_lm
 from tests.support.vllm_server import VllmServer, vllm_python
 
 REPO = Path(__file__).resolve().parents[2]

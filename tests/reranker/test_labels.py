@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from reranker import LabelAlphabet, LabelTokenError, ListwiseScorer, RerankerConfig, label_token_ids
 from reranker.prompt import PromptRenderer
-from tests.support.tiny_lm import build_tokenizer
+from rankd.devtools.tiny_lm import build_tokenizer
 
 
 def _tokenizer(tmp_path: Path, kind: Any) -> Any:

@@ -10,7 +10,7 @@ from reranker import BackendError, LabelAlphabet, LabelTokenError, ListwiseScore
 from retriever.catalog import CatalogEntry
 from tests.reranker.conftest import make_task, open_scorer
 from tests.support.tcp_gate import TcpGate
-from tests.support.tiny_lm import build_tokenizer
+from rankd.devtools.tiny_lm import build_tokenizer
 from tests.support.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
