@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from rankd.cli import main
+from rankd.devtools.tiny_lm import build_tiny_lm
 from rankd.devtools.venvs import side_venv_python
 from reranker.cli import build_calibration_tasks
 from reranker.labels import LabelAlphabet
@@ -39,7 +40,6 @@ from tests.deploy.files import (
 )
 from tests.support.apps import app_client, free_port
 from tests.support.rank_scores import rank_scores
-from rankd.devtools.tiny_lm import build_tiny_lm
 from tests.support.vllm_server import VllmServer, vllm_python
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
+from rankd.devtools.tiny_lm import build_tokenizer
 from reranker import LabelAlphabet, LabelTokenError, ListwiseScorer, RerankerConfig, label_token_ids
 from reranker.prompt import PromptRenderer
-from rankd.devtools.tiny_lm import build_tokenizer
 
 
 def _tokenizer(tmp_path: Path, kind: Any) -> Any:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from rankd.devtools.tiny_lm import build_tokenizer
 from reranker import BackendError, LabelAlphabet, LabelTokenError, ListwiseScores
 from retriever.catalog import CatalogEntry
 from tests.reranker.conftest import make_task, open_scorer
 from tests.support.tcp_gate import TcpGate
-from rankd.devtools.tiny_lm import build_tokenizer
 from tests.support.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
