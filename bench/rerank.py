@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,10 @@ def _summary(samples: Sequence[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered) * 1000, 2), "n": len(ordered)}
 
 
-async def _open_scorer(backend: str, config: Any) -> Any:
-    from rankd.batching import MicroBatcher
+async def _open_scorer(config: Any) -> Any:
     from reranker import ListwiseScorer
 
-    def make_batcher(stage: str, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
-        return MicroBatcher(stage, fn, max_batch_size=config.max_batch_size,
-                            max_wait_ms=config.batch_wait_ms)
-
-    return await ListwiseScorer.create(backend, config, make_batcher)
+    return await ListwiseScorer.create(config)
 
 
 async def rerank_latency(model_dir: Path, vllm_url: str | None, repeats: int,
@@ -77,10 +72,10 @@ async def rerank_latency(model_dir: Path, vllm_url: str | None, repeats: int,
                             items=[e.text for e in chosen], item_ids=[e.id for e in chosen])
 
     scorers = {"transformers": await _open_scorer(
-        "transformers", RerankerConfig(model=str(model_dir), device="cpu"))}
+        RerankerConfig(backend="transformers", model=str(model_dir), device="cpu"))}
     if vllm_url:
         scorers["vllm"] = await _open_scorer(
-            "vllm", RerankerConfig(model=str(model_dir), vllm_url=vllm_url))
+            RerankerConfig(backend="vllm", model=str(model_dir), vllm_url=vllm_url))
     samples: dict[str, list[float]] = {name: [] for name in scorers}
     results: dict[str, list[Any]] = {name: [] for name in scorers}
     try:
@@ -141,10 +136,10 @@ async def batching_gain(model_dir: Path, index_dir: Path, requests: int,
     queries = [json.loads(line)["query"]
                for line in sample_queries_path().read_text(encoding="utf-8").splitlines()]
     common: dict[str, Any] = {"index_dir": index_dir, "device": "cpu",
-                              "reranker_backend": "transformers",
-                              "reranker_model": str(model_dir), "log_level": "warning"}
+                              "reranker": {"backend": "transformers", "model": str(model_dir)},
+                              "log_level": "warning"}
     batched = Settings(**common)
-    unbatched = Settings(**common, rerank_batch_size=1)
+    unbatched = Settings(**{**common, "reranker": {**common["reranker"], "batch_size": 1}})
     runs: dict[str, list[float]] = {"c1": [], "c16": [], "c16_unbatched": []}
     with serve_in_thread(batched) as url, serve_in_thread(unbatched) as url_unbatched:
         for _ in range(rounds):
@@ -153,7 +148,7 @@ async def batching_gain(model_dir: Path, index_dir: Path, requests: int,
             runs["c16_unbatched"].append(await _throughput(url_unbatched, queries, 16, requests))
     best = {name: round(max(values), 2) for name, values in runs.items()}
     return {"requests_per_run": requests, "rounds": rounds,
-            "rerank_batch_size": batched.rerank_batch_size,
+            "rerank_batch_size": batched.reranker.batch_size,
             "batch_wait_ms": batched.batch_wait_ms,
             "throughput_rps_best": best,
             "throughput_rps_all": {n: [round(v, 2) for v in vs] for n, vs in runs.items()},

@@ -201,8 +201,8 @@ def _quantized_and_full(quantized_dir: Path, full_dir: Path, index: Path, settin
     """The rerank scores of the 4-bit checkpoint (in the llm-compressor venv) and of the model
     it came from (here), through the same app on the same queries."""
     quantized = _scores_in_quant_venv({"index_dir": str(index), "device": "cpu",
-                                       "reranker_backend": "transformers",
-                                       "reranker_model": str(quantized_dir)}, queries)
+                                       "reranker": {"backend": "transformers",
+                                                    "model": str(quantized_dir)}}, queries)
     full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
                                                     reranker_model=str(full_dir)), queries))
     return quantized, full

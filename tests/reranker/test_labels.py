@@ -18,10 +18,6 @@ def _tokenizer(tmp_path: Path, kind: Any) -> Any:
     return AutoTokenizer.from_pretrained(tmp_path)
 
 
-def _no_batcher(stage: str, fn: Any) -> Any:
-    raise AssertionError("label validation must refuse before any backend is built")
-
-
 @pytest.mark.parametrize("alphabet", list(LabelAlphabet))
 def test_labels_are_the_tokens_the_model_reads_after_the_prompt(tmp_path: Path,
                                                                 alphabet: LabelAlphabet) -> None:
@@ -81,6 +77,7 @@ def test_labels_that_share_a_token_refuse_to_start(tmp_path: Path) -> None:
 async def test_the_scorer_refuses_to_start_on_a_splitting_tokenizer(tmp_path: Path,
                                                                    backend: str) -> None:
     build_tokenizer(tmp_path, kind="split_labels")  # tokenizer files only: no model is loaded
-    config = RerankerConfig(model=str(tmp_path), vllm_url="http://127.0.0.1:9")
+    # No model weights exist there: the labels are refused before any backend is built.
+    config = RerankerConfig(backend=backend, model=str(tmp_path), vllm_url="http://127.0.0.1:9")
     with pytest.raises(LabelTokenError, match="label 'A' is 2 tokens"):
-        await ListwiseScorer.create(backend, config, _no_batcher)
+        await ListwiseScorer.create(config)
