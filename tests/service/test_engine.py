@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,20 @@ async def test_the_engine_ranks_in_process_like_the_route(settings_factory: Any)
 async def test_health_answers_within_100ms_during_a_1000_document_rerank(
         settings_factory: Any, tiny_lm: Path) -> None:
     settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm))
-    documents = [f"Document {i}: believes that {i} divided by {i + 1} is {i % 7} remainder "
-                 f"{i % 3}, and adds the numerators and the denominators of fractions"
+    documents = [(f"Document {i}: believes that {i} divided by {i + 1} is {i % 7} remainder "
+                  f"{i % 3}, and adds the numerators and the denominators of fractions. " * 4)[:400]
                  for i in range(1000)]
-    async with app_client(settings) as (_, client):
+    async with app_client(settings) as (app, client):
+        # Where every prompt is rendered: an observer around the real renderer.
+        renderer = app.state.engine.scorer.renderer
+        threads: set[str] = set()
+        render = renderer.render
+
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            threads.add(threading.current_thread().name)
+            return render(*args, **kwargs)
+
+        renderer.render = observed
         rerank = asyncio.create_task(client.post("/v1/rerank", json={
             "query": "Calculate 1/2 + 1/3. Incorrect answer: 2/5", "documents": documents}))
         latencies: list[float] = []
@@ -53,6 +64,10 @@ async def test_health_answers_within_100ms_during_a_1000_document_rerank(
         response = await rerank
     assert response.status_code == 200
     assert response.json()["usage"]["windows"] == 39  # 1,000 documents in windows of <= 26
+    assert threads, "no prompt was rendered"
+    assert all(name.startswith("rankd-tokenizer") for name in threads), threads
+    print(f"\n/health during a 1,000-document /v1/rerank: {len(latencies)} probes, worst "
+          f"{max(latencies) * 1000:.1f} ms, median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
     assert len(latencies) >= 10, "the rerank finished before /health was measured"
     assert max(latencies) < 0.1, f"/health took {max(latencies) * 1000:.0f} ms at worst"
 
