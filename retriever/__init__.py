@@ -14,10 +14,14 @@ if TYPE_CHECKING:
     from retriever.embedder import DEFAULT_EMBEDDER, Embedder, EmbedderLoadError
     from retriever.index import (
         Collection,
+        CollectionUnavailableError,
         Hit,
         IndexIntegrityError,
         IndexKind,
+        IndexSpec,
         Manifest,
+        StoreKind,
+        StoreTarget,
         build_collection,
         load_collection,
     )
@@ -25,8 +29,8 @@ if TYPE_CHECKING:
 _HOMES = {
     "CatalogEntry": "catalog", "CatalogFormat": "catalog", "read_catalog": "catalog",
     "DEFAULT_EMBEDDER": "embedder", "Embedder": "embedder", "EmbedderLoadError": "embedder",
-    "Collection": "index", "Hit": "index", "IndexIntegrityError": "index", "IndexKind": "index",
-    "Manifest": "index", "build_collection": "index", "load_collection": "index",
+    "Collection": "index", "CollectionUnavailableError": "index", "Hit": "index", "IndexIntegrityError": "index", "IndexKind": "index",
+    "IndexSpec": "index", "Manifest": "index", "StoreKind": "index", "StoreTarget": "index", "build_collection": "index", "load_collection": "index",
 }
 
 __all__ = [
@@ -34,12 +38,16 @@ __all__ = [
     "CatalogEntry",
     "CatalogFormat",
     "Collection",
+    "CollectionUnavailableError",
     "Embedder",
     "EmbedderLoadError",
     "Hit",
     "IndexIntegrityError",
     "IndexKind",
+    "IndexSpec",
     "Manifest",
+    "StoreKind",
+    "StoreTarget",
     "build_collection",
     "load_collection",
     "read_catalog",

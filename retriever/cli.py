@@ -15,45 +15,86 @@ from retriever.training import TrainingConfig
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    from retriever import Embedder, IndexKind, build_collection, read_catalog
+    from retriever import (
+        Embedder,
+        IndexKind,
+        IndexSpec,
+        StoreKind,
+        StoreTarget,
+        build_collection,
+        read_catalog,
+    )
     from retriever.catalog import CatalogError
     from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.index import IndexIntegrityError
 
     index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", "./rankd-index"))
     model = args.model or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER)
+    backend = StoreKind(args.backend)
+    uri = args.milvus_uri or os.environ.get("RANKD_MILVUS_URI")
+    if backend is StoreKind.MILVUS and not uri:
+        print("rankd index build: --backend milvus needs --milvus-uri (a Milvus Lite file such as "
+              "./milvus.db, or http://host:19530) or RANKD_MILVUS_URI", file=sys.stderr)
+        return 2
+    spec = IndexSpec(kind=IndexKind(args.index_type), hnsw_m=args.hnsw_m,
+                     ef_construction=args.ef_construction, ef_search=args.ef,
+                     ivf_lists=args.ivf_lists, nprobe=args.nprobe)
     started = time.perf_counter()
     try:
         entries = read_catalog(args.catalog, args.id_column, args.text_column, args.format)
         embedder = Embedder.load(model, args.device, args.batch_size)
-    except (CatalogError, EmbedderLoadError) as exc:
+        path = build_collection(entries, embedder, index_dir, args.collection,
+                                instruction=args.instruction, spec=spec, backend=backend,
+                                target=StoreTarget(uri, os.environ.get("RANKD_MILVUS_TOKEN")),
+                                show_progress=not args.quiet)
+    except (CatalogError, EmbedderLoadError, IndexIntegrityError, ValueError) as exc:
         print(f"rankd index build: {exc}", file=sys.stderr)
         return 2
-    path = build_collection(entries, embedder, index_dir, args.collection,
-                            instruction=args.instruction, kind=IndexKind(args.index_type),
-                            show_progress=not args.quiet)
     elapsed = time.perf_counter() - started
     size = sum(f.stat().st_size for f in path.iterdir())
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     print(json.dumps({"collection": args.collection, "path": str(path), "count": len(entries),
                       "embedder": embedder.name, "dimension": embedder.dimension,
-                      "index_type": args.index_type, "seconds": round(elapsed, 2),
+                      "backend": backend.value, "index_type": args.index_type,
+                      "search_params": manifest["search_params"],
+                      "location": manifest["location"], "seconds": round(elapsed, 2),
                       "bytes": size}))
     return 0
 
 
 def register_index(sub: argparse._SubParsersAction) -> None:
+    from retriever.index import IndexSpec
+
+    defaults = IndexSpec()
     index = sub.add_parser("index", help="build and inspect collection indexes")
     index_sub = index.add_subparsers(dest="index_command", required=True)
-    build = index_sub.add_parser("build", help="embed a catalogue into a FAISS collection")
+    build = index_sub.add_parser("build", help="embed a catalogue into a collection (FAISS files "
+                                               "or Milvus)")
     build.add_argument("--catalog", required=True, help="CSV, JSONL or Parquet file")
     build.add_argument("--id-column", required=True)
     build.add_argument("--text-column", required=True)
     build.add_argument("--collection", required=True, help="collection name")
-    build.add_argument("--index-dir", help="default: $RANKD_INDEX_DIR or ./rankd-index")
+    build.add_argument("--index-dir", help="where the manifest goes (and, for faiss, the index): "
+                                           "default $RANKD_INDEX_DIR or ./rankd-index")
     build.add_argument("--model", help="embedder: hub id or directory (default: $RANKD_EMBEDDER_MODEL or all-MiniLM-L6-v2)")
     build.add_argument("--instruction", help="the collection's rerank instruction, kept in its manifest")
     build.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="default: from the file suffix")
+    build.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                       help="faiss: files in the index dir, searched in process; milvus: a Milvus "
+                            "collection (Lite file or server, --milvus-uri)")
+    build.add_argument("--milvus-uri", help="Milvus Lite file (./milvus.db) or server "
+                                            "(http://host:19530); default $RANKD_MILVUS_URI")
     build.add_argument("--index-type", choices=["flat", "hnsw", "ivf"], default="flat",
                        help="flat is exact; hnsw/ivf are approximate, for large catalogues")
+    build.add_argument("--hnsw-m", type=int, default=defaults.hnsw_m, help="HNSW: links per node")
+    build.add_argument("--ef-construction", type=int, default=defaults.ef_construction,
+                       help="HNSW build breadth (Milvus; FAISS uses its own)")
+    build.add_argument("--ef", type=int, default=defaults.ef_search,
+                       help="HNSW search breadth, recorded in the manifest")
+    build.add_argument("--ivf-lists", type=int, default=None,
+                       help="IVF: number of lists (default about 4*sqrt(count))")
+    build.add_argument("--nprobe", type=int, default=defaults.nprobe,
+                       help="IVF: lists searched per query, recorded in the manifest")
     build.add_argument("--device", default="auto")
     build.add_argument("--batch-size", type=int, default=64)
     build.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,11 +1,11 @@
-"""Collections on disk: a FAISS index, its entries and a manifest that lets a load verify them."""
+"""Collections: a manifest on disk that lets a load verify the collection, and a vector store
+behind it (FAISS files beside the manifest, or a Milvus collection; retriever/stores/)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import uuid
@@ -13,13 +13,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 
 from retriever.catalog import CatalogEntry
 from retriever.embedder import Embedder
+
+if TYPE_CHECKING:
+    from retriever.stores import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,41 @@ class IndexIntegrityError(RuntimeError):
     """A collection directory is missing, damaged or built for another embedder."""
 
 
+class CollectionUnavailableError(IndexIntegrityError):
+    """A collection's store cannot be reached or answered with an error (a Milvus server down,
+    its collection dropped); the message says which and what to check."""
+
+
 class IndexKind(StrEnum):
     FLAT = "flat"
     HNSW = "hnsw"
     IVF = "ivf"
+
+
+class StoreKind(StrEnum):
+    """Where a collection's vectors, ids and texts live."""
+
+    FAISS = "faiss"  # files in the collection directory, searched in process
+    MILVUS = "milvus"  # a Milvus collection (Lite file, Standalone or Distributed server)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """The index structure and its search breadth, recorded in the manifest."""
+
+    kind: IndexKind = IndexKind.FLAT
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128  # HNSW: candidates kept while searching
+    ivf_lists: int | None = None  # IVF: lists; None picks ~4*sqrt(n)
+    nprobe: int = 16  # IVF: lists visited per query
+
+    def search_params(self) -> dict[str, int]:
+        if self.kind is IndexKind.HNSW:
+            return {"ef": self.ef_search}
+        if self.kind is IndexKind.IVF:
+            return {"nprobe": self.nprobe}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -62,6 +95,11 @@ class Manifest:
     files: dict[str, str]
     metric: str = "inner_product"
     format_version: int = FORMAT_VERSION
+    backend: str = StoreKind.FAISS.value
+    # Search breadth ({"ef": N} or {"nprobe": N}); empty: the defaults of IndexSpec.
+    search_params: dict[str, int] = field(default_factory=dict)
+    # What the backend needs to find the collection again (Milvus: uri, alias, collection).
+    location: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
@@ -79,30 +117,17 @@ class Manifest:
                 f"{path} is not a valid rankd manifest ({exc}); rebuild with `rankd index build`"
             ) from exc
 
+    def rebuild_hint(self, directory: Path) -> str:
+        return (f"rebuild it with `rankd index build --collection {self.collection} ...` "
+                f"into {directory.parent}")
 
-def _sha256(path: Path) -> str:
+
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _make_index(kind: IndexKind, vectors: np.ndarray, hnsw_m: int, ivf_lists: int | None) -> Any:
-    dim = vectors.shape[1]
-    index: Any
-    if kind is IndexKind.FLAT:
-        index = faiss.IndexFlatIP(dim)
-    elif kind is IndexKind.HNSW:
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    else:
-        # ~4*sqrt(n) lists is FAISS's usual starting point; training needs >= 39 points per list.
-        n_lists = ivf_lists or max(1, min(int(4 * math.sqrt(len(vectors))), len(vectors) // 39))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, n_lists, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-    index.add(vectors)
-    return index
 
 
 def build_collection(
@@ -116,41 +141,57 @@ def build_collection(
     hnsw_m: int = 32,
     ivf_lists: int | None = None,
     show_progress: bool = True,
+    spec: IndexSpec | None = None,
+    backend: StoreKind = StoreKind.FAISS,
+    target: StoreTarget | None = None,
+    vectors: np.ndarray | None = None,
 ) -> Path:
-    """Embed ``entries`` and write ``index_dir/collection`` atomically.
+    """Embed ``entries`` into a new collection ``index_dir/collection`` and swap it in atomically.
 
-    Everything is written into a staging directory first and renamed into place at the end,
-    so an interrupted build leaves the previous collection untouched.
+    The store is written under a new name first (a staging directory; for Milvus, a new Milvus
+    collection), the manifest last, and only then is it made the served one (a rename; for
+    Milvus, an alias switch), so an interrupted build leaves the previous collection serving.
+    ``vectors``, when given, are the entries' unit vectors from ``embedder``, already computed.
     """
+    from retriever.stores import store_backend
+
     if not collection or collection.startswith(".") or "/" in collection:
         raise ValueError(f"invalid collection name {collection!r}")
+    spec = spec or IndexSpec(kind=kind, hnsw_m=hnsw_m, ivf_lists=ivf_lists)
     root = Path(index_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / collection
     staging = root / f"{_STAGING_PREFIX}{collection}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    builder = store_backend(backend).builder(staging, collection, embedder.dimension, spec,
+                                             target or StoreTarget())
     try:
-        vectors = embedder.encode([e.text for e in entries], show_progress=show_progress)
-        index = _make_index(kind, vectors, hnsw_m, ivf_lists)
-        faiss.write_index(index, str(staging / INDEX_FILE))
-        with (staging / ENTRIES_FILE).open("w", encoding="utf-8") as fh:
-            for entry in entries:
-                fh.write(json.dumps(asdict(entry), ensure_ascii=False, default=str) + "\n")
+        if vectors is None:
+            builder.add_entries(entries, embedder, show_progress)
+        else:
+            builder.add_vectors(entries, np.ascontiguousarray(vectors, dtype=np.float32))
+        built = builder.finish()
         manifest = Manifest(
             collection=collection,
             embedder=embedder.name,
             dimension=embedder.dimension,
             count=len(entries),
-            index_kind=kind.value,
+            index_kind=spec.kind.value,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             instruction=instruction,
-            files={name: _sha256(staging / name) for name in (INDEX_FILE, ENTRIES_FILE)},
+            files={name: sha256_file(staging / name) for name in built.files},
+            backend=backend.value,
+            search_params=spec.search_params(),
+            location=built.location,
         )
         (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2), encoding="utf-8")
+        builder.publish()
         _swap_into_place(staging, final)
     except BaseException:
+        builder.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    builder.retire_previous()
     return final
 
 
@@ -164,57 +205,67 @@ def _swap_into_place(staging: Path, final: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-class Collection:
-    """A loaded, verified collection: FAISS index plus entries."""
+@dataclass(frozen=True)
+class StoreTarget:
+    """Where a store other than FAISS files lives, and how to reach it (Milvus: a Lite file
+    path or a server URI, and a token)."""
 
-    def __init__(self, directory: Path, manifest: Manifest, index: Any,
-                 entries: list[CatalogEntry]) -> None:
+    uri: str | None = None
+    token: str | None = None
+
+
+class Collection:
+    """A loaded, verified collection: its manifest and the store that searches it."""
+
+    def __init__(self, directory: Path, manifest: Manifest, store: VectorStore) -> None:
         self.directory = directory
         self.manifest = manifest
-        self.index = index
-        self.entries = entries
+        self.store = store
 
     @property
     def name(self) -> str:
         return self.manifest.collection
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self.manifest.count
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-``k`` hits for each row of ``vectors`` (unit vectors), best first."""
-        k = min(k, len(self.entries))
+        k = min(k, self.manifest.count)
         if k <= 0 or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-        results: list[list[Hit]] = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            hits = []
-            for score, idx in zip(row_scores, row_ids, strict=True):
-                if idx < 0:  # approximate indexes may return fewer than k
-                    continue
-                entry = self.entries[idx]
-                hits.append(Hit(entry.id, entry.text, float(score), entry.metadata))
-            results.append(hits)
-        return results
+        return self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+
+    def health(self) -> str | None:
+        """None while the store answers; else why not."""
+        return self.store.health()
+
+    @property
+    def entries(self) -> list[CatalogEntry]:
+        """Every entry, in build order (read from the store)."""
+        return self.store.entries()
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def load_collection(directory: str | Path, embedder_name: str | None = None,
-                    dimension: int | None = None, hnsw_ef_search: int = 128,
-                    ivf_nprobe: int = 16) -> Collection:
-    """Load and verify a collection; raise IndexIntegrityError naming the file and the fix."""
+                    dimension: int | None = None, target: StoreTarget | None = None,
+                    ) -> Collection:
+    """Load and verify a collection; raise IndexIntegrityError naming the file and the fix, or
+    CollectionUnavailableError when its store cannot be reached."""
+    from retriever.stores import store_backend
+
     directory = Path(directory)
     if not directory.is_dir():
         raise IndexIntegrityError(f"collection directory {directory} does not exist")
     manifest = Manifest.read(directory)
-    rebuild = (f"rebuild it with `rankd index build --collection {manifest.collection} ...` "
-               f"into {directory.parent}")
-    for name in (INDEX_FILE, ENTRIES_FILE):
+    rebuild = manifest.rebuild_hint(directory)
+    for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise IndexIntegrityError(f"{path} is missing; {rebuild}")
-        expected = manifest.files.get(name)
-        if expected is None or _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise IndexIntegrityError(
                 f"{path} does not match the sha256 recorded in {directory / MANIFEST}: the file was "
                 f"modified or truncated after the build; {rebuild}"
@@ -230,27 +281,14 @@ def load_collection(directory: str | Path, embedder_name: str | None = None,
             f"{directory / MANIFEST} records dimension {manifest.dimension}, the embedder gives "
             f"{dimension}; {rebuild}"
         )
-    index: Any = faiss.read_index(str(directory / INDEX_FILE))
-    if index.ntotal != manifest.count or index.d != manifest.dimension:
+    try:
+        backend = store_backend(StoreKind(manifest.backend))
+    except ValueError:
         raise IndexIntegrityError(
-            f"{directory / INDEX_FILE} holds {index.ntotal} vectors of dimension {index.d}, the "
-            f"manifest says {manifest.count} of {manifest.dimension}; {rebuild}"
-        )
-    if manifest.index_kind == IndexKind.HNSW:
-        index.hnsw.efSearch = hnsw_ef_search
-    elif manifest.index_kind == IndexKind.IVF:
-        index.nprobe = ivf_nprobe
-    entries = []
-    with (directory / ENTRIES_FILE).open(encoding="utf-8") as fh:
-        for line in fh:
-            raw = json.loads(line)
-            entries.append(CatalogEntry(raw["id"], raw["text"], raw.get("metadata") or {}))
-    if len(entries) != manifest.count:
-        raise IndexIntegrityError(
-            f"{directory / ENTRIES_FILE} holds {len(entries)} entries, the manifest says "
-            f"{manifest.count}; {rebuild}"
-        )
-    return Collection(directory, manifest, index, entries)
+            f"{directory / MANIFEST} names backend {manifest.backend!r}, which this rankd does not "
+            f"know ({', '.join(k.value for k in StoreKind)}); {rebuild}") from None
+    store = backend.open(directory, manifest, target or StoreTarget())
+    return Collection(directory, manifest, store)
 
 
 def collection_dirs(index_dir: str | Path) -> list[Path]:

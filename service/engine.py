@@ -21,7 +21,6 @@ the candidates in each order on its tokenizer thread, reads the label logprobs f
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import time
@@ -29,14 +28,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rankd.batching import BatchObserver, MicroBatcher, default_memory_release
+from rankd.batching import BatchObserver
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.fusion import Fusion, fuse
 from reranker.windows import balanced_windows, merge_window_scores
-from retriever import Collection, Embedder, IndexIntegrityError, load_collection
-from retriever.index import Hit, collection_dirs
-from retriever.search import Retriever, SearchQuery
+from retriever.index import Hit, Manifest
+from retriever.search import SearchQuery
 from service.errors import (
     CollectionRequiredError,
     LimitExceededError,
@@ -65,7 +63,8 @@ from service.protocol import (
     RerankResult,
     Timings,
 )
-from service.settings import OnIndexError, Settings
+from service.retrieval import LocalRetrieval, RetrievalStage
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,37 +85,29 @@ def _ms(seconds: float) -> float:
 
 
 class Engine:
-    def __init__(self, settings: Settings, metrics: Metrics, embedder: Embedder,
-                 collections: dict[str, Collection], collection_errors: dict[str, str],
-                 search_batcher: MicroBatcher[SearchQuery, list[Hit]],
+    def __init__(self, settings: Settings, metrics: Metrics, retrieval: RetrievalStage,
                  scorer: ListwiseScorer | None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.embedder = embedder
-        self.collections_loaded = collections
-        self.collection_errors = collection_errors
-        self.search_batcher = search_batcher
+        self.retrieval = retrieval
         self.scorer = scorer
+
+    @property
+    def collections_loaded(self) -> dict[str, Manifest]:
+        return self.retrieval.manifests
 
     # ------------------------------------------------------------------ life cycle
 
     @classmethod
-    async def start(cls, settings: Settings, metrics: Metrics | None = None) -> Engine:
+    async def start(cls, settings: Settings, metrics: Metrics | None = None,
+                    retrieval: RetrievalStage | None = None) -> Engine:
         """Load and start everything; a configuration the engine cannot serve raises before
-        anything is left running."""
+        anything is left running. ``retrieval`` is a stage started elsewhere (the Ray Serve
+        application's retrieval deployment); by default the engine loads its own."""
         metrics = metrics or Metrics()
-        # The micro-batch (up to RANKD_EMBED_BATCH_SIZE queries) is encoded in length-sorted
-        # chunks: one chunk padded to its longest query costs far more per query at high load.
-        embedder = await asyncio.to_thread(
-            Embedder.load, settings.embedder_model, settings.device, settings.embed_chunk_size)
-        collections, errors = await asyncio.to_thread(load_all, settings, embedder)
-        retriever = Retriever(embedder, collections)
         observer: BatchObserver = metrics
-        search_batcher: MicroBatcher[SearchQuery, list[Hit]] = MicroBatcher(
-            "search", retriever.search, max_batch_size=settings.embed_batch_size,
-            max_wait_ms=settings.batch_wait_ms, max_queue_depth=settings.max_queue_depth,
-            observer=observer, memory_release=default_memory_release())
-        await search_batcher.start()
+        if retrieval is None:
+            retrieval = await LocalRetrieval.start(settings, observer)
         scorer = None
         if not settings.reranker.enabled:
             log.warning("no reranker configured (RANKD_RERANKER_BACKEND=none): serving retrieval "
@@ -125,17 +116,17 @@ class Engine:
             try:
                 scorer = await ListwiseScorer.create(settings.reranker, observer)
             except BaseException:
-                await search_batcher.close()  # start-up refused: leave no worker behind
+                await retrieval.close()  # start-up refused: leave no worker behind
                 raise
         # Everything loaded so far lives as long as the engine. Freezing it keeps the collector
         # from walking the models' millions of objects in a full collection, which otherwise
         # lands on some request as a 0.3 s pause of the event loop (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
-        return cls(settings, metrics, embedder, collections, errors, search_batcher, scorer)
+        return cls(settings, metrics, retrieval, scorer)
 
     async def close(self) -> None:
-        await self.search_batcher.close()
+        await self.retrieval.close()
         if self.scorer is not None:
             await self.scorer.close()
         gc.unfreeze()  # what start froze can be collected again once it is dropped
@@ -205,7 +196,7 @@ class Engine:
                         else request.fusion_weight)
 
     def _rank_task(self, plan: RankPlan, hits: list[Hit]) -> ListwiseTask:
-        manifest = self.collections_loaded[plan.collection].manifest
+        manifest = self.collections_loaded[plan.collection]
         top = hits[: plan.rerank_n]
         return ListwiseTask(
             template=self.settings.reranker.rank_template,
@@ -230,7 +221,7 @@ class Engine:
         started = time.perf_counter()
         plans = [self.plan(r, f"queries[{i}]." if len(requests) > 1 else "")
                  for i, r in enumerate(requests)]
-        hits = await self.search_batcher.submit_many(
+        hits = await self.retrieval.search(
             [SearchQuery(p.request.query, p.collection, p.retrieve_k) for p in plans])
         retrieved = time.perf_counter()
         self.metrics.stage_latency.labels("retrieve").observe(retrieved - started)
@@ -368,8 +359,8 @@ class Engine:
             query = request.question
             if self.settings.answer_query_with_options:
                 query += "\n" + "\n".join(request.options)
-            hits = await self.search_batcher.submit(
-                SearchQuery(query, collection, request.passages))
+            (hits,) = await self.retrieval.search(
+                [SearchQuery(query, collection, request.passages)])
             passages = [Passage(id=h.id, text=h.text, score=h.score, metadata=h.metadata)
                         for h in hits]
         else:
@@ -409,12 +400,15 @@ class Engine:
     async def ready(self) -> ReadyResponse:
         """Readiness with a status per component: embedder, each collection, reranker."""
         statuses: dict[str, ComponentStatus] = {
-            "embedder": ComponentStatus(status="ok", detail=self.embedder.name),
+            "embedder": ComponentStatus(status="ok", detail=self.retrieval.embedder_name),
         }
-        for name, collection in self.collections_loaded.items():
+        problems = await self.retrieval.health()
+        for name, manifest in self.collections_loaded.items():
+            problem = problems.get(name)
             statuses[f"collection:{name}"] = ComponentStatus(
-                status="ok", detail=f"{len(collection)} entries")
-        for name, error in self.collection_errors.items():
+                status="error" if problem else "ok",
+                detail=problem or f"{manifest.count} entries, {manifest.backend}")
+        for name, error in self.retrieval.errors.items():
             statuses[f"collection:{name}"] = ComponentStatus(status="error", detail=error)
         if self.scorer is None:
             statuses["reranker"] = ComponentStatus(
@@ -429,6 +423,8 @@ class Engine:
             statuses["collections"] = ComponentStatus(
                 status="error", detail=f"no collection loaded from {self.settings.index_dir}")
             overall = "not_ready"
+        elif all(problems.get(name) for name in self.collections_loaded):
+            overall = "not_ready"  # every store is down: nothing can be retrieved
         elif any(s.status in ("degraded", "error") for s in statuses.values()):
             overall = "degraded"
         else:
@@ -438,31 +434,8 @@ class Engine:
     def collections(self) -> list[CollectionInfo]:
         """Loaded collections with their size, embedder and build time."""
         return [
-            CollectionInfo(name=c.name, count=len(c), embedder=c.manifest.embedder,
-                           dimension=c.manifest.dimension, index_kind=c.manifest.index_kind,
-                           built_at=c.manifest.created_at, instruction=c.manifest.instruction)
-            for c in self.collections_loaded.values()
+            CollectionInfo(name=m.collection, count=m.count, embedder=m.embedder,
+                           dimension=m.dimension, index_kind=m.index_kind, backend=m.backend,
+                           built_at=m.created_at, instruction=m.instruction)
+            for m in self.collections_loaded.values()
         ]
-
-
-def load_all(settings: Settings, embedder: Embedder) -> tuple[dict[str, Collection], dict[str, str]]:
-    """Load every collection; a damaged one stops start-up or is skipped, as configured."""
-    collections: dict[str, Collection] = {}
-    errors: dict[str, str] = {}
-    directories = collection_dirs(settings.index_dir)
-    if not directories:
-        log.error("no collections under RANKD_INDEX_DIR=%s; build one with `rankd index build`",
-                  settings.index_dir)
-    for directory in directories:
-        try:
-            collection = load_collection(directory, embedder.name, embedder.dimension)
-        except IndexIntegrityError as exc:
-            if settings.on_index_error is OnIndexError.FAIL:
-                raise
-            log.error("skipping collection %s: %s", directory.name, exc)
-            errors[directory.name] = str(exc)
-            continue
-        collections[collection.name] = collection
-        log.info("collection %s: %d entries, embedder %s", collection.name, len(collection),
-                 collection.manifest.embedder)
-    return collections, errors

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rankd.batching import QueueFullError
 from reranker.errors import BackendError, TooManyItemsError
+from retriever.index import CollectionUnavailableError
 from service.protocol import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ ERROR_TABLE: dict[type[Exception], HttpError] = {
     RerankUnavailableError: HttpError(503, "reranker_unavailable",
                                       "The reranker is needed and unavailable"),
     BackendError: HttpError(503, "reranker_unavailable", "The reranker is needed and unavailable"),
+    CollectionUnavailableError: HttpError(503, "retrieval_unavailable",
+                                          "The collection's store (a Milvus server) does not "
+                                          "answer"),
 }
 
 # Errors any route can answer with, before or around its own work.

@@ -207,6 +207,7 @@ class CollectionInfo(BaseModel):
     embedder: str
     dimension: int
     index_kind: str
+    backend: str = Field(description="faiss or milvus: where the vectors live")
     built_at: str
     instruction: str | None
 

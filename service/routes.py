@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 
 from rankd.batching import QueueFullError
 from reranker.errors import TooManyItemsError
+from retriever.index import CollectionUnavailableError
 from service.dependencies import EngineDep, MetricsDep
 from service.errors import (
     CollectionRequiredError,
@@ -33,11 +34,11 @@ router = APIRouter()
 
 _RANK_ERRORS = responses_for(LimitExceededError, TooManyItemsError, UnknownCollectionError,
                              CollectionRequiredError, QueueFullError, NotReadyError,
-                             RerankUnavailableError)
+                             RerankUnavailableError, CollectionUnavailableError)
 _RERANK_ERRORS = responses_for(LimitExceededError, QueueFullError, RerankUnavailableError)
 _ANSWER_ERRORS = responses_for(LimitExceededError, TooManyItemsError, UnknownCollectionError,
                                CollectionRequiredError, QueueFullError, NotReadyError,
-                               RerankUnavailableError)
+                               RerankUnavailableError, CollectionUnavailableError)
 
 
 @router.post("/rank", response_model=RankResponse, responses=_RANK_ERRORS, tags=["rank"])

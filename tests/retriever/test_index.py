@@ -76,7 +76,7 @@ def test_interrupted_build_leaves_previous_index_intact(tmp_path: Path, embedder
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the index is written
 
-    monkeypatch.setattr("retriever.index.faiss.write_index", crash)
+    monkeypatch.setattr("faiss.write_index", crash)
     with pytest.raises(KeyboardInterrupt):
         build_collection(entries[:5], embedder, tmp_path, "m", show_progress=False)
     after = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
