@@ -56,7 +56,8 @@ class ListwiseScores:
 
 
 __all__ = ["MAX_ORDERS", "ListwiseScorer", "ListwiseScores", "ListwiseTask", "OrderTrace",
-           "combine_orders", "order_permutations", "renormalise"]
+           "combine_orders", "load_model_tokenizer", "order_permutations", "renormalise",
+           "start_backend"]
 
 T = TypeVar("T")
 
@@ -104,6 +105,26 @@ def renormalise(logprobs: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
+async def load_model_tokenizer(config: RerankerConfig) -> tuple[str, Any]:
+    """The model's directory and its tokenizer, off the loop. A GGUF file (or the embedded
+    default) becomes a model directory once."""
+    assert config.model, "RerankerConfig requires a model for every backend"
+    location = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
+    return location, await asyncio.to_thread(load_tokenizer, location)
+
+
+async def start_backend(config: RerankerConfig, tokenizer: Any,
+                        observer: BatchObserver | None = None) -> LabelLogprobBackend:
+    """The configured backend (``config.model`` already a model directory), started."""
+    backend = await backend_factory(config.backend)(config, tokenizer, observer)
+    try:
+        await backend.start()
+    except BaseException:
+        await backend.close()
+        raise
+    return backend
+
+
 class ListwiseScorer:
     """Renders tasks, reads label logprobs from a backend and averages the orders.
 
@@ -135,17 +156,17 @@ class ListwiseScorer:
         return self.backend.name
 
     @classmethod
-    async def create(cls, config: RerankerConfig,
-                     observer: BatchObserver | None = None) -> ListwiseScorer:
+    async def create(cls, config: RerankerConfig, observer: BatchObserver | None = None,
+                     backend: LabelLogprobBackend | None = None) -> ListwiseScorer:
         """Load the tokenizer, validate the labels (refusing to start if one is not a single
-        token after either template's ending), then build and start the backend."""
-        factory = backend_factory(config.backend)
+        token after either template's ending), then build and start the backend.
+
+        ``backend``, when given, is a started backend that scores elsewhere (a Ray Serve
+        deployment running ``start_backend``); the scorer then only renders prompts."""
         assert config.model, "RerankerConfig requires a model for every backend"
-        # A GGUF file (or the embedded default) becomes a model directory once, off the loop.
         spec = config.model
-        location = await asyncio.to_thread(resolve_model, spec, config.cache_dir)
+        location, tokenizer = await load_model_tokenizer(config)
         config = config.model_copy(update={"model": location})
-        tokenizer = await asyncio.to_thread(load_tokenizer, location)
         labels = config.label_alphabet.labels()
         renderer = PromptRenderer(tokenizer, config.chat_template)
         # Labels are checked where the model writes them: right after each rendered prompt.
@@ -158,12 +179,8 @@ class ListwiseScorer:
                 f"the rank template's ({answer_ids[:3]} against {token_ids[:3]}, first three); "
                 "end RANKD_RERANKER_ANSWER_TEMPLATE the way RANKD_RERANKER_RANK_TEMPLATE ends, "
                 "or turn RANKD_RERANKER_CHAT_TEMPLATE on")
-        backend = await factory(config, tokenizer, observer)
-        try:
-            await backend.start()
-        except BaseException:
-            await backend.close()
-            raise
+        if backend is None:
+            backend = await start_backend(config, tokenizer, observer)
         log.info("reranker ready: backend %s, model %s, %d labels, %d orders", backend.name,
                  config.model, len(labels), config.orders)
         return cls(renderer, backend, labels, token_ids,

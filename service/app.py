@@ -11,9 +11,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.routing import BaseRoute
 
+from reranker.backends import LabelLogprobBackend
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
+from service.retrieval import RetrievalStage
 from service.routes import router
 from service.security import ApiKeyMiddleware, BodyLimitMiddleware
 from service.settings import Settings, load_settings
@@ -23,17 +25,21 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               retrieval: RetrievalStage | None = None,
+               reranker_backend: LabelLogprobBackend | None = None) -> FastAPI:
     """The HTTP app over an engine: the one its lifespan starts from ``settings``, or ``engine``,
     already started by the caller (``rankd serve`` does, to report a bad configuration in one
-    line), which the caller also closes."""
+    line), which the caller also closes. ``retrieval`` and ``reranker_backend`` hand the
+    lifespan's engine stages that run elsewhere (Engine.start)."""
     settings = settings or (engine.settings if engine else load_settings())
     metrics = engine.metrics if engine else Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
-        running = await Engine.start(settings, metrics) if engine is None else engine
+        running = (await Engine.start(settings, metrics, retrieval, reranker_backend)
+                   if engine is None else engine)
         app.state.engine = running
         log.info("rankd ready: %d collections, reranker %s", len(running.collections_loaded),
                  settings.reranker.backend)

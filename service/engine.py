@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from rankd.batching import BatchObserver
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
+from reranker.backends import LabelLogprobBackend
 from reranker.fusion import Fusion, fuse
 from reranker.windows import balanced_windows, merge_window_scores
 from retriever.index import Hit, Manifest
@@ -100,10 +101,12 @@ class Engine:
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics | None = None,
-                    retrieval: RetrievalStage | None = None) -> Engine:
+                    retrieval: RetrievalStage | None = None,
+                    reranker_backend: LabelLogprobBackend | None = None) -> Engine:
         """Load and start everything; a configuration the engine cannot serve raises before
-        anything is left running. ``retrieval`` is a stage started elsewhere (the Ray Serve
-        application's retrieval deployment); by default the engine loads its own."""
+        anything is left running. ``retrieval`` and ``reranker_backend`` are stages started
+        elsewhere (the Ray Serve application's deployments, service/ray_app.py); by default
+        the engine loads its own."""
         metrics = metrics or Metrics()
         observer: BatchObserver = metrics
         if retrieval is None:
@@ -114,7 +117,8 @@ class Engine:
                         "order only")
         else:
             try:
-                scorer = await ListwiseScorer.create(settings.reranker, observer)
+                scorer = await ListwiseScorer.create(settings.reranker, observer,
+                                                     reranker_backend)
             except BaseException:
                 await retrieval.close()  # start-up refused: leave no worker behind
                 raise

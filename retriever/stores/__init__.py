@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from retriever.index import Hit, IndexSpec, Manifest, StoreKind, StoreTarget
+from retriever.index import (
+    CollectionUnavailableError,
+    Hit,
+    IndexSpec,
+    Manifest,
+    StoreKind,
+    StoreTarget,
+)
 
 if TYPE_CHECKING:
     from retriever.catalog import CatalogEntry
@@ -77,8 +84,13 @@ def _faiss() -> StoreBackend:
 
 
 def _milvus() -> StoreBackend:
-    from retriever.stores.milvus_store import MilvusBackend
+    try:
+        import pymilvus  # noqa: F401
 
+        from retriever.stores.milvus_store import MilvusBackend
+    except ImportError:
+        raise CollectionUnavailableError(
+            "Milvus collections need pymilvus: pip install 'rankd[milvus]'") from None
     return MilvusBackend()
 
 

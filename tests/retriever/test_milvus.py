@@ -7,9 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("pymilvus", reason="the [milvus] extra is not installed")
-
 from pymilvus import MilvusClient
 
 from rankd.cli import main

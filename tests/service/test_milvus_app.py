@@ -9,9 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("pymilvus", reason="the [milvus] extra is not installed")
-
 from pymilvus import MilvusClient
 
 from retriever import (
