@@ -10,6 +10,9 @@
 #   RANKD_CATALOG_COLLECTION    collection name (default: the file name without its extension)
 #   RANKD_CATALOG_INSTRUCTION   the collection's rerank instruction (optional)
 #   RANKD_CATALOG_INDEX_TYPE    flat (default), hnsw or ivf
+#   RANKD_CATALOG_BACKEND       faiss (default: files in the index dir) or milvus (the entries
+#                               go to the Milvus at RANKD_MILVUS_URI; the index dir keeps the
+#                               manifest)
 #   RANKD_INDEX_DIR, RANKD_EMBEDDER_MODEL  as for `rankd serve`
 set -eu
 index_dir=${RANKD_INDEX_DIR:-/data/index}
@@ -36,7 +39,8 @@ fi
 echo "rankd-index-init: building collection $collection from $catalog into $index_dir"
 set -- --catalog "$catalog" --id-column "$RANKD_CATALOG_ID_COLUMN" \
   --text-column "$RANKD_CATALOG_TEXT_COLUMN" --collection "$collection" --index-dir "$index_dir" \
-  --index-type "${RANKD_CATALOG_INDEX_TYPE:-flat}" --quiet
+  --index-type "${RANKD_CATALOG_INDEX_TYPE:-flat}" --backend "${RANKD_CATALOG_BACKEND:-faiss}" \
+  --quiet
 if [ -n "${RANKD_CATALOG_INSTRUCTION:-}" ]; then
   set -- "$@" --instruction "$RANKD_CATALOG_INSTRUCTION"
 fi

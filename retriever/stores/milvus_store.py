@@ -45,6 +45,8 @@ MAX_TEXT_BYTES = 65_535
 MAX_ID_BYTES = 512
 # Seconds a call to the server may take before the store reports it unavailable.
 CALL_TIMEOUT_S = 10.0
+# /ready probes each Milvus collection; a readiness probe waits seconds, not tens of them.
+HEALTH_TIMEOUT_S = 2.0
 _INDEX_TYPES = {IndexKind.FLAT: "FLAT", IndexKind.HNSW: "HNSW", IndexKind.IVF: "IVF_FLAT"}
 _OUTPUT_FIELDS = ["entry_id", "text", "metadata"]
 
@@ -232,7 +234,7 @@ class MilvusStore:
         from pymilvus import MilvusException
 
         try:
-            self.client.get_collection_stats(self.alias, timeout=CALL_TIMEOUT_S)
+            self.client.get_collection_stats(self.alias, timeout=HEALTH_TIMEOUT_S)
         except MilvusException as exc:
             return f"Milvus collection {self.alias} at {self.uri}: {_message(exc)}"
         return None

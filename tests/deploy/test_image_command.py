@@ -174,3 +174,24 @@ def test_index_step_builds_a_mounted_catalogue_once(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout
     assert (index_dir / "maths" / "manifest.json").read_text() == manifest
+
+
+def test_index_step_builds_into_milvus(tmp_path: Path) -> None:
+    catalog = tmp_path / "maths.csv"
+    shutil.copy(sample_catalog_path(), catalog)
+    index_dir = tmp_path / "index"
+    env = _host_env(RANKD_INDEX_DIR=str(index_dir), RANKD_CATALOG_FILE=str(catalog),
+                    RANKD_CATALOG_ID_COLUMN=SAMPLE_ID_COLUMN,
+                    RANKD_CATALOG_TEXT_COLUMN=SAMPLE_TEXT_COLUMN,
+                    RANKD_CATALOG_BACKEND="milvus",
+                    RANKD_MILVUS_URI=str(tmp_path / "milvus.db"))
+    built = _index_init(env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    report = json.loads(built.stdout.strip().splitlines()[-1])
+    assert report["backend"] == "milvus"
+    assert report["location"]["uri"] == str((tmp_path / "milvus.db").resolve())
+    collection = load_collection(index_dir / "maths")
+    try:
+        assert len(collection) == report["count"] > 0
+    finally:
+        collection.close()
