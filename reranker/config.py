@@ -12,6 +12,7 @@ from reranker.labels import LabelAlphabet
 from reranker.models import EMBEDDED_RERANKER
 
 NO_RERANKER = "none"
+QUANTIZATIONS = ("none", "int8")
 MAX_ORDERS = 52  # the largest label alphabet: more rotations than items are never distinct
 
 DEFAULT_INSTRUCTION = (
@@ -77,6 +78,8 @@ class RerankerConfig(BaseModel):
     dtype: str = Field("auto", description="dtype of the transformers reranker: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
     threads: int = Field(0, ge=0, description="Torch intra-op threads of the in-process reranker's worker; 0 keeps the process's (OMP_NUM_THREADS, else one per core).")
     batch_size: int = Field(16, ge=1, description="Most prompts in one transformers forward pass.")
+    quantization: str = Field("none", description="transformers backend on CPU: none (the model's dtype) or int8 (dynamic int8 quantization of the Linear layers of the decoder, as it loads; the output layer stays float32).")
+    prefix_sharing: bool = Field(True, description="transformers backend: run the prefix that prompts share (the instruction and query of a request's orders) once per micro-batch and score each prompt's own suffix over its cached keys and values.")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a transformers forward pass waits for more prompts before it runs.")
     max_queue_depth: int = Field(1024, ge=1, description="Prompts waiting for the transformers reranker before requests get 429.")
     vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI-compatible server (backend vllm).")
@@ -99,6 +102,13 @@ class RerankerConfig(BaseModel):
     @classmethod
     def _answer_template(cls, value: str) -> str:
         return check_template(value, ANSWER_FIELDS, ("question", "items"))
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, value: str) -> str:
+        if value not in QUANTIZATIONS:
+            raise ValueError(f"must be one of {', '.join(QUANTIZATIONS)}")
+        return value
 
     @model_validator(mode="after")
     def _model_named(self) -> RerankerConfig:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +32,64 @@ def _torch_dtype(name: str, device: str) -> Any:
         ) from None
 
 
+def quantize_int8(model: Any, device: str) -> Any:
+    """Dynamic int8 quantization of every Linear layer but the output one (torch's fbgemm/oneDNN
+    kernels): int8 weights, activations quantized per batch. The output layer stays float32:
+    with one position kept it costs little, and the label logits come from it."""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    if device != "cpu" or next(model.parameters()).dtype != torch.float32:
+        raise RerankerConfigError(
+            "RANKD_RERANKER_QUANTIZATION=int8 runs on CPU from float32 weights; set "
+            "RANKD_RERANKER_DEVICE=cpu and RANKD_RERANKER_DTYPE=float32 (or auto), or "
+            "quantization none")
+    output = model.get_output_embeddings()
+    with warnings.catch_warnings():
+        # torch >= 2.10 marks its quantized tensor types deprecated; the kernels still run.
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated")
+        for name, child in list(model.named_children()):
+            if child is not output:
+                setattr(model, name, quantize_dynamic(child, {torch.nn.Linear},
+                                                      dtype=torch.qint8))
+    log.info("reranker quantized: int8 dynamic Linear layers (output layer float32)")
+    return model
+
+
+# A common prefix shorter than this is not worth a group of its own.
+MIN_SHARED_TOKENS = 16
+
+
+def shared_prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """Groups of prompts that begin alike: (prefix length, member indices) each.
+
+    Prompts are sorted, so those with a common beginning sit side by side; a run whose common
+    prefix is at least MIN_SHARED_TOKENS long is one group. Every prompt keeps at least its last
+    token out of the prefix, because its logits come from the suffix pass.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    groups: list[tuple[int, list[int]]] = []
+    for i in order:
+        if groups:
+            length, members = groups[-1]
+            head = prompts[members[0]]
+            shared = _common_prefix(head, prompts[i], length)
+            shared = min(shared, len(prompts[i]) - 1)
+            if shared >= MIN_SHARED_TOKENS:
+                groups[-1] = (shared, [*members, i])
+                continue
+        groups.append((len(prompts[i]) - 1, [i]))
+    return groups
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for j in range(n):
+        if a[j] != b[j]:
+            return j
+    return n
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -45,7 +105,12 @@ class TransformersBackend:
             "rerank", self.score_batch, max_batch_size=config.batch_size,
             max_wait_ms=config.batch_wait_ms, max_queue_depth=config.max_queue_depth,
             observer=observer, memory_release=default_memory_release())
-        self.forward_passes = 0
+        self.forward_passes = 0  # model calls
+        self.batches = 0  # micro-batches scored
+        self.prefix_sharing = config.prefix_sharing
+        # transformers 5.x names the KV cache `cache` (in and out); earlier, `past_key_values`.
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @classmethod
     async def create(cls, config: RerankerConfig, tokenizer: Any,
@@ -74,6 +139,8 @@ class TransformersBackend:
                 "hub id, or RANKD_RERANKER_BACKEND=none to serve retrieval only"
             ) from exc
         model.to(device).eval()
+        if config.quantization == "int8":
+            model = quantize_int8(model, device)
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -81,13 +148,29 @@ class TransformersBackend:
         return model, device, int(pad)
 
     def score_batch(self, reads: list[LabelRead]) -> list[list[float]]:
-        """One left-padded forward pass over ``reads``; label log-softmax at the last position."""
+        """Label log-softmax at the next position of each read, for a micro-batch of reads."""
         import torch
 
         if self.threads:
             # Per call, in this worker thread: OpenMP's thread count is a per-thread setting, so
             # the embedder's worker keeps its own.
             torch.set_num_threads(self.threads)
+        self.batches += 1
+        with torch.inference_mode():
+            if self.prefix_sharing:
+                last = self._last_logits_shared(reads)
+            else:
+                last = self._last_logits(reads)
+        results = []
+        for row, read in enumerate(reads):
+            label_logits = last[row, torch.tensor(read.label_token_ids, device=last.device)]
+            results.append(torch.log_softmax(label_logits, dim=-1).tolist())
+        return results
+
+    def _last_logits(self, reads: Sequence[LabelRead]) -> Any:
+        """One left-padded forward pass over whole prompts; the logits at each last position."""
+        import torch
+
         width = max(len(r.prompt_token_ids) for r in reads)
         input_ids = torch.full((len(reads), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(reads), width), dtype=torch.long)
@@ -97,20 +180,63 @@ class TransformersBackend:
             attention[row, width - n:] = 1
         # Left padding shifts positions; count them from each row's first real token instead.
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                position_ids=positions.to(self.device),
-                logits_to_keep=1,
-            )
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            position_ids=positions.to(self.device),
+            logits_to_keep=1,
+        )
         self.forward_passes += 1
-        last = out.logits[:, -1, :].float()
-        results = []
-        for row, read in enumerate(reads):
-            label_logits = last[row, torch.tensor(read.label_token_ids, device=last.device)]
-            results.append(torch.log_softmax(label_logits, dim=-1).tolist())
-        return results
+        return out.logits[:, -1, :].float()
+
+    def _last_logits_shared(self, reads: Sequence[LabelRead]) -> Any:
+        """The same logits, computing each shared prefix once.
+
+        The orders of one query (and any reads that begin alike) share their instruction and
+        query. Reads are grouped by common prefix; one left-padded pass runs each group's prefix
+        once and keeps its KV cache; a second pass runs every read's own suffix, right-padded,
+        over its group's cached prefix. Two forward passes per micro-batch, as many prefix
+        tokens as there are groups.
+        """
+        import torch
+
+        groups = shared_prefix_groups([r.prompt_token_ids for r in reads])
+        prefixes = [reads[members[0]].prompt_token_ids[:length] for length, members in groups]
+        width = max(len(p) for p in prefixes)
+        prefix_ids = torch.full((len(groups), width), self.pad_token_id, dtype=torch.long)
+        prefix_mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            prefix_ids[row, width - len(prefix):] = torch.tensor(prefix, dtype=torch.long)
+            prefix_mask[row, width - len(prefix):] = 1
+        out = self.model(input_ids=prefix_ids.to(self.device),
+                         attention_mask=prefix_mask.to(self.device),
+                         position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                         use_cache=True, logits_to_keep=1)
+        cache = getattr(out, self._cache_arg)
+        group_of = [0] * len(reads)
+        prefix_len = [0] * len(reads)
+        for g, (length, members) in enumerate(groups):
+            for i in members:
+                group_of[i], prefix_len[i] = g, length
+        suffixes = [r.prompt_token_ids[prefix_len[i]:] for i, r in enumerate(reads)]
+        longest = max(len(x) for x in suffixes)
+        suffix_ids = torch.full((len(reads), longest), self.pad_token_id, dtype=torch.long)
+        suffix_mask = torch.zeros((len(reads), longest), dtype=torch.long)
+        positions = torch.zeros((len(reads), longest), dtype=torch.long)
+        for row, suffix in enumerate(suffixes):
+            suffix_ids[row, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            suffix_mask[row, :len(suffix)] = 1
+            positions[row] = prefix_len[row] + torch.arange(longest)
+        # Each read gets its group's prefix: the cache rows, reordered like beams.
+        cache.reorder_cache(torch.tensor(group_of, device=self.device))
+        mask = torch.cat([prefix_mask[group_of], suffix_mask], dim=1)
+        # Right padding: a read's pads come after its last token, which never attends to them.
+        out = self.model(input_ids=suffix_ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), use_cache=True,
+                         **{self._cache_arg: cache})
+        self.forward_passes += 2
+        last = torch.tensor([len(x) - 1 for x in suffixes], device=out.logits.device)
+        return out.logits[torch.arange(len(reads), device=last.device), last].float()
 
     async def start(self) -> None:
         await self._batcher.start()

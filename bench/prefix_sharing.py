@@ -1,0 +1,134 @@
+"""What prefix sharing saves: the cost of 2 and k orders over 1, with and without it, on the
+real model (the embedded SmolLM2-135M-Instruct, or --model), in one run.
+
+Each round takes one Eedi query and its top ``--candidates`` from the MiniLM retriever, and
+scores it with ``ListwiseScorer.score`` (one backend call) in 1, 2 and ``--k`` orders, on two
+scorers over the same model: prefix sharing on and off. The six calls of a round run in a
+rotating order, so every configuration sees the same machine load. It prints the median latency
+of each, the ratios k orders / 1 order, shared / unshared, and the prompt's token counts
+(shared prefix and per-order suffix).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/prefix_sharing.py --data ../shared/data/eedi
+
+A benchmark, not a test: run it on a quiet machine (the load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, ListwiseTask, RerankerConfig
+from reranker.backends.transformers_backend import shared_prefix_groups
+
+
+def candidates(data: Path | None, rounds: int, k: int, seed: int) -> list[ListwiseTask]:
+    import random
+
+    from retriever import Embedder, read_catalog
+    from retriever.data import SAMPLE_INSTRUCTION
+
+    embedder = Embedder.load("default", device="cpu")
+    if data is not None:
+        from retriever.eedi import eedi_queries
+
+        entries = read_catalog(data / "misconception_mapping.csv", "MisconceptionId",
+                               "MisconceptionName")
+        queries = [q.text for q in eedi_queries(data / "train.csv")]
+    else:
+        from clients.queries import sample_queries
+        from retriever.data import sample_catalog_path
+
+        entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+        queries = [q.text for q in sample_queries()]
+    picked = random.Random(seed).sample(queries, min(rounds, len(queries)))
+    catalogue = embedder.encode([e.text for e in entries])
+    scores = embedder.encode(picked) @ catalogue.T
+    tasks = []
+    for query, row in zip(picked, scores, strict=True):
+        top = row.argsort()[::-1][:k]
+        tasks.append(ListwiseTask(DEFAULT_RANK_TEMPLATE,
+                                  {"instruction": SAMPLE_INSTRUCTION, "query": query},
+                                  [entries[i].text for i in top], [entries[i].id for i in top]))
+    return tasks
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    tasks = candidates(args.data, args.rounds + args.warmup, args.candidates, args.seed)
+    base = {"model": args.model, "batch_wait_ms": 0.0, "threads": args.threads}
+    scorers = {sharing: await ListwiseScorer.create(RerankerConfig(prefix_sharing=sharing, **base))
+               for sharing in (True, False)}
+    schemes = [1, 2, args.k]
+    configs = [(sharing, orders) for orders in schemes for sharing in (True, False)]
+    samples: dict[tuple[bool, int], list[float]] = {c: [] for c in configs}
+    prompt_tokens: list[int] = []
+    shared_tokens: list[int] = []
+    try:
+        for round_no, task in enumerate(tasks):
+            rotation = configs[round_no % len(configs):] + configs[: round_no % len(configs)]
+            for sharing, orders in rotation:
+                one = ListwiseTask(task.template, task.fields, task.items, task.item_ids,
+                                   orders=orders)
+                started = time.perf_counter()
+                (scored,) = await scorers[sharing].score([one])
+                elapsed = time.perf_counter() - started
+                if round_no >= args.warmup:
+                    samples[(sharing, orders)].append(elapsed)
+                if sharing and orders == 2 and round_no >= args.warmup:
+                    renderer = scorers[True].renderer
+                    ids = [renderer.render(one.template, one.fields,
+                                           [one.items[p] for p in o.positions],
+                                           o.labels).token_ids for o in scored.orders]
+                    (length, _), = shared_prefix_groups(ids)
+                    prompt_tokens.append(len(ids[0]))
+                    shared_tokens.append(length)
+    finally:
+        for scorer in scorers.values():
+            await scorer.close()
+    medians = {f"{'shared' if s else 'unshared'} orders={o}":
+               round(statistics.median(samples[(s, o)]) * 1000, 1) for s, o in configs}
+    ratios = {}
+    for sharing in (True, False):
+        name = "shared" if sharing else "unshared"
+        single = statistics.median(samples[(sharing, 1)])
+        for orders in schemes[1:]:
+            ratios[f"{name}: {orders} orders / 1"] = round(
+                statistics.median(samples[(sharing, orders)]) / single, 3)
+    for orders in schemes:
+        ratios[f"orders={orders}: shared / unshared"] = round(
+            statistics.median(samples[(True, orders)])
+            / statistics.median(samples[(False, orders)]), 3)
+    return {"model": args.model, "candidates": args.candidates, "rounds": args.rounds,
+            "threads": args.threads or os.cpu_count(),
+            "prompt_tokens_median": statistics.median(prompt_tokens),
+            "shared_prefix_tokens_median": statistics.median(shared_tokens),
+            "median_ms": medians, "ratios": ratios}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", type=Path, help="Eedi data directory (default: the sample)")
+    parser.add_argument("--candidates", type=int, default=10)
+    parser.add_argument("--k", type=int, default=4, help="the rotation scheme measured")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    report = asyncio.run(main_async(args))
+    report["load_average_after"] = os.getloadavg()[0]
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

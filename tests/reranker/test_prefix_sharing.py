@@ -1,0 +1,99 @@
+"""Prefix sharing in the transformers backend: each shared prefix runs once, every prompt's own
+suffix runs over its cached keys and values, and the scores equal the unshared path's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reranker import ListwiseScorer, ListwiseTask
+from reranker.backends.base import LabelRead
+from reranker.backends.transformers_backend import (
+    MIN_SHARED_TOKENS,
+    TransformersBackend,
+    shared_prefix_groups,
+)
+from retriever.catalog import CatalogEntry
+from tests.reranker.conftest import make_task, open_scorer
+
+TOLERANCE = 1e-5
+
+
+def test_groups_are_runs_of_a_common_prefix() -> None:
+    head = list(range(100, 100 + MIN_SHARED_TOKENS))
+    prompts = [[*head, 1, 2, 3], [7, 7, 7], [*head, 1, 9], [*head, 4], [7, 7, 8]]
+    groups = shared_prefix_groups(prompts)
+    by_members = {tuple(sorted(m)): length for length, m in groups}
+    assert by_members[(0, 2, 3)] == MIN_SHARED_TOKENS  # the three share `head` alone
+    # Short common beginnings are not groups: each of these runs alone, all but its last token
+    # in the prefix pass.
+    assert by_members[(1,)] == 2
+    assert by_members[(4,)] == 2
+    # A prompt that is a prefix of another keeps its last token for the suffix pass.
+    longer = [*head, 1, 2, 3]
+    (length, _), = shared_prefix_groups([longer, [*longer, 5, 6]])
+    assert length == len(longer) - 1
+
+
+def _tasks(catalogue: list[CatalogEntry]) -> list[ListwiseTask]:
+    query = "Calculate 1/2 + 1/3. Incorrect answer: 2/5"
+    tasks = [make_task(catalogue[:10], query),  # the default two orders
+             make_task(catalogue[5:9], "short"),
+             make_task(catalogue[20:45], "a much longer query " * 6)]
+    return [*tasks,
+            ListwiseTask(tasks[0].template, tasks[0].fields, tasks[0].items, tasks[0].item_ids,
+                         orders=4),
+            ListwiseTask(tasks[1].template, tasks[1].fields, tasks[1].items, tasks[1].item_ids,
+                         orders=1)]
+
+
+async def _scores(model: Path, tasks: list[ListwiseTask], sharing: bool
+                  ) -> tuple[list[list[float]], int]:
+    async with open_scorer("transformers", model=str(model), prefix_sharing=sharing,
+                           batch_wait_ms=50) as scorer:
+        backend = scorer.backend
+        assert isinstance(backend, TransformersBackend)
+        before = backend.batches
+        scored = await scorer.score(tasks)
+        batches = backend.batches - before
+    return [o.probabilities for s in scored for o in s.orders], batches
+
+
+async def _check_equal(model: Path, catalogue: list[CatalogEntry]) -> None:
+    tasks = _tasks(catalogue)
+    shared, shared_batches = await _scores(model, tasks, True)
+    plain, plain_batches = await _scores(model, tasks, False)
+    assert shared_batches == plain_batches == 1  # one micro-batch: 2 + 2 + 2 + 4 + 1 prompts
+    assert len(shared) == 11
+    for a, b in zip(shared, plain, strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOLERANCE
+
+
+async def test_shared_scores_equal_unshared_on_the_tiny_lm(
+        tiny_lm: Path, catalogue: list[CatalogEntry]) -> None:
+    await _check_equal(tiny_lm, catalogue)
+
+
+@pytest.mark.slow
+async def test_shared_scores_equal_unshared_on_smollm2(
+        smollm2: Path, catalogue: list[CatalogEntry]) -> None:
+    await _check_equal(smollm2, catalogue)
+
+
+async def test_label_logprobs_equal_for_reads_with_nothing_shared(tiny_lm: Path) -> None:
+    reads = [LabelRead([5, 6, 7, 8], [10, 11]), LabelRead([9, 3], [10, 11, 12]),
+             LabelRead([4], [13, 14])]
+    results = []
+    for sharing in (True, False):
+        async with open_scorer("transformers", model=str(tiny_lm),
+                               prefix_sharing=sharing) as scorer:
+            backend = scorer.backend
+            assert isinstance(backend, TransformersBackend)
+            results.append(await backend.label_logprobs(reads))
+    for a, b in zip(*results, strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOLERANCE
+
+
+def test_scorer_type_is_the_one_label_logprob_path() -> None:
+    assert ListwiseScorer.score.__qualname__ == "ListwiseScorer.score"
