@@ -1,10 +1,12 @@
-"""What prefix sharing saves: the cost of 2 and k orders over 1, with and without it, on the
-real model (the embedded SmolLM2-135M-Instruct, or --model), in one run.
+"""What prefix sharing and int8 save: the cost of 2 and k orders over 1, with and without
+prefix sharing, and one two-order rerank with both prefix sharing and int8, on the real model
+(the embedded SmolLM2-135M-Instruct, or --model), in one run.
 
 Each round takes one Eedi query and its top ``--candidates`` from the MiniLM retriever, and
 scores it with ``ListwiseScorer.score`` (one backend call) in 1, 2 and ``--k`` orders, on two
-scorers over the same model: prefix sharing on and off. The six calls of a round run in a
-rotating order, so every configuration sees the same machine load. It prints the median latency
+float32 scorers over the same model (prefix sharing on and off), and in 2 orders on an int8
+scorer with prefix sharing. The seven calls of a round run in a rotating order, so every
+configuration sees the same machine load. It prints the median latency
 of each, the ratios k orders / 1 order, shared / unshared, and the prompt's token counts
 (shared prefix and per-order suffix).
 
@@ -63,26 +65,29 @@ def candidates(data: Path | None, rounds: int, k: int, seed: int) -> list[Listwi
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     tasks = candidates(args.data, args.rounds + args.warmup, args.candidates, args.seed)
     base = {"model": args.model, "batch_wait_ms": 0.0, "threads": args.threads}
-    scorers = {sharing: await ListwiseScorer.create(RerankerConfig(prefix_sharing=sharing, **base))
-               for sharing in (True, False)}
+    scorers = {(q, sharing): await ListwiseScorer.create(
+                   RerankerConfig(prefix_sharing=sharing, quantization=q, **base))
+               for q, sharing in (("none", True), ("none", False), ("int8", True))}
     schemes = [1, 2, args.k]
-    configs = [(sharing, orders) for orders in schemes for sharing in (True, False)]
-    samples: dict[tuple[bool, int], list[float]] = {c: [] for c in configs}
+    configs = [("none", sharing, orders) for orders in schemes for sharing in (True, False)]
+    configs.append(("int8", True, 2))  # the CPU path with both: one rerank, two orders
+    samples: dict[tuple[str, bool, int], list[float]] = {c: [] for c in configs}
     prompt_tokens: list[int] = []
     shared_tokens: list[int] = []
     try:
         for round_no, task in enumerate(tasks):
             rotation = configs[round_no % len(configs):] + configs[: round_no % len(configs)]
-            for sharing, orders in rotation:
+            for quantization, sharing, orders in rotation:
                 one = ListwiseTask(task.template, task.fields, task.items, task.item_ids,
                                    orders=orders)
                 started = time.perf_counter()
-                (scored,) = await scorers[sharing].score([one])
+                (scored,) = await scorers[(quantization, sharing)].score([one])
                 elapsed = time.perf_counter() - started
                 if round_no >= args.warmup:
-                    samples[(sharing, orders)].append(elapsed)
-                if sharing and orders == 2 and round_no >= args.warmup:
-                    renderer = scorers[True].renderer
+                    samples[(quantization, sharing, orders)].append(elapsed)
+                if (quantization, sharing, orders) == ("none", True, 2) \
+                        and round_no >= args.warmup:
+                    renderer = scorers[("none", True)].renderer
                     ids = [renderer.render(one.template, one.fields,
                                            [one.items[p] for p in o.positions],
                                            o.labels).token_ids for o in scored.orders]
@@ -92,19 +97,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for scorer in scorers.values():
             await scorer.close()
-    medians = {f"{'shared' if s else 'unshared'} orders={o}":
-               round(statistics.median(samples[(s, o)]) * 1000, 1) for s, o in configs}
+    def median(config: tuple[str, bool, int]) -> float:
+        return statistics.median(samples[config])
+
+    medians = {f"{'int8 ' if q == 'int8' else ''}{'shared' if s else 'unshared'} orders={o}":
+               round(median((q, s, o)) * 1000, 1) for q, s, o in configs}
     ratios = {}
     for sharing in (True, False):
         name = "shared" if sharing else "unshared"
-        single = statistics.median(samples[(sharing, 1)])
         for orders in schemes[1:]:
             ratios[f"{name}: {orders} orders / 1"] = round(
-                statistics.median(samples[(sharing, orders)]) / single, 3)
+                median(("none", sharing, orders)) / median(("none", sharing, 1)), 3)
     for orders in schemes:
         ratios[f"orders={orders}: shared / unshared"] = round(
-            statistics.median(samples[(True, orders)])
-            / statistics.median(samples[(False, orders)]), 3)
+            median(("none", True, orders)) / median(("none", False, orders)), 3)
+    ratios["orders=2: int8 shared / float32 unshared"] = round(
+        median(("int8", True, 2)) / median(("none", False, 2)), 3)
     return {"model": args.model, "candidates": args.candidates, "rounds": args.rounds,
             "threads": args.threads or os.cpu_count(),
             "prompt_tokens_median": statistics.median(prompt_tokens),

@@ -3,9 +3,12 @@
 1. Latency of one rerank of 25 candidates (ListwiseScorer.score: both orders, one backend call)
    with the transformers backend in-process and the vllm backend against a vLLM-CPU server,
    alternating call by call so that both see the same machine load.
+   With vLLM, its prefix-cache counters (tokens queried and hit) over those calls, from its
+   /metrics.
 2. The transformers batching gain through the real app (uvicorn on a loopback port, httpx
-   clients): /rank throughput at concurrency 16 over concurrency 1, and, as a control, the same
-   at concurrency 16 with micro-batching off (RANKD_RERANKER_BATCH_SIZE=1).
+   clients): /rank throughput at each concurrency of ``--levels`` over the lowest, and, as a
+   control, the highest level with micro-batching off (RANKD_RERANKER_BATCH_SIZE=1). On the tiny
+   LM, or on the real model with ``--batching-model smollm2-135m-instruct``.
 
 Run from the repository root (figures go to docs/benchmarks.md, "## Reranker"):
 
@@ -103,8 +106,10 @@ async def rerank_latency(model_dir: Path, vllm_url: str | None, repeats: int,
     return report
 
 
-async def _throughput(url: str, queries: list[str], concurrency: int, requests: int) -> float:
-    """Requests per second of /rank (rerank on, 25 candidates) at a fixed concurrency."""
+async def _throughput(url: str, queries: list[str], concurrency: int, requests: int,
+                      candidates: int = 25) -> float:
+    """Requests per second of /rank (rerank on, ``candidates`` candidates) at a fixed
+    concurrency."""
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
@@ -114,7 +119,8 @@ async def _throughput(url: str, queries: list[str], concurrency: int, requests: 
         async def one(i: int) -> None:
             async with gate:
                 response = await client.post("/rank", json={"query": queries[i % len(queries)],
-                                                            "top_k": 10, "candidates": 25})
+                                                            "top_k": 10,
+                                                            "candidates": candidates})
                 body = response.json()
                 if response.status_code != 200 or not body["reranked"]:
                     raise RuntimeError(f"/rank answered {response.status_code}: {body}")
@@ -125,10 +131,10 @@ async def _throughput(url: str, queries: list[str], concurrency: int, requests: 
         return requests / (time.perf_counter() - started)
 
 
-async def batching_gain(model_dir: Path, index_dir: Path, requests: int,
-                        rounds: int) -> dict[str, Any]:
-    """Throughput at concurrency 16 over concurrency 1 through the real app, with the control of
-    concurrency 16 without micro-batching, the three measured in turn for ``rounds`` rounds."""
+async def batching_gain(model_dir: Path, index_dir: Path, requests: int, rounds: int,
+                        levels: Sequence[int] = (1, 16), candidates: int = 25) -> dict[str, Any]:
+    """Throughput at each concurrency of ``levels`` through the real app, with the control of the
+    highest level without micro-batching, all measured in turn for ``rounds`` rounds."""
     from rankd.devtools.serving import serve_in_thread
     from retriever.data import sample_queries_path
     from service.settings import Settings
@@ -140,20 +146,41 @@ async def batching_gain(model_dir: Path, index_dir: Path, requests: int,
                               "log_level": "warning"}
     batched = Settings(**common)
     unbatched = Settings(**{**common, "reranker": {**common["reranker"], "batch_size": 1}})
-    runs: dict[str, list[float]] = {"c1": [], "c16": [], "c16_unbatched": []}
+    top = max(levels)
+    runs: dict[str, list[float]] = {f"c{n}": [] for n in levels}
+    runs[f"c{top}_unbatched"] = []
     with serve_in_thread(batched) as url, serve_in_thread(unbatched) as url_unbatched:
         for _ in range(rounds):
-            runs["c1"].append(await _throughput(url, queries, 1, requests))
-            runs["c16"].append(await _throughput(url, queries, 16, requests))
-            runs["c16_unbatched"].append(await _throughput(url_unbatched, queries, 16, requests))
-    best = {name: round(max(values), 2) for name, values in runs.items()}
-    return {"requests_per_run": requests, "rounds": rounds,
+            for n in levels:
+                runs[f"c{n}"].append(await _throughput(url, queries, n, requests, candidates))
+            runs[f"c{top}_unbatched"].append(
+                await _throughput(url_unbatched, queries, top, requests, candidates))
+    best = {name: round(max(values), 3) for name, values in runs.items()}
+    low = min(levels)
+    return {"requests_per_run": requests, "rounds": rounds, "candidates": candidates,
             "rerank_batch_size": batched.reranker.batch_size,
             "batch_wait_ms": batched.batch_wait_ms,
             "throughput_rps_best": best,
-            "throughput_rps_all": {n: [round(v, 2) for v in vs] for n, vs in runs.items()},
-            "gain_c16_over_c1": round(best["c16"] / best["c1"], 2),
-            "gain_batched_over_unbatched_at_c16": round(best["c16"] / best["c16_unbatched"], 2)}
+            "throughput_rps_all": {n: [round(v, 3) for v in vs] for n, vs in runs.items()},
+            "gain_over_c1": {f"c{n}": round(best[f"c{n}"] / best[f"c{low}"], 2)
+                             for n in levels},
+            "gain_batched_over_unbatched": round(best[f"c{top}"] / best[f"c{top}_unbatched"], 2)}
+
+
+async def prefix_cache_counters(url: str) -> dict[str, float]:
+    """vLLM's prefix-cache counters (tokens queried and hit) from its /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{url}/metrics")).text
+    counters: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if "prefix_cache" in family.name:
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counters[sample.name] = counters.get(sample.name, 0.0) + sample.value
+    return counters
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--requests", type=int, default=64, help="/rank requests per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per concurrency level")
+    parser.add_argument("--levels", default="1,16",
+                        help="concurrency levels of the batching measurement (1,4,16 ...)")
+    parser.add_argument("--candidates", type=int, default=25,
+                        help="candidates per /rank in the batching measurement")
+    parser.add_argument("--batching-model",
+                        help="model of the batching measurement: a directory, a .gguf file or "
+                             "smollm2-135m-instruct (default: the tiny LM)")
     parser.add_argument("--skip-vllm", action="store_true", help="transformers only")
     parser.add_argument("--vllm-python", help="the vLLM-CPU venv's python")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -193,13 +227,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = VllmServer(python, model_dir, free_port(), work / "vllm.log")
             report["vllm_start_s"] = round(server.start(), 1)
         try:
+            if server is not None:
+                before = asyncio.run(prefix_cache_counters(server.url))
             report["rerank_25"] = asyncio.run(rerank_latency(
                 model_dir, server.url if server else None, args.repeats, args.warmup))
+            if server is not None:
+                after = asyncio.run(prefix_cache_counters(server.url))
+                delta = {k: after[k] - before.get(k, 0.0) for k in after}
+                report["vllm_prefix_cache"] = delta
+                queried = sum(v for k, v in delta.items() if "queries" in k)
+                hit = sum(v for k, v in delta.items() if "hits" in k)
+                report["vllm_prefix_cache_hit_rate"] = round(hit / queried, 3) if queried else None
         finally:
             if server is not None:
                 server.stop()
+        batching_model: Path | str = model_dir
+        if args.batching_model:
+            from reranker.models import resolve_model
+
+            batching_model = resolve_model(args.batching_model)
         report["transformers_batching"] = asyncio.run(batching_gain(
-            model_dir, work / "index", args.requests, args.rounds))
+            Path(batching_model), work / "index", args.requests, args.rounds,
+            [int(n) for n in args.levels.split(",")], args.candidates))
+        report["transformers_batching"]["model"] = args.batching_model or "tiny LM"
 
     latency = report["rerank_25"]
     tokens = latency["prompt_tokens"]
@@ -214,15 +264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["vllm_over_transformers_latency"] = round(ratio, 2)
         print(f"  vllm / transformers latency: {ratio:.2f}x; max |p_vllm - p_transformers| = "
               f"{latency['max_abs_probability_diff']:.2g}")
+    if "vllm_prefix_cache" in report:
+        print(f"  vLLM prefix cache over those calls: {report['vllm_prefix_cache']} "
+              f"(hit rate {report['vllm_prefix_cache_hit_rate']})")
     gain = report["transformers_batching"]
     best = gain["throughput_rps_best"]
-    print(f"\n/rank throughput, transformers backend, {gain['requests_per_run']} requests per run, "
-          f"best of {gain['rounds']}:")
-    print(f"  concurrency 1                 {best['c1']:7.2f} req/s")
-    print(f"  concurrency 16                {best['c16']:7.2f} req/s")
-    print(f"  concurrency 16, no batching   {best['c16_unbatched']:7.2f} req/s")
-    print(f"  batching gain c16 / c1: {gain['gain_c16_over_c1']:.2f}x; batched / unbatched at "
-          f"c16: {gain['gain_batched_over_unbatched_at_c16']:.2f}x")
+    print(f"\n/rank throughput, transformers backend ({gain['model']}), {gain['candidates']} "
+          f"candidates, {gain['requests_per_run']} requests per run, best of {gain['rounds']}:")
+    for name, value in best.items():
+        print(f"  {name:<20} {value:8.3f} req/s")
+    print(f"  gain over concurrency 1: {gain['gain_over_c1']}; batched / unbatched at the top "
+          f"level: {gain['gain_batched_over_unbatched']:.2f}x")
     report["machine"]["load_average_at_end"] = os.getloadavg()[0]
     print(f"\nload average (1 min) {report['machine']['load_average_at_start']:.1f} at the start, "
           f"{report['machine']['load_average_at_end']:.1f} at the end, on {os.cpu_count()} CPUs")
