@@ -231,12 +231,17 @@ class TransformersBackend:
         cache.reorder_cache(torch.tensor(group_of, device=self.device))
         mask = torch.cat([prefix_mask[group_of], suffix_mask], dim=1)
         # Right padding: a read's pads come after its last token, which never attends to them.
+        # Logits only where some read ends: the output layer over every suffix position would
+        # cost more than the rest of the pass for a small model with a large vocabulary.
+        ends = [len(x) - 1 for x in suffixes]
+        kept = sorted(set(ends))
         out = self.model(input_ids=suffix_ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), use_cache=True,
+                         logits_to_keep=torch.tensor(kept, device=self.device),
                          **{self._cache_arg: cache})
         self.forward_passes += 2
-        last = torch.tensor([len(x) - 1 for x in suffixes], device=out.logits.device)
-        return out.logits[torch.arange(len(reads), device=last.device), last].float()
+        column = torch.tensor([kept.index(e) for e in ends], device=out.logits.device)
+        return out.logits[torch.arange(len(reads), device=column.device), column].float()
 
     async def start(self) -> None:
         await self._batcher.start()
