@@ -82,6 +82,20 @@ def shared_prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[int, li
     return groups
 
 
+# Share a group's prefix when it saves at least this share of the group's prompt tokens: the
+# suffix pass attends through an explicit mask, which costs more per token than the plain pass,
+# so a short prefix shared by long prompts (1,000 documents in 26-item windows) is not worth it.
+MIN_SAVED_SHARE = 0.15
+
+
+def _sharing_pays(group: tuple[int, list[int]], reads: Sequence[LabelRead]) -> bool:
+    length, members = group
+    if len(members) < 2:
+        return False
+    total = sum(len(reads[i].prompt_token_ids) for i in members)
+    return length * (len(members) - 1) >= MIN_SAVED_SHARE * total
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     n = min(len(a), len(b), limit)
     for j in range(n):
@@ -157,10 +171,8 @@ class TransformersBackend:
             torch.set_num_threads(self.threads)
         self.batches += 1
         with torch.inference_mode():
-            if self.prefix_sharing:
-                last = self._last_logits_shared(reads)
-            else:
-                last = self._last_logits(reads)
+            last = self._last_logits_shared(reads) if self.prefix_sharing \
+                else self._last_logits(reads)
         results = []
         for row, read in enumerate(reads):
             label_logits = last[row, torch.tensor(read.label_token_ids, device=last.device)]
@@ -201,6 +213,21 @@ class TransformersBackend:
         import torch
 
         groups = shared_prefix_groups([r.prompt_token_ids for r in reads])
+        worth = [g for g in groups if _sharing_pays(g, reads)]
+        if len(worth) < len(groups):
+            # Reads whose shared prefix saves little run whole, in one ordinary pass.
+            alone = [i for g in groups if g not in worth for i in g[1]]
+            shared = [i for g in worth for i in g[1]]
+            rows: dict[int, Any] = {}
+            if alone:
+                for i, row in zip(alone, self._last_logits([reads[i] for i in alone]),
+                                  strict=True):
+                    rows[i] = row
+            if shared:
+                for i, row in zip(shared, self._last_logits_shared([reads[i] for i in shared]),
+                                  strict=True):
+                    rows[i] = row
+            return torch.stack([rows[i] for i in range(len(reads))])
         prefixes = [reads[members[0]].prompt_token_ids[:length] for length, members in groups]
         width = max(len(p) for p in prefixes)
         prefix_ids = torch.full((len(groups), width), self.pad_token_id, dtype=torch.long)

@@ -95,5 +95,34 @@ async def test_label_logprobs_equal_for_reads_with_nothing_shared(tiny_lm: Path)
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOLERANCE
 
 
+async def test_sharing_runs_only_where_it_saves_enough(tiny_lm: Path,
+                                                      catalogue: list[CatalogEntry]) -> None:
+    short = make_task(catalogue[:4], "Calculate 1/2 + 1/3. Incorrect answer: 2/5")
+    # 26 long items after a short query: the shared part is a small share of each prompt.
+    long_items = [f"{e.text}. " * 6 for e in catalogue[:26]]
+    long = ListwiseTask(short.template, {"instruction": "Pick.", "query": "q"}, long_items)
+    async with open_scorer("transformers", model=str(tiny_lm), batch_wait_ms=50) as scorer:
+        backend = scorer.backend
+        assert isinstance(backend, TransformersBackend)
+        before = backend.forward_passes
+        await scorer.score([short])
+        assert backend.forward_passes - before == 2  # prefix pass, suffix pass
+        before = backend.forward_passes
+        await scorer.score([long])
+        assert backend.forward_passes - before == 1  # not worth it: one ordinary pass
+        before = backend.forward_passes
+        await scorer.score([ListwiseTask(short.template, short.fields, short.items, orders=1)])
+        assert backend.forward_passes - before == 1  # nothing to share
+        before = backend.forward_passes
+        mixed = await scorer.score([short, long])
+        assert backend.forward_passes - before == 3  # the long pair whole, the short pair shared
+    async with open_scorer("transformers", model=str(tiny_lm), prefix_sharing=False,
+                           batch_wait_ms=50) as scorer:
+        plain = await scorer.score([short, long])
+    for a, b in zip(mixed, plain, strict=True):
+        assert max(abs(x - y) for x, y in zip(a.probabilities, b.probabilities,
+                                              strict=True)) < TOLERANCE
+
+
 def test_scorer_type_is_the_one_label_logprob_path() -> None:
     assert ListwiseScorer.score.__qualname__ == "ListwiseScorer.score"
