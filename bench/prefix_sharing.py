@@ -34,22 +34,12 @@ from reranker.backends.transformers_backend import shared_prefix_groups
 def candidates(data: Path | None, rounds: int, k: int, seed: int) -> list[ListwiseTask]:
     import random
 
-    from retriever import Embedder, read_catalog
+    from rankd.devtools.catalogues import catalogue_and_queries
+    from retriever import Embedder
     from retriever.data import SAMPLE_INSTRUCTION
 
     embedder = Embedder.load("default", device="cpu")
-    if data is not None:
-        from retriever.eedi import eedi_queries
-
-        entries = read_catalog(data / "misconception_mapping.csv", "MisconceptionId",
-                               "MisconceptionName")
-        queries = [q.text for q in eedi_queries(data / "train.csv")]
-    else:
-        from clients.queries import sample_queries
-        from retriever.data import sample_catalog_path
-
-        entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
-        queries = [q.text for q in sample_queries()]
+    entries, queries = catalogue_and_queries(data)
     picked = random.Random(seed).sample(queries, min(rounds, len(queries)))
     catalogue = embedder.encode([e.text for e in entries])
     scores = embedder.encode(picked) @ catalogue.T

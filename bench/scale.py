@@ -77,22 +77,11 @@ def rss_mib() -> float:
 
 def base_vectors(data: Path | None) -> tuple[np.ndarray, list[str]]:
     """The catalogue's embeddings and the query texts."""
-    from retriever import Embedder, read_catalog
+    from rankd.devtools.catalogues import catalogue_and_queries
+    from retriever import Embedder
 
-    embedder = Embedder.load("default", device="cpu")
-    if data is not None:
-        from retriever.eedi import eedi_queries
-
-        entries = read_catalog(data / "misconception_mapping.csv", "MisconceptionId",
-                               "MisconceptionName")
-        queries = [q.text for q in eedi_queries(data / "train.csv")]
-    else:
-        from clients.queries import sample_queries
-        from retriever.data import sample_catalog_path
-
-        entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
-        queries = [q.text for q in sample_queries()]
-    return embedder.encode([e.text for e in entries]), [*queries]
+    entries, queries = catalogue_and_queries(data)
+    return Embedder.load("default", device="cpu").encode([e.text for e in entries]), queries
 
 
 def synthetic(base: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
@@ -122,9 +111,10 @@ def timed(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray
         singles.append(time.perf_counter() - started)
         found.append(ids[0])
     batches = []
-    for start in range(0, len(queries) - BATCH + 1, BATCH):
+    size = min(BATCH, len(queries))  # fewer queries than a batch: one batch of all of them
+    for start in range(0, len(queries) - size + 1, size):
         started = time.perf_counter()
-        search(queries[start:start + BATCH])
+        search(queries[start:start + size])
         batches.append(time.perf_counter() - started)
     return singles, batches, np.array(found)
 

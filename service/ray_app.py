@@ -19,8 +19,8 @@ routing, replicas, autoscaling and the HTTP proxy are Ray Serve's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from ray import serve
@@ -39,6 +39,7 @@ from service.retrieval import LocalRetrieval
 from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors a deployment raises that the ingress answers as the single-process service would.
 _PASSED_THROUGH = (ServiceError, QueueFullError, BackendError, TooManyItemsError,
@@ -51,10 +52,17 @@ def _settings(overrides: dict[str, Any]) -> Settings:
     return load_settings(**overrides)
 
 
-def _unwrap(exc: RayError) -> BaseException | None:
-    """The error a deployment raised, when it is one the ingress knows how to answer."""
-    cause = exc.cause if isinstance(exc, RayTaskError) else None
-    return cause if isinstance(cause, _PASSED_THROUGH) else None
+async def _remote(call: Awaitable[T], failed: Callable[[RayError], Exception]) -> T:
+    """The result of a deployment call. An error the deployment raised that the ingress knows
+    how to answer (a 429, a 503, a 422) is raised as it is, without Ray's wrapping and its
+    remote traceback; any other failure of the call becomes ``failed(exc)``."""
+    try:
+        return await call
+    except RayError as exc:
+        cause = exc.cause if isinstance(exc, RayTaskError) else None
+        if isinstance(cause, _PASSED_THROUGH):
+            raise cause from None
+        raise failed(exc) from exc
 
 
 class RetrievalReplica:
@@ -107,15 +115,9 @@ class RemoteRetrieval:
         return cls(handle, await handle.describe.remote())
 
     async def search(self, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
-        try:
-            hits: list[list[Hit]] = await self.handle.search.remote(list(queries))
-        except RayError as exc:
-            cause = _unwrap(exc)
-            if cause is not None:
-                raise cause from None
-            raise CollectionUnavailableError(
-                f"the retrieval deployment failed: {type(exc).__name__}") from exc
-        return hits
+        return await _remote(self.handle.search.remote(list(queries)),
+                             lambda exc: CollectionUnavailableError(
+                                 f"the retrieval deployment failed: {type(exc).__name__}"))
 
     async def health(self) -> dict[str, str | None]:
         try:
@@ -142,15 +144,9 @@ class RemoteBackend:
             log.warning("reranker deployment not healthy at start: %s", problem)
 
     async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
-        try:
-            logprobs: list[list[float]] = await self.handle.label_logprobs.remote(list(reads))
-        except RayError as exc:
-            cause = _unwrap(exc)
-            if cause is not None:
-                raise cause from None
-            raise BackendError("unavailable", f"the reranker deployment failed: "
-                                              f"{type(exc).__name__}") from exc
-        return logprobs
+        return await _remote(self.handle.label_logprobs.remote(list(reads)),
+                             lambda exc: BackendError("unavailable", "the reranker deployment "
+                                                      f"failed: {type(exc).__name__}"))
 
     async def health(self) -> str | None:
         try:
