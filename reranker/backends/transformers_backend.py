@@ -205,29 +205,32 @@ class TransformersBackend:
         """The same logits, computing each shared prefix once.
 
         The orders of one query (and any reads that begin alike) share their instruction and
-        query. Reads are grouped by common prefix; one left-padded pass runs each group's prefix
-        once and keeps its KV cache; a second pass runs every read's own suffix, right-padded,
-        over its group's cached prefix. Two forward passes per micro-batch, as many prefix
-        tokens as there are groups.
+        query. Reads are grouped by common prefix; groups whose prefix saves little run whole in
+        one ordinary pass, and the others go through ``_prefix_then_suffix``.
         """
         import torch
 
         groups = shared_prefix_groups([r.prompt_token_ids for r in reads])
-        worth = [g for g in groups if _sharing_pays(g, reads)]
-        if len(worth) < len(groups):
-            # Reads whose shared prefix saves little run whole, in one ordinary pass.
-            alone = [i for g in groups if g not in worth for i in g[1]]
-            shared = [i for g in worth for i in g[1]]
-            rows: dict[int, Any] = {}
-            if alone:
-                for i, row in zip(alone, self._last_logits([reads[i] for i in alone]),
-                                  strict=True):
-                    rows[i] = row
-            if shared:
-                for i, row in zip(shared, self._last_logits_shared([reads[i] for i in shared]),
-                                  strict=True):
-                    rows[i] = row
-            return torch.stack([rows[i] for i in range(len(reads))])
+        pays = [_sharing_pays(g, reads) for g in groups]
+        alone = [i for g, shared in zip(groups, pays, strict=True) if not shared for i in g[1]]
+        worth = [g for g, shared in zip(groups, pays, strict=True) if shared]
+        rows: dict[int, Any] = {}
+        if alone:
+            rows.update(zip(alone, self._last_logits([reads[i] for i in alone]), strict=True))
+        if worth:
+            members = [i for _, group in worth for i in group]
+            local = {i: j for j, i in enumerate(members)}
+            rows.update(zip(members, self._prefix_then_suffix(
+                [reads[i] for i in members],
+                [(length, [local[i] for i in group]) for length, group in worth]), strict=True))
+        return torch.stack([rows[i] for i in range(len(reads))])
+
+    def _prefix_then_suffix(self, reads: Sequence[LabelRead],
+                            groups: Sequence[tuple[int, list[int]]]) -> Any:
+        """One left-padded pass runs each group's prefix once and keeps its KV cache; a second
+        pass runs every read's own suffix, right-padded, over its group's cached prefix."""
+        import torch
+
         prefixes = [reads[members[0]].prompt_token_ids[:length] for length, members in groups]
         width = max(len(p) for p in prefixes)
         prefix_ids = torch.full((len(groups), width), self.pad_token_id, dtype=torch.long)
