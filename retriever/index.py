@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -66,6 +67,14 @@ class IndexSpec:
     ef_search: int = 128  # HNSW: candidates kept while searching
     ivf_lists: int | None = None  # IVF: lists; None picks ~4*sqrt(n)
     nprobe: int = 16  # IVF: lists visited per query
+
+    def lists(self, count: int, most: int | None = None) -> int:
+        """IVF lists for ``count`` vectors: ``ivf_lists``, else ~4*sqrt(n), FAISS's usual
+        starting point, with the >= 39 training points per list that k-means needs."""
+        if self.ivf_lists:
+            return self.ivf_lists
+        lists = max(1, min(int(4 * math.sqrt(count)), count // 39))
+        return min(lists, most) if most else lists
 
     def search_params(self) -> dict[str, int]:
         if self.kind is IndexKind.HNSW:

@@ -4,7 +4,6 @@ manifest, searched in process."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,7 @@ def make_index(spec: IndexSpec, vectors: np.ndarray) -> Any:
     elif spec.kind is IndexKind.HNSW:
         index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     else:
-        # ~4*sqrt(n) lists is FAISS's usual starting point; training needs >= 39 points per list.
-        n_lists = spec.ivf_lists or max(1, min(int(4 * math.sqrt(len(vectors))), len(vectors) // 39))
+        n_lists = spec.lists(len(vectors))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, n_lists, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import uuid
 from pathlib import Path
@@ -43,6 +42,7 @@ BUILD_BATCH = 1024
 # Milvus caps a VARCHAR at 65,535 bytes.
 MAX_TEXT_BYTES = 65_535
 MAX_ID_BYTES = 512
+MAX_LISTS = 65_536  # Milvus's bound on an IVF index's nlist
 # Seconds a call to the server may take before the store reports it unavailable.
 CALL_TIMEOUT_S = 10.0
 # /ready probes each Milvus collection; a readiness probe waits seconds, not tens of them.
@@ -161,9 +161,7 @@ class MilvusBuilder:
         if spec.kind is IndexKind.HNSW:
             return {"M": spec.hnsw_m, "efConstruction": spec.ef_construction}
         if spec.kind is IndexKind.IVF:
-            lists = spec.ivf_lists or max(1, min(int(4 * math.sqrt(self.count)),
-                                                 self.count // 39, 65536))
-            return {"nlist": lists}
+            return {"nlist": spec.lists(self.count, most=MAX_LISTS)}
         return {}
 
     def finish(self) -> BuiltStore:
