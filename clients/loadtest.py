@@ -54,6 +54,10 @@ class LoadConfig:
     api_key: str | None = None
     timeout_s: float = 30.0
     max_in_flight: int = 256  # open loop: requests outstanding at once before new ones are dropped
+    # When set, the loops drive a peer's OpenAI-compatible POST /embeddings (infinity-emb, vLLM)
+    # with this model name and one text per request, instead of rankd's /rank: a side-by-side
+    # figure from the same closed and open loops.
+    embeddings_model: str | None = None
 
     def __post_init__(self) -> None:
         for c in self.concurrency:
@@ -72,6 +76,15 @@ class LoadConfig:
         if not 1 <= self.max_in_flight <= MAX_CONCURRENCY:
             raise UsageError(f"--max-in-flight must be 1..{MAX_CONCURRENCY}, "
                              f"got {self.max_in_flight}")
+
+    @property
+    def path(self) -> str:
+        return "/rank" if self.embeddings_model is None else "/embeddings"
+
+    def body(self, text: str) -> dict[str, Any]:
+        if self.embeddings_model is None:
+            return self.rank.body(text)
+        return {"model": self.embeddings_model, "input": [text]}
 
     @property
     def levels(self) -> list[tuple[str, float]]:
@@ -167,12 +180,13 @@ class LoadReport:
 # ---------------------------------------------------------------- sending
 
 
-async def _send(lanes: Lanes, body: dict[str, Any], start: float | None = None) -> Sample:
+async def _send(lanes: Lanes, path: str, body: dict[str, Any],
+                start: float | None = None) -> Sample:
     loop = asyncio.get_running_loop()
     start = loop.time() if start is None else start
     try:
         async with lanes.lane() as client:
-            response = await client.post("/rank", json=body)
+            response = await client.post(path, json=body)
     except httpx.TimeoutException:
         return Sample(loop.time() - start, "timeout")
     except httpx.TransportError:
@@ -211,7 +225,7 @@ async def _until_stopped(tasks: Sequence[asyncio.Task[None]], stop: asyncio.Even
     return stop.is_set()
 
 
-async def closed_loop(lanes: Lanes, bodies: Sequence[dict[str, Any]],
+async def closed_loop(lanes: Lanes, path: str, bodies: Sequence[dict[str, Any]],
                       concurrency: int, seconds: float, requests: int,
                       stop: asyncio.Event) -> tuple[list[Sample], float, bool]:
     """``concurrency`` workers, each sending its next request when the last one is answered."""
@@ -226,14 +240,14 @@ async def closed_loop(lanes: Lanes, bodies: Sequence[dict[str, Any]],
             i = next(counter)
             if i >= requests:
                 return
-            samples.append(await _send(lanes, bodies[i % len(bodies)]))
+            samples.append(await _send(lanes, path, bodies[i % len(bodies)]))
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     stopped = await _until_stopped(tasks, stop)
     return samples, loop.time() - started, stopped
 
 
-async def open_loop(lanes: Lanes, bodies: Sequence[dict[str, Any]], rate: float,
+async def open_loop(lanes: Lanes, path: str, bodies: Sequence[dict[str, Any]], rate: float,
                     seconds: float, requests: int, max_in_flight: int,
                     stop: asyncio.Event) -> tuple[list[Sample], float, bool]:
     """Requests leave every 1/rate seconds, answered or not, at most ``max_in_flight`` at once."""
@@ -244,7 +258,7 @@ async def open_loop(lanes: Lanes, bodies: Sequence[dict[str, Any]], rate: float,
     started = loop.time()
 
     async def one(body: dict[str, Any], scheduled: float) -> None:
-        samples.append(await _send(lanes, body, scheduled))
+        samples.append(await _send(lanes, path, body, scheduled))
 
     async def schedule() -> None:
         for i in range(count):
@@ -280,7 +294,7 @@ async def run_loadtest(queries: Sequence[Query], config: LoadConfig,
     figures are kept, marked interrupted) and skips the rest. ``report``, when given, is filled
     in level by level, so a caller holds whatever was measured even if this is cancelled."""
     stop = stop or asyncio.Event()
-    bodies = [config.rank.body(q.text) for q in queries]
+    bodies = [config.body(q.text) for q in queries]
     report = report or LoadReport(url="", started_at="", queries=0, options={})
     report.url = config.url
     report.started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -293,7 +307,7 @@ async def run_loadtest(queries: Sequence[Query], config: LoadConfig,
     async with Lanes(config.url, connections, api_key=config.api_key,
                      timeout=config.timeout_s, transport=transport) as lanes:
         if config.warmup:
-            await closed_loop(lanes, bodies, min(4, config.warmup), MAX_LEVEL_SECONDS,
+            await closed_loop(lanes, config.path, bodies, min(4, config.warmup), MAX_LEVEL_SECONDS,
                               config.warmup, stop)
         for mode, value in config.levels:
             if stop.is_set():
@@ -301,11 +315,11 @@ async def run_loadtest(queries: Sequence[Query], config: LoadConfig,
             before = await scrape_batches(lanes)
             if mode == "closed":
                 samples, seconds, stopped = await closed_loop(
-                    lanes, bodies, int(value), config.level_seconds, config.level_requests,
+                    lanes, config.path, bodies, int(value), config.level_seconds, config.level_requests,
                     stop)
             else:
                 samples, seconds, stopped = await open_loop(
-                    lanes, bodies, value, config.level_seconds, config.level_requests,
+                    lanes, config.path, bodies, value, config.level_seconds, config.level_requests,
                     config.max_in_flight, stop)
             after = await scrape_batches(lanes) if not stopped else None
             batch_mean = after.mean_since(before or BatchCounters({}, {})) if after else {}

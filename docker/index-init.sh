@@ -10,16 +10,19 @@
 #   RANKD_CATALOG_COLLECTION    collection name (default: the file name without its extension)
 #   RANKD_CATALOG_INSTRUCTION   the collection's rerank instruction (optional)
 #   RANKD_CATALOG_INDEX_TYPE    flat (default), hnsw or ivf
+#   RANKD_CATALOG_DEDUP         off (default), exact or near: merge duplicate entries, keeping
+#                               the merged ids as aliases (rankd index build --dedup)
 #   RANKD_CATALOG_BACKEND       faiss (default: files in the index dir) or milvus (the entries
 #                               go to the Milvus at RANKD_MILVUS_URI; the index dir keeps the
 #                               manifest)
-#   RANKD_INDEX_DIR, RANKD_EMBEDDER_MODEL  as for `rankd serve`
+#   RANKD_INDEX_DIR, RANKD_EMBEDDER_MODEL, RANKD_EMBEDDER_BACKEND, RANKD_EMBEDDER_QUANTIZATION
+#                                          as for `rankd serve`
 set -eu
 index_dir=${RANKD_INDEX_DIR:-/data/index}
 
 if [ -z "${RANKD_CATALOG_FILE:-}" ]; then
   echo "rankd-index-init: RANKD_CATALOG_FILE is not set; indexing the embedded sample catalogue"
-  exec python -c 'import os, pathlib; from retriever.data import ensure_sample_collection; ensure_sample_collection(pathlib.Path(os.environ.get("RANKD_INDEX_DIR", "/data/index")), os.environ.get("RANKD_EMBEDDER_MODEL", "sentence-transformers/all-MiniLM-L6-v2")); print("rankd-index-init: sample collection ready")'
+  exec python -c 'import os, pathlib; from retriever.data import ensure_sample_collection; from service.settings import load_settings; s = load_settings(); ensure_sample_collection(pathlib.Path(os.environ.get("RANKD_INDEX_DIR", "/data/index")), s.embedder_model, s.embedder_variant, s.embedder_cache_dir); print("rankd-index-init: sample collection ready")'
 fi
 
 catalog=$RANKD_CATALOG_FILE
@@ -40,7 +43,7 @@ echo "rankd-index-init: building collection $collection from $catalog into $inde
 set -- --catalog "$catalog" --id-column "$RANKD_CATALOG_ID_COLUMN" \
   --text-column "$RANKD_CATALOG_TEXT_COLUMN" --collection "$collection" --index-dir "$index_dir" \
   --index-type "${RANKD_CATALOG_INDEX_TYPE:-flat}" --backend "${RANKD_CATALOG_BACKEND:-faiss}" \
-  --quiet
+  --dedup "${RANKD_CATALOG_DEDUP:-off}" --quiet
 if [ -n "${RANKD_CATALOG_INSTRUCTION:-}" ]; then
   set -- "$@" --instruction "$RANKD_CATALOG_INSTRUCTION"
 fi

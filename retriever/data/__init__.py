@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from retriever.embedder import Embedder
+    from retriever.encoders import EmbedderVariant
 
 SAMPLE_COLLECTION = "misconceptions"
 SAMPLE_ID_COLUMN = "MisconceptionId"
@@ -37,12 +38,16 @@ def build_sample_collection(embedder: Embedder, index_dir: str | Path) -> Path:
                             instruction=SAMPLE_INSTRUCTION, show_progress=False)
 
 
-def ensure_sample_collection(index_dir: str | Path, model: str) -> Path:
+def ensure_sample_collection(index_dir: str | Path, model: str,
+                             variant: EmbedderVariant | None = None,
+                             cache_dir: Path | None = None) -> Path:
     """Build the sample collection into ``index_dir`` unless it is there already."""
     directory = Path(index_dir) / SAMPLE_COLLECTION
     if (directory / "manifest.json").is_file():
         return directory
     from retriever.embedder import Embedder
+    from retriever.encoders import EmbedderVariant
 
     print(f"building the sample collection {SAMPLE_COLLECTION!r} in {index_dir} ...", flush=True)
-    return build_sample_collection(Embedder.load(model), index_dir)
+    return build_sample_collection(
+        Embedder.load(model, variant=variant or EmbedderVariant(), cache_dir=cache_dir), index_dir)
