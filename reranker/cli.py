@@ -25,6 +25,7 @@ def build_calibration_tasks(index_dir: Path, collection_name: str | None,
     from reranker.config import DEFAULT_INSTRUCTION, DEFAULT_RANK_TEMPLATE
     from reranker.quantize import QuantizeError, read_queries, sample_queries
     from retriever import Embedder, load_collection
+    from retriever.encoders import EmbedderVariant
     from retriever.index import collection_dirs
 
     available = [d.name for d in collection_dirs(index_dir)]
@@ -48,7 +49,8 @@ def build_calibration_tasks(index_dir: Path, collection_name: str | None,
         pool = [entry.text for entry in collection.entries]
         source = f"entries of collection {name!r} as queries and as candidates"
     queries = sample_queries(pool, samples, seed)
-    embedder = Embedder.load(collection.manifest.embedder)
+    embedder = Embedder.load(collection.manifest.embedder,
+                             variant=EmbedderVariant.parse(collection.manifest.embedder_variant))
     # One more than needed, so that an entry standing in as a query can leave itself out.
     hits = collection.search(embedder.encode(queries), candidates + 1)
     instruction = (collection.manifest.instruction
@@ -57,9 +59,7 @@ def build_calibration_tasks(index_dir: Path, collection_name: str | None,
     tasks: list[ListwiseTask] = []
     for query, row in zip(queries, hits, strict=True):
         items = [hit.text for hit in row if hit.text != query][:candidates]
-        tasks.append(ListwiseTask(template=template,
-                                  fields={"instruction": instruction, "query": query},
-                                  items=items))
+        tasks.append(ListwiseTask.for_query(template, instruction, query, items))
     return tasks, source
 
 
@@ -122,6 +122,11 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    register_quantize(sub)
+    register_train(sub)
+
+
+def register_quantize(sub: argparse._SubParsersAction) -> None:
     """Add `rankd quantize`."""
     quant = sub.add_parser(
         "quantize",
@@ -164,3 +169,143 @@ def register(sub: argparse._SubParsersAction) -> None:
     quant.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     quant.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     quant.set_defaults(handler=_quantize)
+
+
+def _train_reranker(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from reranker.config import RerankerConfig
+    from reranker.errors import BackendError, RerankerConfigError
+    from reranker.training import (
+        MissingPositive,
+        RerankerTrainingConfig,
+        RerankerTrainingError,
+        TuningMethod,
+        train_reranker,
+    )
+    from retriever.catalog import CatalogError, read_catalog
+    from retriever.eedi import DEFAULT_QUERY_TEMPLATE
+    from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.training import TrainingError, read_pairs
+
+    try:
+        overrides = {"model": args.model} if args.model else {}
+        reranker = RerankerConfig.from_env(**overrides)
+        config = RerankerTrainingConfig(
+            output_dir=Path(args.output), reranker=reranker,
+            retriever=args.retriever or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER),
+            device=args.device, candidates=args.candidates, examples=args.examples,
+            both_orders=args.both_orders, missing_positive=MissingPositive(args.missing_positive),
+            max_tokens=args.max_tokens, epochs=args.epochs, learning_rate=args.lr,
+            warmup_ratio=args.warmup, batch_size=args.batch_size,
+            gradient_accumulation=args.gradient_accumulation, method=TuningMethod(args.method),
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_layers=args.lora_layers,
+            validation_fraction=args.validation_fraction, eval_queries=args.eval_queries,
+            curve_points=args.curve_points, k=args.k, seed=args.seed, threads=args.threads,
+            progress=not args.quiet, overwrite=args.overwrite)
+        config.check()
+        entries = read_catalog(args.catalog, args.id_column, args.text_column, args.catalog_format)
+        pairs = read_pairs(args.train, args.format, args.query_template or DEFAULT_QUERY_TEMPLATE)
+        report = train_reranker(pairs, entries, config, Path(args.train), args.format,
+                                instruction=args.instruction)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = "_".join(str(p) for p in first["loc"]).upper()
+        print(f"rankd train-reranker: RANKD_RERANKER_{field}: {first['msg']}", file=sys.stderr)
+        return 2
+    except (RerankerTrainingError, TrainingError, RerankerConfigError, CatalogError,
+            EmbedderLoadError, BackendError, OSError) as exc:
+        print(f"rankd train-reranker: {exc}", file=sys.stderr)
+        return 2
+    summary = {key: report[key] for key in ("output", "validation_file", "examples",
+                                            "retrieval_only", "base", "fine_tuned", "seconds",
+                                            "peak_rss_mib")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    """Add `rankd train-reranker`."""
+    from reranker.training import RerankerTrainingConfig
+
+    defaults = RerankerTrainingConfig(output_dir=Path("."))
+    train = sub.add_parser(
+        "train-reranker",
+        help="fine-tune the LLM reranker on labelled (query, catalogue id) pairs",
+        description="Listwise fine-tuning: the retriever's top-N candidates in the serving "
+                    "prompt, cross-entropy over the N label logits at the answer position. "
+                    "--output becomes a model directory for RANKD_RERANKER_MODEL, vLLM and "
+                    "`rankd quantize`; it also holds checkpoints/, validation.* (for `rankd "
+                    "batch` and `rankd eval`) and training_report.json. The template, "
+                    "instruction, labels and chat template are the service's "
+                    "(RANKD_RERANKER_*).")
+    data = train.add_argument_group("data")
+    data.add_argument("--train", required=True, help="labelled pairs file")
+    data.add_argument("--format", required=True, choices=["eedi", "jsonl"],
+                      help="eedi: the competition's train.csv; jsonl: {query, positive_id} per "
+                           "line (optional group, id)")
+    data.add_argument("--catalog", required=True, help="catalogue file (CSV, JSONL or Parquet)")
+    data.add_argument("--id-column", default="MisconceptionId")
+    data.add_argument("--text-column", default="MisconceptionName")
+    data.add_argument("--catalog-format", choices=["csv", "jsonl", "parquet"],
+                      help="default: from the catalogue's suffix")
+    data.add_argument("--query-template", help="eedi query template (default: the batch "
+                                               "client's, retriever/eedi.py)")
+    data.add_argument("--instruction", help="the rerank instruction; give the collection's "
+                                            "(rankd index build --instruction) if it has one "
+                                            "(default: $RANKD_RERANKER_INSTRUCTION or rankd's)")
+    data.add_argument("--output", required=True, help="directory for the fine-tuned model")
+    data.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier training run in --output")
+
+    candidates = train.add_argument_group("candidates and prompts")
+    candidates.add_argument("--retriever", help="embedder that retrieves the candidates: the "
+                                                "default, or a `rankd train-retriever` output "
+                                                "(default: $RANKD_EMBEDDER_MODEL)")
+    candidates.add_argument("--candidates", type=int, default=defaults.candidates,
+                            help="N, candidates per prompt")
+    candidates.add_argument("--missing-positive", choices=["insert", "skip"],
+                            default=defaults.missing_positive.value,
+                            help="when the positive is not in the top N: put it in the last "
+                                 "candidate's place, or leave the query out")
+    candidates.add_argument("--both-orders", action="store_true",
+                            help="train on each example's shuffled order and its reverse")
+    candidates.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                            help="prompts longer than this are left out (and counted)")
+    candidates.add_argument("--examples", type=int, default=defaults.examples,
+                            help="training pairs drawn from the training split (seeded)")
+
+    model = train.add_argument_group("model and training")
+    model.add_argument("--model", help="base reranker (default: $RANKD_RERANKER_MODEL or the "
+                                       "embedded SmolLM2-135M-Instruct)")
+    model.add_argument("--device", default="auto",
+                       help="auto (CUDA when present, bf16 where supported), cpu, cuda, cuda:N")
+    model.add_argument("--method", choices=["lora", "full"], default=defaults.method.value)
+    model.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    model.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
+    model.add_argument("--lora-layers", type=int, default=defaults.lora_layers,
+                       help="LoRA on the last N decoder layers only (0: all)")
+    model.add_argument("--epochs", type=float, default=defaults.epochs)
+    model.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
+    model.add_argument("--warmup", type=float, default=defaults.warmup_ratio,
+                       help="warm-up as a fraction of all steps")
+    model.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="prompts per forward pass")
+    model.add_argument("--gradient-accumulation", type=int,
+                       default=defaults.gradient_accumulation,
+                       help="forward passes per optimizer step")
+    model.add_argument("--threads", type=int, default=defaults.threads,
+                       help="torch threads (0: torch's choice)")
+    model.add_argument("--seed", type=int, default=defaults.seed)
+
+    validation = train.add_argument_group("validation")
+    validation.add_argument("--validation-fraction", type=float,
+                            default=defaults.validation_fraction,
+                            help="share of the questions (groups) held out; never split by row")
+    validation.add_argument("--eval-queries", type=int, default=defaults.eval_queries,
+                            help="validation queries evaluated (whole questions)")
+    validation.add_argument("--curve-points", type=int, default=defaults.curve_points,
+                            help="evaluations during training, for the learning curve")
+    validation.add_argument("-k", type=int, default=defaults.k, help="MAP@k")
+    validation.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train_reranker)

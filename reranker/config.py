@@ -125,3 +125,14 @@ class RerankerConfig(BaseModel):
     def max_items(self) -> int:
         """Candidates (or options) one prompt can label."""
         return len(self.label_alphabet.labels())
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> RerankerConfig:
+        """The config the service would read from ``RANKD_RERANKER_<FIELD>``, for commands
+        that run without the service (training), with ``overrides`` on top."""
+        import os
+
+        values: dict[str, object] = {
+            name: os.environ[f"RANKD_RERANKER_{name.upper()}"] for name in cls.model_fields
+            if f"RANKD_RERANKER_{name.upper()}" in os.environ}
+        return cls.model_validate({**values, **overrides})

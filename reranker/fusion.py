@@ -20,6 +20,9 @@ from collections.abc import Sequence
 from enum import StrEnum
 
 RRF_K = 60
+# The retrieval's weight by default (RANKD_RERANK_FUSION_WEIGHT): measured on Eedi as the rrf
+# weight at which the embedded model does not fall below retrieval alone.
+DEFAULT_FUSION_WEIGHT = 0.9
 
 
 class Fusion(StrEnum):
@@ -59,3 +62,11 @@ def fuse(retrieval_scores: Sequence[float], rerank_scores: Sequence[float], fusi
     fused = [weight * a + (1 - weight) * b
              for a, b in zip(_zscores(retrieval_scores), _zscores(rerank_scores), strict=True)]
     return [1.0 / (1.0 + math.exp(-x)) for x in fused]
+
+
+def fused_order(retrieval_scores: Sequence[float], rerank_scores: Sequence[float],
+                fusion: Fusion, weight: float) -> tuple[list[int], list[float]]:
+    """The reranked candidates' order (indices into the retrieval order) and their final
+    scores. The sort is stable: equal scores keep the retrieval order."""
+    final = fuse(retrieval_scores, rerank_scores, fusion, weight)
+    return sorted(range(len(final)), key=lambda i: -final[i]), final

@@ -24,7 +24,7 @@ from reranker.config import MAX_ORDERS, RerankerConfig
 from reranker.errors import BackendError, RerankerConfigError, TooManyItemsError
 from reranker.labels import label_token_ids
 from reranker.models import resolve_model
-from reranker.prompt import PromptRenderer, load_tokenizer
+from reranker.prompt import PromptRenderer, RenderedPrompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,13 @@ class ListwiseTask:
     items: list[str]
     item_ids: list[str] = field(default_factory=list)  # only reported in traces
     orders: int | None = None  # the order scheme (order_permutations); None: the scorer's default
+
+    @classmethod
+    def for_query(cls, template: str, instruction: str, query: str, items: list[str],
+                  item_ids: list[str] | None = None, orders: int | None = None) -> ListwiseTask:
+        """A rank task: the fields that /rank, /v1/rerank, calibration and training all fill."""
+        return cls(template=template, fields={"instruction": instruction, "query": query},
+                   items=items, item_ids=item_ids or [], orders=orders)
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,8 @@ class ListwiseScores:
 
 
 __all__ = ["MAX_ORDERS", "ListwiseScorer", "ListwiseScores", "ListwiseTask", "OrderTrace",
-           "combine_orders", "load_model_tokenizer", "order_permutations", "renormalise",
-           "start_backend"]
+           "combine_orders", "load_model_tokenizer", "order_permutations", "render_order",
+           "renormalise", "start_backend"]
 
 T = TypeVar("T")
 
@@ -95,6 +102,14 @@ def combine_orders(n: int, permutations: Sequence[Sequence[int]],
     means = [sum(ps) / len(ps) for ps in seen]
     spreads = [max(ps) - min(ps) for ps in seen]
     return means, spreads
+
+
+def render_order(renderer: PromptRenderer, labels: Sequence[str], task: ListwiseTask,
+                 positions: Sequence[int]) -> RenderedPrompt:
+    """The prompt of ``task`` with its items in ``positions`` order, labelled from the first
+    label on: what the model reads when serving, and what it is trained on."""
+    return renderer.render(task.template, task.fields, [task.items[p] for p in positions],
+                           list(labels[: len(positions)]))
 
 
 def renormalise(logprobs: Sequence[float]) -> list[float]:
@@ -196,16 +211,12 @@ class ListwiseScorer:
         if count > self.max_items:
             raise TooManyItemsError(count, self.max_items, field_name)
 
-    def _orders(self, task: ListwiseTask, orders: int) -> list[tuple[list[int], Any]]:
-        n = len(task.items)
-        labels = self.labels[:n]
-        return [
-            (positions, self.renderer.render(task.template, task.fields,
-                                             [task.items[p] for p in positions], labels))
-            for positions in order_permutations(n, orders)
-        ]
+    def _orders(self, task: ListwiseTask, orders: int) -> list[tuple[list[int], RenderedPrompt]]:
+        return [(positions, render_order(self.renderer, self.labels, task, positions))
+                for positions in order_permutations(len(task.items), orders)]
 
-    def _render_all(self, tasks: Sequence[ListwiseTask]) -> list[list[tuple[list[int], Any]]]:
+    def _render_all(self, tasks: Sequence[ListwiseTask],
+                    ) -> list[list[tuple[list[int], RenderedPrompt]]]:
         return [self._orders(task, task.orders or self.default_orders) if task.items else []
                 for task in tasks]
 

@@ -405,7 +405,7 @@ class TrainingConfig:
 # ---------------------------------------------------------------- training
 
 
-def _prepare_output(directory: Path, overwrite: bool) -> None:
+def prepare_output(directory: Path, overwrite: bool) -> None:
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
             raise TrainingError(f"output directory {directory} is not empty; pass --overwrite "
@@ -448,7 +448,7 @@ def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntr
     config.check()
     check_positives(pairs, entries)
     output = Path(config.output_dir)
-    _prepare_output(output, config.overwrite)
+    prepare_output(output, config.overwrite)
     started = time.perf_counter()
     cpu_started = time.process_time()
 
@@ -586,6 +586,7 @@ __all__ = [
     "check_positives",
     "mine_hard_negatives",
     "parse_window",
+    "prepare_output",
     "read_pairs",
     "split_pairs",
     "train_retriever",

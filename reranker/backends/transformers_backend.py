@@ -56,6 +56,35 @@ def quantize_int8(model: Any, device: str) -> Any:
     return model
 
 
+def last_logits(model: Any, prompts: Sequence[Sequence[int]], pad_token_id: int,
+                device: str) -> Any:
+    """One left-padded forward pass over whole prompts; the logits at each last position.
+    Serving runs it under inference mode, and training (reranker/training.py) with gradients."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        attention[row, width - len(prompt):] = 1
+    # Left padding shifts positions; count them from each row's first real token instead.
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                position_ids=positions.to(device), logits_to_keep=1)
+    return out.logits[:, -1, :].float()
+
+
+def label_log_softmax(last: Any, reads: Sequence[LabelRead]) -> list[Any]:
+    """Each read's log-softmax over its own label tokens at its last position: the label
+    distribution that serving renormalises to, and the one training's cross-entropy is over."""
+    import torch
+
+    return [torch.log_softmax(last[row, torch.tensor(read.label_token_ids, device=last.device)],
+                              dim=-1)
+            for row, read in enumerate(reads)]
+
+
 # A common prefix shorter than this is not worth a group of its own.
 MIN_SHARED_TOKENS = 16
 
@@ -173,33 +202,12 @@ class TransformersBackend:
         with torch.inference_mode():
             last = self._last_logits_shared(reads) if self.prefix_sharing \
                 else self._last_logits(reads)
-        results = []
-        for row, read in enumerate(reads):
-            label_logits = last[row, torch.tensor(read.label_token_ids, device=last.device)]
-            results.append(torch.log_softmax(label_logits, dim=-1).tolist())
-        return results
+        return [row.tolist() for row in label_log_softmax(last, reads)]
 
     def _last_logits(self, reads: Sequence[LabelRead]) -> Any:
-        """One left-padded forward pass over whole prompts; the logits at each last position."""
-        import torch
-
-        width = max(len(r.prompt_token_ids) for r in reads)
-        input_ids = torch.full((len(reads), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(reads), width), dtype=torch.long)
-        for row, read in enumerate(reads):
-            n = len(read.prompt_token_ids)
-            input_ids[row, width - n:] = torch.tensor(read.prompt_token_ids, dtype=torch.long)
-            attention[row, width - n:] = 1
-        # Left padding shifts positions; count them from each row's first real token instead.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            position_ids=positions.to(self.device),
-            logits_to_keep=1,
-        )
         self.forward_passes += 1
-        return out.logits[:, -1, :].float()
+        return last_logits(self.model, [r.prompt_token_ids for r in reads], self.pad_token_id,
+                           self.device)
 
     def _last_logits_shared(self, reads: Sequence[LabelRead]) -> Any:
         """The same logits, computing each shared prefix once.
