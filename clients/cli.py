@@ -208,7 +208,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         report = evaluate_files(args.submission, args.labels, args.format, map_k=args.map_k,
-                                ks=args.ks)
+                                ks=args.ks, aliases=args.aliases)
         if args.json is not None:
             write_report(report, args.json)
     except (InputError, OSError) as exc:
@@ -234,6 +234,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--map-k", type=int, default=25, help="k of MAP@k (default 25)")
     parser.add_argument("--ks", type=_int_list, default=(1, 5, 10, 25, 50, 100),
                         help="recall cut-offs (default 1,5,10,25,50,100)")
+    parser.add_argument("--aliases", type=Path,
+                        help="a collection's aliases.json (rankd index build --dedup): a hit on "
+                             "a kept entry counts for the ids merged into it. A JSONL "
+                             "submission's results carry their aliases already")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     parser.set_defaults(handler=_eval)
 

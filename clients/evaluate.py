@@ -99,10 +99,23 @@ class Report:
         return data
 
 
+def canonical_labels(labels: Mapping[str, Sequence[str]],
+                     aliases: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """``labels`` with each id merged at build (``rankd index build --dedup``) replaced by the
+    id that absorbed it, so that a hit on the survivor counts as a hit on the merged id."""
+    survivor = {merged: kept for kept, ids in aliases.items() for merged in ids}
+    return {qid: list(dict.fromkeys(survivor.get(r, r) for r in rel))
+            for qid, rel in labels.items()}
+
+
 def evaluate(submission: Mapping[str, Ranking], labels: Mapping[str, Sequence[str]], *,
              fmt: str = "eedi", map_k: int = COMPETITION_K, ks: Sequence[int] = DEFAULT_KS,
-             with_ndcg: bool = False) -> Report:
-    """Mean metrics over every labelled query; missing ones contribute 0."""
+             with_ndcg: bool = False,
+             aliases: Mapping[str, Sequence[str]] | None = None) -> Report:
+    """Mean metrics over every labelled query; missing ones contribute 0. ``aliases`` (kept id
+    -> merged ids) credits a hit on a kept entry to the ids merged into it."""
+    if aliases:
+        labels = canonical_labels(labels, aliases)
     labelled = {qid: rel for qid, rel in labels.items() if rel}
     if not labelled:
         raise InputError("the labels hold no labelled query")
@@ -231,12 +244,41 @@ def read_labels(path: str | Path, fmt: str) -> dict[str, list[str]]:
     return LABEL_READERS[fmt](path)
 
 
+def read_aliases(path: str | Path) -> dict[str, list[str]]:
+    """Kept id -> merged ids: a collection's ``aliases.json``, or those that the results of a
+    JSONL run (the batch client's output) carry."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"aliases {path} does not exist")
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected an object of kept id -> merged ids")
+        return {str(k): [str(i) for i in v] for k, v in raw.items()}
+    found: dict[str, list[str]] = {}
+    for _, record in jsonl_objects(path):
+        response = record.get("response")
+        results = record.get("results") or (response.get("results")
+                                             if isinstance(response, dict) else None) or []
+        for result in results:
+            if isinstance(result, dict) and result.get("aliases"):
+                found[str(result["id"])] = [str(i) for i in result["aliases"]]
+    return found
+
+
 def evaluate_files(submission: str | Path, labels: str | Path, fmt: str,
-                   map_k: int = COMPETITION_K, ks: Sequence[int] = DEFAULT_KS) -> Report:
+                   map_k: int = COMPETITION_K, ks: Sequence[int] = DEFAULT_KS,
+                   aliases: str | Path | None = None) -> Report:
     if fmt == "mcq":  # the LLM Science Exam metric: MAP@3; accuracy is recall@1
         map_k, ks = MCQ_MAP_K, (1, MCQ_MAP_K)
+    merged = read_aliases(aliases) if aliases is not None else None
+    if merged is None and Path(submission).suffix.lower() != ".csv":
+        merged = read_aliases(submission)  # a JSONL run's results carry their aliases
     return evaluate(read_submission(submission), read_labels(labels, fmt), fmt=fmt,
-                    map_k=map_k, ks=ks, with_ndcg=fmt == "jsonl")
+                    map_k=map_k, ks=ks, with_ndcg=fmt == "jsonl", aliases=merged)
 
 
 def format_report(report: Report) -> str:

@@ -91,8 +91,10 @@ def read_catalog(
     id_column: str,
     text_column: str,
     fmt: CatalogFormat | str | None = None,
+    allow_empty: bool = False,
 ) -> list[CatalogEntry]:
-    """Read a catalogue; columns other than id and text are kept as metadata."""
+    """Read a catalogue; columns other than id and text are kept as metadata. Empty texts are
+    an error unless ``allow_empty`` (the build's noise filter then drops and counts them)."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"catalogue file {path} does not exist")
@@ -109,7 +111,7 @@ def read_catalog(
         text = "" if row[text_column] is None else str(row[text_column]).strip()
         if not entry_id:
             raise CatalogError(f"{path}: row {row_no} has an empty id in column {id_column!r}")
-        if not text:
+        if not text and not allow_empty:
             raise CatalogError(f"{path}: row {row_no} (id {entry_id}) has empty text")
         if entry_id in seen:
             raise CatalogError(f"{path}: id {entry_id!r} appears more than once")

@@ -26,6 +26,8 @@ def _index_build(args: argparse.Namespace) -> int:
     )
     from retriever.catalog import CatalogError
     from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.encoders import EmbedderBackend, EmbedderQuantization, EmbedderVariant
+    from retriever.hygiene import CleaningSpec, DedupMode, KeepRule, clean_catalog
     from retriever.index import IndexIntegrityError
 
     index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", "./rankd-index"))
@@ -40,24 +42,48 @@ def _index_build(args: argparse.Namespace) -> int:
                      ef_construction=args.ef_construction, ef_search=args.ef,
                      ivf_lists=args.ivf_lists, nprobe=args.nprobe)
     started = time.perf_counter()
+    report = None
     try:
-        entries = read_catalog(args.catalog, args.id_column, args.text_column, args.format)
-        embedder = Embedder.load(model, args.device, args.batch_size)
+        cleaning = CleaningSpec(dedup=DedupMode(args.dedup), near_threshold=args.near_threshold,
+                                keep=KeepRule(args.keep), filter_noise=args.filter_noise,
+                                min_chars=args.min_chars, max_chars=args.max_chars)
+        entries = read_catalog(args.catalog, args.id_column, args.text_column, args.format,
+                               allow_empty=cleaning.filter_noise)
+        variant = EmbedderVariant(EmbedderBackend(args.embedder_backend),
+                                  EmbedderQuantization(args.embedder_quantization))
+        embedder = Embedder.load(model, args.device, args.batch_size, variant)
+        vectors, aliases, recorded = None, None, None
+        if cleaning.active:
+            cleaned = clean_catalog(entries, cleaning,
+                                    lambda texts: embedder.encode(texts, not args.quiet))
+            entries, vectors, aliases = cleaned.entries, cleaned.vectors, cleaned.aliases
+            report = cleaned.report
+            recorded = {**cleaning.settings(), **report.counts()}
+            print(f"rankd index build: {report.summary()}", file=sys.stderr)
+            if not entries:
+                raise CatalogError("cleaning left no entries; loosen --min-chars/--max-chars")
         path = build_collection(entries, embedder, index_dir, args.collection,
                                 instruction=args.instruction, spec=spec, backend=backend,
                                 target=StoreTarget(uri, os.environ.get("RANKD_MILVUS_TOKEN")),
-                                show_progress=not args.quiet)
+                                show_progress=not args.quiet, vectors=vectors,
+                                cleaning=recorded, aliases=aliases)
     except (CatalogError, EmbedderLoadError, IndexIntegrityError, ValueError) as exc:
         print(f"rankd index build: {exc}", file=sys.stderr)
         return 2
+    if args.report is not None:
+        Path(args.report).write_text(json.dumps(
+            report.as_dict() if report else {"settings": cleaning.settings()}, indent=2,
+            ensure_ascii=False) + "\n", encoding="utf-8")
     elapsed = time.perf_counter() - started
     size = sum(f.stat().st_size for f in path.iterdir())
     manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     print(json.dumps({"collection": args.collection, "path": str(path), "count": len(entries),
-                      "embedder": embedder.name, "dimension": embedder.dimension,
+                      "embedder": embedder.name, "embedder_variant": str(embedder.variant),
+                      "dimension": embedder.dimension,
                       "backend": backend.value, "index_type": args.index_type,
                       "search_params": manifest["search_params"],
-                      "location": manifest["location"], "seconds": round(elapsed, 2),
+                      "location": manifest["location"], "cleaning": manifest["cleaning"],
+                      "seconds": round(elapsed, 2),
                       "bytes": size}))
     return 0
 
@@ -96,7 +122,34 @@ def register_index(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--nprobe", type=int, default=defaults.nprobe,
                        help="IVF: lists searched per query, recorded in the manifest")
     build.add_argument("--device", default="auto")
+    build.add_argument("--embedder-backend", choices=["torch", "onnx", "openvino"],
+                       default=os.environ.get("RANKD_EMBEDDER_BACKEND", "torch"),
+                       help="the embedder's runtime, recorded in the manifest; serve with the "
+                            "same (default $RANKD_EMBEDDER_BACKEND or torch)")
+    build.add_argument("--embedder-quantization", choices=["none", "int8"],
+                       default=os.environ.get("RANKD_EMBEDDER_QUANTIZATION", "none"),
+                       help="int8 with --embedder-backend onnx or openvino "
+                            "(default $RANKD_EMBEDDER_QUANTIZATION or none)")
     build.add_argument("--batch-size", type=int, default=64)
+    hygiene = build.add_argument_group(
+        "catalogue hygiene", "off by default: the build indexes every entry as given")
+    hygiene.add_argument("--dedup", choices=["off", "exact", "near"], default="off",
+                         help="merge duplicates: exact (same text after NFKC, case folding and "
+                              "whitespace collapse) or near (and cosine >= --near-threshold); "
+                              "the merged ids become the kept entry's aliases")
+    hygiene.add_argument("--near-threshold", type=float, default=0.95,
+                         help="cosine similarity at which near duplicates merge (default 0.95)")
+    hygiene.add_argument("--keep", choices=["first", "longest"], default="first",
+                         help="which entry of a duplicate group is kept: the first in the "
+                              "catalogue, or the longest text (default first)")
+    hygiene.add_argument("--filter-noise", action="store_true",
+                         help="drop entries that are empty, only markup, or only digits")
+    hygiene.add_argument("--min-chars", type=int, default=0,
+                         help="drop entries shorter than this (default 0: none)")
+    hygiene.add_argument("--max-chars", type=int, default=0,
+                         help="drop entries longer than this (default 0: none)")
+    hygiene.add_argument("--report", help="write the cleaning report (JSON) here: the counts "
+                                          "per rule and the largest duplicate groups")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(handler=_index_build)
 

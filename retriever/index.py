@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -20,6 +20,7 @@ import numpy as np
 
 from retriever.catalog import CatalogEntry
 from retriever.embedder import Embedder
+from retriever.encoders import EmbedderVariant
 
 if TYPE_CHECKING:
     from retriever.stores import VectorStore
@@ -90,6 +91,7 @@ class Hit:
     text: str
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # ids merged into this entry at build (--dedup)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,10 @@ class Manifest:
     search_params: dict[str, int] = field(default_factory=dict)
     # What the backend needs to find the collection again (Milvus: uri, alias, collection).
     location: dict[str, Any] = field(default_factory=dict)
+    # The embedder's runtime (retriever/encoders.py): int8 vectors differ from float32 ones.
+    embedder_variant: str = "torch"
+    # Catalogue hygiene at build (retriever/hygiene.py): the settings and the counts.
+    cleaning: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
@@ -154,6 +160,8 @@ def build_collection(
     backend: StoreKind = StoreKind.FAISS,
     target: StoreTarget | None = None,
     vectors: np.ndarray | None = None,
+    cleaning: dict[str, Any] | None = None,
+    aliases: dict[str, list[str]] | None = None,
 ) -> Path:
     """Embed ``entries`` into a new collection ``index_dir/collection`` and swap it in atomically.
 
@@ -161,6 +169,8 @@ def build_collection(
     collection), the manifest last, and only then is it made the served one (a rename; for
     Milvus, an alias switch), so an interrupted build leaves the previous collection serving.
     ``vectors``, when given, are the entries' unit vectors from ``embedder``, already computed.
+    ``cleaning`` (settings and counts) goes into the manifest; ``aliases`` (survivor id ->
+    merged ids), when any, into ``aliases.json``, checksummed like the index files.
     """
     from retriever.stores import store_backend
 
@@ -180,18 +190,27 @@ def build_collection(
         else:
             builder.add_vectors(entries, np.ascontiguousarray(vectors, dtype=np.float32))
         built = builder.finish()
+        files = list(built.files)
+        if aliases:
+            from retriever.hygiene import ALIASES_FILE
+
+            (staging / ALIASES_FILE).write_text(json.dumps(aliases, indent=1, sort_keys=True),
+                                                encoding="utf-8")
+            files.append(ALIASES_FILE)
         manifest = Manifest(
             collection=collection,
             embedder=embedder.name,
+            embedder_variant=str(embedder.variant),
             dimension=embedder.dimension,
             count=len(entries),
             index_kind=spec.kind.value,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             instruction=instruction,
-            files={name: sha256_file(staging / name) for name in built.files},
+            files={name: sha256_file(staging / name) for name in files},
             backend=backend.value,
             search_params=spec.search_params(),
             location=built.location,
+            cleaning=cleaning or {},
         )
         (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2), encoding="utf-8")
         builder.publish()
@@ -243,7 +262,10 @@ class Collection:
         k = min(k, self.manifest.count)
         if k <= 0 or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
-        return self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        rows = self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        if not self.manifest.cleaning.get("duplicate_groups"):
+            return rows
+        return [[_with_aliases(hit) for hit in row] for row in rows]
 
     def health(self) -> str | None:
         """None while the store answers; else why not."""
@@ -258,9 +280,19 @@ class Collection:
         self.store.close()
 
 
+def _with_aliases(hit: Hit) -> Hit:
+    """The stores keep a merged entry's aliases in its metadata; a hit carries them apart."""
+    from retriever.hygiene import ALIASES_KEY
+
+    if ALIASES_KEY not in hit.metadata:
+        return hit
+    metadata = {k: v for k, v in hit.metadata.items() if k != ALIASES_KEY}
+    return replace(hit, metadata=metadata, aliases=tuple(hit.metadata[ALIASES_KEY]))
+
+
 def load_collection(directory: str | Path, embedder_name: str | None = None,
                     dimension: int | None = None, target: StoreTarget | None = None,
-                    ) -> Collection:
+                    embedder_variant: EmbedderVariant | None = None) -> Collection:
     """Load and verify a collection; raise IndexIntegrityError naming the file and the fix, or
     CollectionUnavailableError when its store cannot be reached."""
     from retriever.stores import store_backend
@@ -284,6 +316,17 @@ def load_collection(directory: str | Path, embedder_name: str | None = None,
             f"{directory / MANIFEST} says collection {manifest.collection!r} was built with embedder "
             f"{manifest.embedder!r}, but the configured embedder is {embedder_name!r}; set "
             f"RANKD_EMBEDDER_MODEL={manifest.embedder} or {rebuild} with --model {embedder_name}"
+        )
+    if embedder_variant is not None and manifest.embedder_variant != str(embedder_variant):
+        built = manifest.embedder_variant
+        built_backend, _, quantization = built.partition("-")
+        raise IndexIntegrityError(
+            f"{directory / MANIFEST} says collection {manifest.collection!r} was built with the "
+            f"{built!r} embedder runtime, but the configured one is {str(embedder_variant)!r}; set "
+            f"RANKD_EMBEDDER_BACKEND={built_backend} "
+            f"RANKD_EMBEDDER_QUANTIZATION={quantization or 'none'}"
+            f" or {rebuild} with --embedder-backend {embedder_variant.backend.value} "
+            f"--embedder-quantization {embedder_variant.quantization.value}"
         )
     if dimension is not None and manifest.dimension != dimension:
         raise IndexIntegrityError(

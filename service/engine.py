@@ -16,7 +16,7 @@ The path of a /rank request: ``plan`` checks it against the limits; the search m
 embeds the query with others that arrived with it and searches the collection; the scorer renders
 the candidates in each order on its tokenizer thread, reads the label logprobs from the backend
 (whose own micro-batcher shares forward passes between requests) and averages the orders;
-``fuse`` combines that with the retrieval order. CPU work never runs on the event loop.
+``fused_order`` combines that with the retrieval order. CPU work never runs on the event loop.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from rankd.batching import BatchObserver
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
-from reranker.fusion import Fusion, fuse
+from reranker.fusion import Fusion, fused_order
 from reranker.windows import balanced_windows, merge_window_scores
 from retriever.index import Hit, Manifest
 from retriever.search import SearchQuery
@@ -202,14 +202,10 @@ class Engine:
     def _rank_task(self, plan: RankPlan, hits: list[Hit]) -> ListwiseTask:
         manifest = self.collections_loaded[plan.collection]
         top = hits[: plan.rerank_n]
-        return ListwiseTask(
-            template=self.settings.reranker.rank_template,
-            fields={"instruction": manifest.instruction or self.settings.reranker.instruction,
-                    "query": plan.request.query},
-            items=[h.text for h in top],
-            item_ids=[h.id for h in top],
-            orders=plan.orders,
-        )
+        return ListwiseTask.for_query(
+            self.settings.reranker.rank_template,
+            manifest.instruction or self.settings.reranker.instruction, plan.request.query,
+            [h.text for h in top], [h.id for h in top], plan.orders)
 
     async def rank(self, request: RankRequest) -> RankResponse:
         """Retrieve candidates for one query and rerank them."""
@@ -267,21 +263,20 @@ class Engine:
         results: list[RankResult]
         if scored is None:
             results = [RankResult(id=h.id, text=h.text, score=h.score, retrieval_score=h.score,
-                                  rank=rank, metadata=h.metadata)
+                                  rank=rank, metadata=h.metadata, aliases=list(h.aliases))
                        for rank, h in enumerate(hits[:k], 1)]
         else:
             head = hits[: plan.rerank_n]
-            final = fuse([h.score for h in head], scored.probabilities, plan.fusion,
-                         plan.fusion_weight)
-            # Stable sort: equal scores keep retrieval order.
-            order = sorted(range(len(head)), key=lambda i: -final[i])
+            order, final = fused_order([h.score for h in head], scored.probabilities,
+                                       plan.fusion, plan.fusion_weight)
             ranked = [RankResult(id=head[i].id, text=head[i].text, score=final[i],
                                  retrieval_score=head[i].score, rank=0,
                                  rerank_score=scored.probabilities[i],
-                                 order_spread=scored.spreads[i], metadata=head[i].metadata)
+                                 order_spread=scored.spreads[i], metadata=head[i].metadata,
+                                 aliases=list(head[i].aliases))
                       for i in order]
             ranked += [RankResult(id=h.id, text=h.text, score=0.0, retrieval_score=h.score,
-                                  rank=0, metadata=h.metadata)
+                                  rank=0, metadata=h.metadata, aliases=list(h.aliases))
                        for h in hits[plan.rerank_n:]]
             results = [r.model_copy(update={"rank": rank}) for rank, r in enumerate(ranked[:k], 1)]
         debug = None
@@ -314,11 +309,9 @@ class Engine:
         self._check_documents(texts, "documents")
         windows = balanced_windows(len(texts), scorer.max_items)
         config = self.settings.reranker
-        tasks = [ListwiseTask(template=config.rank_template,
-                              fields={"instruction": config.instruction, "query": request.query},
-                              items=[texts[i] for i in window],
-                              item_ids=[str(i) for i in window],
-                              orders=request.orders)
+        tasks = [ListwiseTask.for_query(config.rank_template, config.instruction, request.query,
+                                        [texts[i] for i in window], [str(i) for i in window],
+                                        request.orders)
                  for window in windows]
         try:
             scored = await scorer.score(tasks)

@@ -74,6 +74,7 @@ class RankResult(BaseModel):
     rerank_score: float | None = Field(None, description="Reranked candidates: the mean label probability over the orders.")
     order_spread: float | None = Field(None, description="Reranked candidates: max - min of the candidate's label probability across the orders; large when the model's choice depends on position.")
     metadata: dict[str, object] = Field(default_factory=dict, description="The catalogue entry's metadata, as given at `rankd index build` (its other columns).")
+    aliases: list[str] = Field(default_factory=list, description="Ids of the catalogue entries merged into this one at `rankd index build --dedup`: a query whose answer is one of them is answered by this entry.")
 
 
 class Timings(BaseModel):
