@@ -424,8 +424,9 @@ def report(args: argparse.Namespace, systems: list[System], peer: System | None,
                 f"{s.name} {top.level.throughput / theirs.level.throughput:.2f}x"
                 for s in systems if (top := best_level(s, c)) is not None)
             print(f"rankd / infinity at concurrency {c}: {ratios}")
-    errors = {s.name: {k: v for r in results for k, v in r.level.errors.items()}
-              for s in [*systems, *([peer] if peer else [])] for results in s.levels.values()}
+    errors = {s.name: {k: v for results in s.levels.values() for r in results
+                       for k, v in r.level.errors.items()}
+              for s in [*systems, *([peer] if peer else [])]}
     if any(errors.values()):
         print(f"errors: { {k: v for k, v in errors.items() if v} }")
 

@@ -227,6 +227,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
 def register_train(sub: argparse._SubParsersAction) -> None:
     """Add `rankd train-reranker`."""
     from reranker.training import RerankerTrainingConfig
+    from retriever.cli import add_training_data_options
 
     defaults = RerankerTrainingConfig(output_dir=Path("."))
     train = sub.add_parser(
@@ -239,24 +240,10 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                     "batch` and `rankd eval`) and training_report.json. The template, "
                     "instruction, labels and chat template are the service's "
                     "(RANKD_RERANKER_*).")
-    data = train.add_argument_group("data")
-    data.add_argument("--train", required=True, help="labelled pairs file")
-    data.add_argument("--format", required=True, choices=["eedi", "jsonl"],
-                      help="eedi: the competition's train.csv; jsonl: {query, positive_id} per "
-                           "line (optional group, id)")
-    data.add_argument("--catalog", required=True, help="catalogue file (CSV, JSONL or Parquet)")
-    data.add_argument("--id-column", default="MisconceptionId")
-    data.add_argument("--text-column", default="MisconceptionName")
-    data.add_argument("--catalog-format", choices=["csv", "jsonl", "parquet"],
-                      help="default: from the catalogue's suffix")
-    data.add_argument("--query-template", help="eedi query template (default: the batch "
-                                               "client's, retriever/eedi.py)")
+    data = add_training_data_options(train)
     data.add_argument("--instruction", help="the rerank instruction; give the collection's "
                                             "(rankd index build --instruction) if it has one "
                                             "(default: $RANKD_RERANKER_INSTRUCTION or rankd's)")
-    data.add_argument("--output", required=True, help="directory for the fine-tuned model")
-    data.add_argument("--overwrite", action="store_true",
-                      help="replace an earlier training run in --output")
 
     candidates = train.add_argument_group("candidates and prompts")
     candidates.add_argument("--retriever", help="embedder that retrieves the candidates: the "

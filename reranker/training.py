@@ -23,7 +23,7 @@ import random
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,9 +108,9 @@ class RerankerTrainingConfig:
                     "gradient accumulation": self.gradient_accumulation,
                     "LoRA rank": self.lora_rank, "eval queries": self.eval_queries,
                     "k": self.k, "max tokens": self.max_tokens}
-        for name, value in positive.items():
-            if not value > 0:
-                raise RerankerTrainingError(f"{name} must be positive, got {value}")
+        from retriever.training import require_positive
+
+        require_positive(positive, RerankerTrainingError)
         if self.candidates < 2:
             raise RerankerTrainingError("candidates must be at least 2: the loss picks one of N")
         labels = len(self.reranker.label_alphabet.labels())
@@ -393,9 +393,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     # -- the split: by question, and the validation questions that are evaluated
     split = split_pairs(pairs, config.validation_fraction, seed=config.seed)
     eval_groups = _eval_subset(split, config.eval_queries, config.seed)
-    validation = validation_set(type(split)(split.train, [p for p in split.validation
-                                                          if p.group in eval_groups],
-                                            split.held_out_ids, split.dropped_pairs))
+    validation = validation_set(replace(split, validation=[p for p in split.validation
+                                                           if p.group in eval_groups]))
     train_pairs = list(split.train)
     random.Random(config.seed).shuffle(train_pairs)
     train_pairs = train_pairs[: config.examples]

@@ -222,15 +222,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_train(sub)
 
 
-def register_train(sub: argparse._SubParsersAction) -> None:
-    defaults = TrainingConfig(output_dir=Path("."))
-    train = sub.add_parser(
-        "train-retriever",
-        help="fine-tune the embedder on labelled (query, catalogue id) pairs",
-        description="Contrastive fine-tuning (MultipleNegativesRankingLoss with mined hard "
-                    "negatives). --output becomes a model directory for `rankd index build "
-                    "--model DIR`; it also holds checkpoints/ and training_report.json.",
-    )
+def add_training_data_options(train: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The labelled pairs, the catalogue and the output of a training command (`rankd
+    train-retriever`, `rankd train-reranker`): one set of options for both."""
     data = train.add_argument_group("data")
     data.add_argument("--train", required=True, help="labelled pairs file")
     data.add_argument("--format", required=True, choices=["eedi", "jsonl"],
@@ -246,6 +240,19 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--output", required=True, help="directory for the fine-tuned model")
     data.add_argument("--overwrite", action="store_true",
                       help="replace an earlier training run in --output")
+    return data
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    defaults = TrainingConfig(output_dir=Path("."))
+    train = sub.add_parser(
+        "train-retriever",
+        help="fine-tune the embedder on labelled (query, catalogue id) pairs",
+        description="Contrastive fine-tuning (MultipleNegativesRankingLoss with mined hard "
+                    "negatives). --output becomes a model directory for `rankd index build "
+                    "--model DIR`; it also holds checkpoints/ and training_report.json.",
+    )
+    add_training_data_options(train)
 
     model = train.add_argument_group("model and training")
     model.add_argument("--model", help="base embedder (default: $RANKD_EMBEDDER_MODEL or "

@@ -318,13 +318,17 @@ def load_collection(directory: str | Path, embedder_name: str | None = None,
             f"RANKD_EMBEDDER_MODEL={manifest.embedder} or {rebuild} with --model {embedder_name}"
         )
     if embedder_variant is not None and manifest.embedder_variant != str(embedder_variant):
-        built = manifest.embedder_variant
-        built_backend, _, quantization = built.partition("-")
+        try:
+            built = EmbedderVariant.parse(manifest.embedder_variant)
+        except ValueError:
+            raise IndexIntegrityError(
+                f"{directory / MANIFEST} names embedder runtime {manifest.embedder_variant!r}, "
+                f"which this rankd does not know; {rebuild}") from None
         raise IndexIntegrityError(
             f"{directory / MANIFEST} says collection {manifest.collection!r} was built with the "
-            f"{built!r} embedder runtime, but the configured one is {str(embedder_variant)!r}; set "
-            f"RANKD_EMBEDDER_BACKEND={built_backend} "
-            f"RANKD_EMBEDDER_QUANTIZATION={quantization or 'none'}"
+            f"{str(built)!r} embedder runtime, but the configured one is {str(embedder_variant)!r}; "
+            f"set RANKD_EMBEDDER_BACKEND={built.backend.value} "
+            f"RANKD_EMBEDDER_QUANTIZATION={built.quantization.value}"
             f" or {rebuild} with --embedder-backend {embedder_variant.backend.value} "
             f"--embedder-quantization {embedder_variant.quantization.value}"
         )

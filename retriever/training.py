@@ -393,9 +393,7 @@ class TrainingConfig:
                     "negatives": self.negatives, "k": self.k,
                     "eval batch size": self.eval_batch_size, "scale": self.scale,
                     "save total limit": self.save_total_limit}
-        for name, value in positive.items():
-            if not value > 0:
-                raise TrainingError(f"{name} must be positive, got {value}")
+        require_positive(positive, TrainingError)
         if not 0 <= self.warmup_ratio < 1:
             raise TrainingError(f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.batch_size < 2:
@@ -403,6 +401,13 @@ class TrainingConfig:
 
 
 # ---------------------------------------------------------------- training
+
+
+def require_positive(options: dict[str, float], error: type[Exception]) -> None:
+    """Raise ``error`` naming the first option that is not above zero."""
+    for name, value in options.items():
+        if not value > 0:
+            raise error(f"{name} must be positive, got {value}")
 
 
 def prepare_output(directory: Path, overwrite: bool) -> None:
@@ -588,6 +593,7 @@ __all__ = [
     "parse_window",
     "prepare_output",
     "read_pairs",
+    "require_positive",
     "split_pairs",
     "train_retriever",
     "validation_set",
