@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# Milvus Lite keeps a database in a directory whose name must end so (Milvus Lite 3); no
+# collection is named so, so that the database can live inside the index directory.
+MILVUS_LITE_SUFFIX = ".db"
 INDEX_FILE = "index.faiss"
 ENTRIES_FILE = "entries.jsonl"
 FORMAT_VERSION = 1
@@ -176,6 +179,9 @@ def build_collection(
 
     if not collection or collection.startswith(".") or "/" in collection:
         raise ValueError(f"invalid collection name {collection!r}")
+    if collection.endswith(MILVUS_LITE_SUFFIX):
+        raise ValueError(f"invalid collection name {collection!r}: a name ending in "
+                         f"{MILVUS_LITE_SUFFIX} is a Milvus Lite database in an index directory")
     spec = spec or IndexSpec(kind=kind, hnsw_m=hnsw_m, ivf_lists=ivf_lists)
     root = Path(index_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -348,8 +354,10 @@ def load_collection(directory: str | Path, embedder_name: str | None = None,
 
 
 def collection_dirs(index_dir: str | Path) -> list[Path]:
-    """Collection directories under ``index_dir``, skipping staging and hidden ones."""
+    """Collection directories under ``index_dir``, skipping staging and hidden ones and Milvus
+    Lite databases, which may sit beside the manifests that name them."""
     root = Path(index_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and not p.name.endswith(MILVUS_LITE_SUFFIX))

@@ -22,6 +22,7 @@ import numpy as np
 from retriever.catalog import CatalogEntry
 from retriever.embedder import Embedder
 from retriever.index import (
+    MILVUS_LITE_SUFFIX,
     CollectionUnavailableError,
     Hit,
     IndexIntegrityError,
@@ -61,7 +62,7 @@ def normalise_uri(uri: str) -> str:
     if is_remote(uri):
         return uri
     path = Path(uri).expanduser()
-    if path.suffix != ".db":
+    if path.suffix != MILVUS_LITE_SUFFIX:
         raise ValueError(f"Milvus Lite needs a file name ending in .db, got {uri!r}; or give a "
                          "server URI such as http://localhost:19530")
     return str(path.resolve())

@@ -3,14 +3,14 @@ ${VAR:-default} substitutions, .env.example and .dockerignore."""
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rankd.devtools.dockerfile import SUBSTITUTION, Stage, exec_form
+from rankd.devtools.dockerfile import dockerfile_stages as read_stages
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -20,82 +20,9 @@ ENV_EXAMPLE = REPO / ".env.example"
 DOCKERIGNORE = REPO / ".dockerignore"
 INDEX_INIT = REPO / "docker" / "index-init.sh"
 
-_SUBSTITUTION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [args for kw, args in self.instructions if kw == keyword]
-
-    def last(self, keyword: str) -> str:
-        found = self.all(keyword)
-        assert found, f"the stage has no {keyword}"
-        return found[-1]
-
-
-def _logical_lines(text: str) -> list[str]:
-    lines: list[str] = []
-    current = ""
-    for raw in text.splitlines():
-        stripped = raw.strip()
-        if stripped.startswith("#") and not current:
-            continue
-        if stripped.startswith("#"):  # a comment inside a continued instruction
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        current += stripped
-        if current.strip():
-            lines.append(current.strip())
-        current = ""
-    return lines
-
-
 def dockerfile_stages(path: Path = DOCKERFILE) -> list[Stage]:
     """The Dockerfile's stages in order, each with its (KEYWORD, arguments) instructions."""
-    stages: list[Stage] = []
-    args: dict[str, str] = {}
-    for line in _logical_lines(path.read_text(encoding="utf-8")):
-        keyword, _, rest = line.partition(" ")
-        keyword = keyword.upper()
-        rest = rest.strip()
-        if keyword == "ARG" and not stages:
-            name, _, default = rest.partition("=")
-            args[name] = default
-            continue
-        if keyword == "FROM":
-            words = rest.split()
-            base = _SUBSTITUTION.sub(lambda m: args.get(m.group(1), m.group(2) or ""), words[0])
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(base, name))
-            continue
-        assert stages, f"{path}: {keyword} before FROM"
-        stages[-1].instructions.append((keyword, rest))
-    return stages
-
-
-def exec_form(arguments: str) -> list[str]:
-    """A JSON exec-form argument list (CMD, ENTRYPOINT, HEALTHCHECK CMD)."""
-    value = json.loads(arguments)
-    assert isinstance(value, list), arguments
-    assert all(isinstance(v, str) for v in value), arguments
-    return value
-
-
-def stage_env(stage: Stage) -> dict[str, str]:
-    """The stage's ENV values, ``$VAR`` references left as they are."""
-    env: dict[str, str] = {}
-    for arguments in stage.all("ENV"):
-        for word in shlex.split(arguments):
-            key, _, value = word.partition("=")
-            env[key] = value
-    return env
+    return read_stages(path)
 
 
 def healthcheck(stage: Stage) -> tuple[dict[str, str], list[str]]:
@@ -109,12 +36,12 @@ def healthcheck(stage: Stage) -> tuple[dict[str, str], list[str]]:
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
     """Compose's ${VAR}, ${VAR-default} and ${VAR:-default}, from ``env`` (default: empty)."""
     env = env or {}
-    return _SUBSTITUTION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    return SUBSTITUTION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
 
 
 def substitution_defaults(text: str) -> dict[str, str | None]:
     """Every variable substituted in ``text``, with its default (None when it has none)."""
-    return {m.group(1): m.group(2) for m in _SUBSTITUTION.finditer(text)}
+    return {m.group(1): m.group(2) for m in SUBSTITUTION.finditer(text)}
 
 
 def compose() -> dict[str, Any]:

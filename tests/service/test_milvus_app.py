@@ -33,10 +33,13 @@ EEDI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eedi"
 
 @pytest.fixture
 def milvus_index(tmp_path: Path, embedder: Embedder) -> Path:
+    """The sample catalogue in Milvus Lite, its database inside the index directory beside the
+    manifest that names it: Milvus Lite 3 makes ``milvus.db`` a directory there."""
     entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
     build_collection(entries, embedder, tmp_path / "idx", "misconceptions",
                      instruction=SAMPLE_INSTRUCTION, backend=StoreKind.MILVUS,
-                     target=StoreTarget(str(tmp_path / "milvus.db")), show_progress=False)
+                     target=StoreTarget(str(tmp_path / "idx" / "milvus.db")), show_progress=False)
+    assert (tmp_path / "idx" / "milvus.db").is_dir()
     return tmp_path / "idx"
 
 
@@ -71,7 +74,7 @@ async def test_milvus_failure_while_serving_is_a_503_and_in_ready(
     location = json.loads((milvus_index / "misconceptions" / MANIFEST).read_text())["location"]
     async with app_client(settings_factory(index_dir=milvus_index)) as (_, client):
         assert (await client.post("/rank", json={"query": QUERIES[0]})).status_code == 200
-        other = MilvusClient(str(tmp_path / "milvus.db"))  # someone drops the collection
+        other = MilvusClient(str(milvus_index / "milvus.db"))  # someone drops the collection
         other.drop_alias(location["alias"])
         other.drop_collection(location["collection"])
         other.close()
@@ -150,3 +153,44 @@ def test_eedi_top25_from_milvus_hnsw_equals_faiss_exact(tmp_path: Path,
     assert len(queries) > 3000
     assert shares["flat"] >= 0.99
     assert shares["hnsw"] >= 0.95
+
+
+def test_collection_named_like_a_milvus_lite_database_is_refused(tmp_path: Path,
+                                                                 embedder: Embedder) -> None:
+    entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    with pytest.raises(ValueError, match=r"ending in \.db is a Milvus Lite database"):
+        build_collection(entries, embedder, tmp_path, "catalogue.db", show_progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EEDI / "misconception_mapping.csv").is_file(),
+                    reason=f"the Eedi evaluation data is not at {EEDI}")
+async def test_eedi_rank_from_milvus_inside_the_index_dir_equals_faiss(
+        tmp_path: Path, embedder: Embedder, settings_factory: Any) -> None:
+    """The layout a user reaches for: `rankd index build --index-dir IDX --backend milvus
+    --milvus-uri IDX/milvus.db` beside a FAISS collection, both served from IDX over /rank."""
+    entries = read_catalog(EEDI / "misconception_mapping.csv", "MisconceptionId",
+                           "MisconceptionName")
+    index_dir = tmp_path / "IDX"
+    catalogue = embedder.encode([e.text for e in entries])
+    build_collection(entries, embedder, index_dir, "faiss", vectors=catalogue,
+                     show_progress=False)
+    build_collection(entries, embedder, index_dir, "milvus", vectors=catalogue,
+                     backend=StoreKind.MILVUS, target=StoreTarget(str(index_dir / "milvus.db")),
+                     show_progress=False)
+    queries = [q.text for q in eedi_queries(EEDI / "train.csv")][:120]
+    ranked: dict[str, list[list[Hit]]] = {"faiss": [], "milvus": []}
+    async with app_client(settings_factory(index_dir=index_dir)) as (_, client):
+        ready = (await client.get("/ready")).json()
+        for name, rows in ranked.items():
+            for query in queries:
+                response = await client.post("/rank", json={"query": query, "top_k": 25,
+                                                            "collection": name})
+                assert response.status_code == 200, response.text
+                rows.append([Hit(r["id"], r["text"], r["score"])
+                             for r in response.json()["results"]])
+    assert ready["status"] == "ready"
+    assert ready["components"]["collection:milvus"]["detail"] == f"{len(entries)} entries, milvus"
+    same = [_same_up_to_ties(a, b) for a, b in zip(ranked["faiss"], ranked["milvus"],
+                                                   strict=True)]
+    assert sum(same) / len(same) >= 0.99, sum(same)
