@@ -62,8 +62,8 @@ def dockerfile_stages(path: Path) -> list[Stage]:
         if keyword == "FROM":
             words = rest.split()
             base = SUBSTITUTION.sub(lambda m: args.get(m.group(1), m.group(2) or ""), words[0])
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(base, name))
+            stage = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(base, stage))
             continue
         if not stages:
             raise ValueError(f"{path}: {keyword} before FROM")
