@@ -177,8 +177,7 @@ def _reranker(candidates: int) -> Any:
     location = resolve_model(config.model or "", config.cache_dir)
     tokenizer = load_tokenizer(location)
     builder = PromptBuilder(tokenizer, config, config.instruction)
-    model, device, pad = TransformersBackend.load(config.model_copy(update={"model": location}),
-                                                  tokenizer)
+    loaded = TransformersBackend.load(config.model_copy(update={"model": location}), tokenizer)
     training = RerankerTrainingConfig(output_dir=Path("."), reranker=config,
                                       candidates=candidates)
 
@@ -186,7 +185,7 @@ def _reranker(candidates: int) -> Any:
               ) -> dict[str, Any]:
         evaluated = [EvalQuery(q.id, q.text, frozenset(labels[q.id]), list(row), False)
                      for q, row in zip(queries, hits, strict=True)]
-        figures = RerankEvaluator(evaluated, builder, training)(model, device, pad)
+        figures = RerankEvaluator(evaluated, builder, training)(loaded)
         return {f"reranked_{fusion}": values["map"] for fusion, values in figures.items()}
 
     return score

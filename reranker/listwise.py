@@ -196,8 +196,8 @@ class ListwiseScorer:
                 "or turn RANKD_RERANKER_CHAT_TEMPLATE on")
         if backend is None:
             backend = await start_backend(config, tokenizer, observer)
-        log.info("reranker ready: backend %s, model %s, %d labels, %d orders", backend.name,
-                 config.model, len(labels), config.orders)
+        log.info("reranker ready: backend %s, model %s; %s; %d labels, %d orders",
+                 backend.name, config.model, backend.detail, len(labels), config.orders)
         return cls(renderer, backend, labels, token_ids,
                    model=spec if spec == location else f"{spec} ({location})",
                    default_orders=config.orders)

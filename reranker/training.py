@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from reranker.backends.base import LabelRead
 from reranker.backends.transformers_backend import (
+    LoadedModel,
     TransformersBackend,
     label_log_softmax,
     last_logits,
@@ -38,6 +39,7 @@ from reranker.config import RerankerConfig
 from reranker.fusion import DEFAULT_FUSION_WEIGHT, Fusion, fused_order
 from reranker.labels import label_token_ids
 from reranker.listwise import ListwiseScorer, ListwiseTask, render_order
+from reranker.precision import DtypeChoice
 from reranker.prompt import PromptRenderer
 
 if TYPE_CHECKING:
@@ -261,12 +263,12 @@ class RerankEvaluator:
         ranked = {q.key: [h.id for h in q.hits] for q in self.queries}
         return mean_average_precision(ranked, self.queries, self.config.k)
 
-    def __call__(self, model: Any, device: str, pad_token_id: int) -> dict[str, Any]:
+    def __call__(self, loaded: LoadedModel) -> dict[str, Any]:
         started = time.perf_counter()
         # All queries go to the backend in one call: its per-call timeout is for serving.
         reranker = self.config.reranker.model_copy(update={"backend": "transformers",
                                                            "timeout_s": 7 * 24 * 3600.0})
-        backend = TransformersBackend(model, pad_token_id, device, reranker)
+        backend = TransformersBackend(loaded, reranker)
         scorer = ListwiseScorer(self.builder.renderer, backend, self.builder.labels,
                                 self.builder.label_token_ids, default_orders=reranker.orders)
         n = self.config.candidates
@@ -442,7 +444,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         model.eval()
         try:
             inner = model.get_base_model() if config.method is TuningMethod.LORA else model
-            return evaluator(inner, device, int(pad))
+            return evaluator(LoadedModel(inner, device, int(pad),
+                                         DtypeChoice("float32", "the weights in training")))
         finally:
             model.train()
 
@@ -524,8 +527,7 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     stage = time.perf_counter()
     served = config.reranker.model_copy(update={"model": str(output), "backend": "transformers",
                                                 "device": device})
-    loaded, _, pad_loaded = TransformersBackend.load(served, tokenizer)
-    fine_tuned = evaluator(loaded, device, pad_loaded)
+    fine_tuned = evaluator(TransformersBackend.load(served, tokenizer))
     seconds["evaluate_fine_tuned"] = round(time.perf_counter() - stage, 1)
     curve.append({"step": trainer.state.global_step,
                   "examples": round(len(examples) * config.epochs), **fine_tuned})

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
+
+from reranker.precision import cpu_flags, cpu_model_name
 
 WNA16_KERNEL = "cpu_gemm_wna16"
 
@@ -44,22 +45,8 @@ class CpuKernels:
                 f"here ({self.source})")
 
 
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def cpu_has_avx512() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return any(line.startswith("flags") and " avx512f" in line for line in text.splitlines())
+    return "avx512f" in cpu_flags()
 
 
 def probe_kernels(vllm_python: str | None, timeout_s: float = 180.0) -> CpuKernels:

@@ -415,7 +415,7 @@ class Engine:
             statuses["reranker"] = ComponentStatus(
                 status="degraded" if problem else "ok",
                 detail=problem or f"backend {self.scorer.backend_name}, model "
-                                  f"{self.scorer.model}")
+                                  f"{self.scorer.model}; {self.scorer.backend.detail}")
         if not self.collections_loaded:
             statuses["collections"] = ComponentStatus(
                 status="error", detail=f"no collection loaded from {self.settings.index_dir}")

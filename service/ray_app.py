@@ -137,6 +137,7 @@ class RemoteBackend:
     def __init__(self, handle: DeploymentHandle, runs: str) -> None:
         self.handle = handle
         self.name = f"ray-serve ({runs})"
+        self.detail = "the Ray Serve reranker deployment"
 
     async def start(self) -> None:
         problem = await self.health()

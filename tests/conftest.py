@@ -55,7 +55,9 @@ def settings_factory(sample_index: Path) -> Any:
     ``RANKD_RERANKER_<FIELD>`` does."""
 
     def make(**overrides: object) -> Settings:
-        reranker: dict[str, object] = {"backend": "none"}
+        # float32 everywhere: tests compare probabilities with float32 references (vLLM, a
+        # model run by hand); what dtype=auto chooses is tested on its own.
+        reranker: dict[str, object] = {"backend": "none", "dtype": "float32"}
         values: dict[str, object] = {"index_dir": sample_index, "device": "cpu"}
         for name, value in overrides.items():
             if name.startswith("reranker_"):

@@ -20,6 +20,9 @@ class LabelRead:
 
 class LabelLogprobBackend(Protocol):
     name: str
+    # Where and how it computes, for /ready and the start-up log: the device and dtype that
+    # were chosen, or the server it asks.
+    detail: str
 
     async def start(self) -> None: ...
 

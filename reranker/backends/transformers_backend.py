@@ -7,29 +7,16 @@ import inspect
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rankd.batching import BatcherClosedError, BatchObserver, MicroBatcher, default_memory_release
 from reranker.backends.base import LabelRead
 from reranker.config import RerankerConfig
 from reranker.errors import BackendError, RerankerConfigError
+from reranker.precision import DtypeChoice, choose_dtype
 
 log = logging.getLogger(__name__)
-
-
-def _torch_dtype(name: str, device: str) -> Any:
-    import torch
-
-    if name == "auto":
-        # float32 on CPU keeps scores exact; half precision is the norm on GPUs.
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16,
-                "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise RerankerConfigError(
-            f"unknown dtype {name!r}; set RANKD_RERANKER_DTYPE to auto, float32, float16 or bfloat16"
-        ) from None
 
 
 def quantize_int8(model: Any, device: str) -> Any:
@@ -133,15 +120,27 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM ready to score: on its device, in its dtype, with the pad token to use."""
+
+    model: Any
+    device: str
+    pad_token_id: int
+    dtype: DtypeChoice
+
+
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model: Any, pad_token_id: int, device: str, config: RerankerConfig,
+    def __init__(self, loaded: LoadedModel, config: RerankerConfig,
                  observer: BatchObserver | None = None) -> None:
-        self.model = model
+        self.model = loaded.model
         self.threads = config.threads
-        self.pad_token_id = pad_token_id
-        self.device = device
+        self.pad_token_id = loaded.pad_token_id
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.detail = f"{loaded.device} in {loaded.dtype}"
         self.timeout_s = config.timeout_s
         # Concurrent requests share forward passes; the batch runs on the batcher's own thread.
         self._batcher: MicroBatcher[LabelRead, list[float]] = MicroBatcher(
@@ -152,18 +151,18 @@ class TransformersBackend:
         self.batches = 0  # micro-batches scored
         self.prefix_sharing = config.prefix_sharing
         # transformers 5.x names the KV cache `cache` (in and out); earlier, `past_key_values`.
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @classmethod
     async def create(cls, config: RerankerConfig, tokenizer: Any,
                      observer: BatchObserver | None = None) -> TransformersBackend:
-        model, device, pad = await asyncio.to_thread(cls.load, config, tokenizer)
-        return cls(model, pad, device, config, observer)
+        loaded = await asyncio.to_thread(cls.load, config, tokenizer)
+        return cls(loaded, config, observer)
 
     @classmethod
-    def load(cls, config: RerankerConfig, tokenizer: Any) -> tuple[Any, str, int]:
-        """The model on its device, the device, and the pad token id."""
+    def load(cls, config: RerankerConfig, tokenizer: Any) -> LoadedModel:
+        """The model on its device, in the dtype that ``config.dtype`` chooses there."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -171,10 +170,12 @@ class TransformersBackend:
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = (DtypeChoice("float32", "auto: int8 quantization starts from float32 weights")
+                 if config.quantization == "int8" and config.dtype == "auto"
+                 else choose_dtype(config.dtype, device))
         try:
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                config.model, dtype=_torch_dtype(config.dtype, device)
-            )
+            model: Any = AutoModelForCausalLM.from_pretrained(config.model,
+                                                              dtype=dtype.torch_dtype())
         except (OSError, ValueError) as exc:
             raise RerankerConfigError(
                 f"cannot load the reranker model {config.model!r}: {exc}. Set "
@@ -187,8 +188,8 @@ class TransformersBackend:
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        log.info("transformers reranker %s loaded on %s (%s)", config.model, device, model.dtype)
-        return model, device, int(pad)
+        log.info("transformers reranker %s loaded on %s in %s", config.model, device, dtype)
+        return LoadedModel(model, device, int(pad), dtype)
 
     def score_batch(self, reads: list[LabelRead]) -> list[list[float]]:
         """Label log-softmax at the next position of each read, for a micro-batch of reads."""

@@ -37,6 +37,7 @@ class VllmBackend:
     def __init__(self, config: RerankerConfig, tokenizer: Any,
                  client: httpx.AsyncClient | None = None) -> None:
         self.url = config.vllm_url.rstrip("/")
+        self.detail = f"the vLLM server at {self.url}"
         self.model_name = config.vllm_model_name or config.model
         if not self.model_name:
             raise RerankerConfigError(

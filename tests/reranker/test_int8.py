@@ -20,7 +20,8 @@ from tests.reranker.conftest import make_task, open_scorer
 
 def test_int8_quantizes_the_decoder_and_keeps_the_output_layer(tiny_lm: Path) -> None:
     config = RerankerConfig(model=str(tiny_lm), quantization="int8", device="cpu")
-    model, device, _ = TransformersBackend.load(config, load_tokenizer(str(tiny_lm)))
+    loaded = TransformersBackend.load(config, load_tokenizer(str(tiny_lm)))
+    model, device = loaded.model, loaded.device
     quantized = [m for m in model.model.modules()
                  if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert quantized
@@ -52,7 +53,7 @@ async def test_int8_smollm2_agrees_with_float32(smollm2: Path,
         "Work out -4 x -3. Incorrect answer: -12", "the median of 3, 9, 1. I said 9"])]
     scores = {}
     for quantization in ("none", "int8"):
-        async with open_scorer("transformers", model=str(smollm2),
+        async with open_scorer("transformers", model=str(smollm2), dtype="float32",
                                quantization=quantization) as scorer:
             scores[quantization] = [s.probabilities for s in await scorer.score(tasks)]
     correlations = []

@@ -74,7 +74,8 @@ def _mean_loss(model_dir: Path, tokenizer: Any, examples: list[Any]) -> float:
     import torch
 
     config = RerankerConfig(model=str(model_dir), device="cpu")
-    model, _, pad = TransformersBackend.load(config, tokenizer)
+    loaded = TransformersBackend.load(config, tokenizer)
+    model, pad = loaded.model, loaded.pad_token_id
     with torch.no_grad():
         losses = [listwise_loss(model, {"prompts": [e.prompt_token_ids],
                                         "label_ids": [e.label_token_ids],

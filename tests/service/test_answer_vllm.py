@@ -31,14 +31,16 @@ async def test_vllm_answer_matches_the_transformers_backend(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
         record_property: RecordProperty) -> None:
     bodies: dict[str, dict[str, Any]] = {}
+    where = {"transformers": "cpu in float32 (RANKD_RERANKER_DTYPE)",
+             "vllm": f"the vLLM server at {live_vllm.url}"}
     for name, extra in [("transformers", {}), ("vllm", {"reranker_vllm_url": live_vllm.url})]:
         settings = settings_factory(reranker_backend=name, reranker_model=str(tiny_lm), **extra)
         async with app_client(settings) as (_, client):
             response = await client.post("/answer", json=REQUEST)
             ready = (await client.get("/ready")).json()
         assert response.status_code == 200, response.text
-        assert ready["components"]["reranker"] == {"status": "ok",
-                                                   "detail": f"backend {name}, model {tiny_lm}"}
+        assert ready["components"]["reranker"] == {
+            "status": "ok", "detail": f"backend {name}, model {tiny_lm}; {where[name]}"}
         bodies[name] = response.json()
 
     local, remote = bodies["transformers"], bodies["vllm"]

@@ -154,8 +154,9 @@ async def test_transformers_rerank_orders_by_averaged_label_probabilities(
         ready = (await client.get("/ready")).json()
     assert moved >= 1  # the reranker really changes the retrieval order
     assert ready["status"] == "ready"
-    assert ready["components"]["reranker"] == {"status": "ok",
-                                               "detail": f"backend transformers, model {tiny_lm}"}
+    assert ready["components"]["reranker"] == {
+        "status": "ok",
+        "detail": f"backend transformers, model {tiny_lm}; cpu in float32 (RANKD_RERANKER_DTYPE)"}
 
 
 async def test_more_candidates_than_labels_is_a_422(settings_factory: Any, tiny_lm: Path) -> None:
@@ -289,6 +290,8 @@ async def test_vllm_rerank_matches_the_transformers_backend(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer) -> None:
     queries = _queries(3)
     bodies: dict[str, list[dict[str, Any]]] = {}
+    where = {"transformers": "cpu in float32 (RANKD_RERANKER_DTYPE)",
+             "vllm": f"the vLLM server at {live_vllm.url}"}
     for name, settings in [("transformers", tf_settings(settings_factory, tiny_lm)),
                            ("vllm", vllm_settings(settings_factory, tiny_lm, live_vllm.url))]:
         async with app_client(settings) as (_, client):
@@ -304,8 +307,8 @@ async def test_vllm_rerank_matches_the_transformers_backend(
             ready = (await client.get("/ready")).json()
         assert too_many.status_code == 422
         assert too_many.json()["error"]["field"] == "candidates"
-        assert ready["components"]["reranker"] == {"status": "ok",
-                                                   "detail": f"backend {name}, model {tiny_lm}"}
+        assert ready["components"]["reranker"] == {
+            "status": "ok", "detail": f"backend {name}, model {tiny_lm}; {where[name]}"}
     for local, remote in zip(bodies["transformers"], bodies["vllm"], strict=True):
         for a, b in zip(local["debug"]["orders"], remote["debug"]["orders"], strict=True):
             assert a["prompt"] == b["prompt"]
