@@ -31,7 +31,7 @@ import numpy as np
 
 from clients.evaluate import average_precision
 from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, ListwiseTask, RerankerConfig
-from reranker.fusion import Fusion, fuse
+from reranker.fusion import Fusion, Scores, fuse
 
 EEDI_INSTRUCTION = ("A student answered a maths question incorrectly. Choose the misconception "
                     "that explains the incorrect answer.")
@@ -82,9 +82,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             retrieval_scores = [float(row[i]) for i in head]
             tail = ids[args.candidates:]
             for q, name in (("none", "float32"), ("int8", "int8")):
+                evidence = Scores(probabilities[q], probabilities[q])
                 for label, final in ((name, probabilities[q]),
-                                     (f"{name} rrf 0.9", fuse(retrieval_scores, probabilities[q],
-                                                              Fusion.RRF, 0.9))):
+                                     (f"{name} rrf 0.9", fuse(retrieval_scores, evidence,
+                                                              Fusion.RRF, 0.9).scores)):
                     order = np.argsort(-np.asarray(final), kind="stable")
                     aps[label].append(average_precision(
                         [task.item_ids[i] for i in order] + tail, relevant, 25))

@@ -82,8 +82,8 @@ def _order_by(head: Sequence[str], scores: Sequence[float]) -> list[str]:
 
 def schemes_of(body: dict[str, Any], n: int) -> dict[str, list[str]]:
     """Every scheme's ranking of one /rank answer (debug on, retrieval order recoverable)."""
-    from reranker.fusion import Fusion, fuse
-    from reranker.listwise import combine_orders
+    from reranker.fusion import Fusion, Scores, fuse
+    from reranker.listwise import combine_orders, order_consensus
 
     results = body["results"]
     orders = body["debug"]["orders"]
@@ -97,23 +97,27 @@ def schemes_of(body: dict[str, Any], n: int) -> dict[str, list[str]]:
     perms = [o["positions"] for o in orders]
     probs = [o["probabilities"] for o in orders]
 
-    def mean_of(which: Sequence[int]) -> list[float]:
-        return combine_orders(n, [perms[i] for i in which], [probs[i] for i in which])[0]
+    def evidence_of(which: Sequence[int]) -> Scores:
+        chosen_perms, chosen_probs = [perms[i] for i in which], [probs[i] for i in which]
+        least, agreement = order_consensus(n, chosen_perms, chosen_probs)
+        return Scores(combine_orders(n, chosen_perms, chosen_probs)[0], least, agreement)
 
     out = {"retrieval only": ids}
     if len(orders) == 2:
-        combos = {"forward only": mean_of([0]), "reverse only": mean_of([1]),
-                  "two orders averaged": mean_of([0, 1])}
+        combos = {"forward only": evidence_of([0]), "reverse only": evidence_of([1]),
+                  "two orders averaged": evidence_of([0, 1])}
     else:
-        combos = {f"{len(orders)} rotations averaged": mean_of(range(len(orders)))}
-    for name, scores in combos.items():
-        out[name] = _order_by(head, scores) + tail
+        combos = {f"{len(orders)} rotations averaged": evidence_of(range(len(orders)))}
+    for name, evidence in combos.items():
+        out[name] = _order_by(head, evidence.probabilities) + tail
         if name == "reverse only":
             continue
-        for fusion in (Fusion.RRF, Fusion.LINEAR):
+        for fusion in (Fusion.RRF, Fusion.LINEAR, Fusion.CONSENSUS):
+            if fusion is Fusion.CONSENSUS and evidence.agreement is None:
+                continue
             for w in WEIGHTS:
-                fused = fuse(retrieval_scores, scores, fusion, w)
-                out[f"{fusion.value} w={w} + {name}"] = _order_by(head, fused) + tail
+                fused = fuse(retrieval_scores, evidence, fusion, w)
+                out[f"{fusion.value} w={w} + {name}"] = [head[i] for i in fused.order] + tail
     return out
 
 
@@ -137,6 +141,26 @@ def bias_of(bodies: Sequence[dict[str, Any]], n: int) -> dict[str, Any]:
             "mean_probability_by_label": {"forward": [round(x, 4) for x in by_position[0]],
                                           "reverse": [round(x, 4) for x in by_position[1]]},
             "mean_gap_between_orders": statistics.fmean(gaps)}
+
+
+def dump_scores(path: Path, bodies: Sequence[dict[str, Any]], queries: Sequence[Any], n: int,
+                report: dict[str, Any]) -> None:
+    """Each query's retrieval order and its orders' label probabilities, as JSON lines after a
+    header: what bench/fusion_sweep.py judges every fusion on."""
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps({"header": {k: report[k] for k in (
+            "command", "queries", "candidates", "reranker", "embedder")}}) + "\n")
+        for body, query in zip(bodies, queries, strict=True):
+            orders = body["debug"]["orders"]
+            head = orders[0]["candidate_ids"]
+            score_of = {r["id"]: r["retrieval_score"] for r in body["results"]}
+            out.write(json.dumps({
+                "id": query.id, "question": query.question_id,
+                "relevant": [str(query.misconception_id)],
+                "head": head, "retrieval_scores": [score_of[c] for c in head],
+                "tail": [r["id"] for r in body["results"][n:]],
+                "orders": [{"positions": o["positions"], "probabilities": o["probabilities"]}
+                           for o in orders]}) + "\n")
 
 
 async def run_pass(client: Any, queries: Sequence[Any], n: int, orders: int,
@@ -183,7 +207,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     index_dir = Path(args.index_dir)
     settings = load_settings(index_dir=index_dir, default_candidates=args.candidates)
     build_index(data, index_dir, settings.embedder_model)
-    queries = [q for q in eedi_queries(data / "train.csv") if q.misconception_id]
+    queries = [q for q in eedi_queries(Path(args.queries) if args.queries
+                                       else data / "train.csv") if q.misconception_id]
     random.Random(args.seed).shuffle(queries)
     queries = queries[: args.limit] if args.limit else queries
     labels = {q.id: [str(q.misconception_id)] for q in queries}
@@ -201,12 +226,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async with httpx.AsyncClient(transport=transport, base_url="http://rankd.bench",
                                      timeout=600) as client:
             bodies, _ = await run_pass(client, queries, n, 2, args.concurrency, "2 orders")
+            if args.dump:
+                dump_scores(Path(args.dump), bodies, queries, n, report)
             rankings: dict[str, Rankings] = {}
             for body, query in zip(bodies, queries, strict=True):
                 for name, ranked in schemes_of(body, n).items():
                     rankings.setdefault(name, Rankings()).ranked[query.id] = ranked
             # Latency one request at a time, on the subset, for each order scheme.
             subset = queries[: args.rotation_limit]
+            if not subset:
+                report["seconds"] = round(time.perf_counter() - started, 1)
+                report["load_average_after"] = os.getloadavg()
+                report["quality"] = {name: r.metrics(labels) for name, r in rankings.items()}
+                report["position_bias"] = bias_of(bodies, n)
+                return report
             latency = {}
             one_bodies, one_latency = await run_pass(client, subset, n, 1, 1, "1 order")
             latency["1 order"] = _latency(one_latency)
@@ -242,16 +275,18 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{report['queries']} Eedi queries, {report['candidates']} candidates, reranker "
           f"{report['reranker']}, {report['seconds']} s, load average before "
           f"{report['load_average_before']}, after {report['load_average_after']}")
-    for title, table in (("all queries", report["quality"]),
-                         (f"rotation subset ({report['rotation_subset']} queries)",
-                          report["quality_rotation_subset"])):
+    tables = [("all queries", report["quality"])]
+    if "rotation_subset" in report:
+        tables.append((f"rotation subset ({report['rotation_subset']} queries)",
+                       report["quality_rotation_subset"]))
+    for title, table in tables:
         print(f"\n{title}\n| ranking | MAP@25 | recall@1 | recall@5 | recall@10 | recall@25 |")
         print("|---|---|---|---|---|---|")
         for name, m in table.items():
             print(f"| {name} | {m['MAP@25']:.4f} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
                   f"{m['recall@10']:.3f} | {m['recall@25']:.3f} |")
     print("\n| orders | rerank median ms | p90 ms | n |\n|---|---|---|---|")
-    for name, lat in report["latency"].items():
+    for name, lat in report.get("latency", {}).items():
         print(f"| {name} | {lat['median_ms']} | {lat['p90_ms']} | {lat['n']} |")
     print("\nposition bias:", json.dumps(report["position_bias"]))
 
@@ -262,7 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "eedi"))
     parser.add_argument("--index-dir", default="/tmp/rankd-bench-eedi-index")
     parser.add_argument("--candidates", type=int, default=10)
+    parser.add_argument("--queries", help="an Eedi CSV whose labelled rows are the queries, e.g. "
+                                          "a training run's validation.csv (default: --data's "
+                                          "train.csv)")
     parser.add_argument("--limit", type=int, default=0, help="queries (0: all 3,051)")
+    parser.add_argument("--dump", help="write each query's scored orders here (JSON lines) for "
+                                       "bench/fusion_sweep.py")
     parser.add_argument("--rotations", type=int, nargs="*", default=[10],
                         help="rotation counts k measured on the subset")
     parser.add_argument("--rotation-limit", type=int, default=60,

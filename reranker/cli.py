@@ -177,6 +177,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
     from reranker.config import RerankerConfig
     from reranker.errors import BackendError, RerankerConfigError
     from reranker.training import (
+        CandidateOrder,
         MissingPositive,
         RerankerTrainingConfig,
         RerankerTrainingError,
@@ -189,19 +190,23 @@ def _train_reranker(args: argparse.Namespace) -> int:
     from retriever.training import TrainingError, read_pairs
 
     try:
-        overrides = {"model": args.model} if args.model else {}
+        overrides: dict[str, object] = {"model": args.model} if args.model else {}
+        if args.scoring:
+            overrides["scoring"] = args.scoring
         reranker = RerankerConfig.from_env(**overrides)
         config = RerankerTrainingConfig(
             output_dir=Path(args.output), reranker=reranker,
             retriever=args.retriever or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER),
-            device=args.device, candidates=args.candidates, examples=args.examples,
+            device=args.device, candidates=args.candidates, min_candidates=args.min_candidates,
+            examples=args.examples, candidate_order=CandidateOrder(args.candidate_order),
             both_orders=args.both_orders, missing_positive=MissingPositive(args.missing_positive),
             max_tokens=args.max_tokens, epochs=args.epochs, learning_rate=args.lr,
             warmup_ratio=args.warmup, batch_size=args.batch_size,
             gradient_accumulation=args.gradient_accumulation, method=TuningMethod(args.method),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_layers=args.lora_layers,
             validation_fraction=args.validation_fraction, eval_queries=args.eval_queries,
-            curve_points=args.curve_points, k=args.k, seed=args.seed, threads=args.threads,
+            curve_points=args.curve_points, curve_queries=args.curve_queries, k=args.k,
+            seed=args.seed, threads=args.threads,
             progress=not args.quiet, overwrite=args.overwrite)
         config.check()
         entries = read_catalog(args.catalog, args.id_column, args.text_column, args.catalog_format)
@@ -217,29 +222,31 @@ def _train_reranker(args: argparse.Namespace) -> int:
             EmbedderLoadError, BackendError, OSError) as exc:
         print(f"rankd train-reranker: {exc}", file=sys.stderr)
         return 2
-    summary = {key: report[key] for key in ("output", "validation_file", "examples",
-                                            "retrieval_only", "base", "fine_tuned", "seconds",
-                                            "peak_rss_mib")}
+    summary = {key: report[key] for key in ("output", "validation_file", "scoring", "retriever",
+                                            "examples", "retrieval_only", "ceiling", "base",
+                                            "fine_tuned", "seconds", "peak_rss_mib")}
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
     """Add `rankd train-reranker`."""
-    from reranker.training import RerankerTrainingConfig
+    from reranker.training import CandidateOrder, RerankerTrainingConfig
     from retriever.cli import add_training_data_options
 
     defaults = RerankerTrainingConfig(output_dir=Path("."))
     train = sub.add_parser(
         "train-reranker",
         help="fine-tune the LLM reranker on labelled (query, catalogue id) pairs",
-        description="Listwise fine-tuning: the retriever's top-N candidates in the serving "
-                    "prompt, cross-entropy over the N label logits at the answer position. "
-                    "--output becomes a model directory for RANKD_RERANKER_MODEL, vLLM and "
-                    "`rankd quantize`; it also holds checkpoints/, validation.* (for `rankd "
-                    "batch` and `rankd eval`) and training_report.json. The template, "
-                    "instruction, labels and chat template are the service's "
-                    "(RANKD_RERANKER_*).")
+        description="Fine-tuning on the serving prompts over the retriever's top-N candidates: "
+                    "listwise (cross-entropy over the N label logits at the answer position, in "
+                    "retrieval order and reversed) or pointwise (each candidate's yes/no score, "
+                    "cross-entropy of the positive among the query's candidates). --output "
+                    "becomes a model directory for RANKD_RERANKER_MODEL, vLLM and `rankd "
+                    "quantize`; it also holds checkpoints/, validation.* (for `rankd batch` and "
+                    "`rankd eval`), rankd_reranker.json (the scoring settings to serve it with) "
+                    "and training_report.json. The templates, instruction, labels and chat "
+                    "template are the service's (RANKD_RERANKER_*).")
     data = add_training_data_options(train)
     data.add_argument("--instruction", help="the rerank instruction; give the collection's "
                                             "(rankd index build --instruction) if it has one "
@@ -249,18 +256,29 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     candidates.add_argument("--retriever", help="embedder that retrieves the candidates: the "
                                                 "default, or a `rankd train-retriever` output "
                                                 "(default: $RANKD_EMBEDDER_MODEL)")
+    candidates.add_argument("--scoring", choices=["listwise", "pointwise"],
+                            help="the scoring mode to train, and to serve with "
+                                 "(default: $RANKD_RERANKER_SCORING or listwise)")
     candidates.add_argument("--candidates", type=int, default=defaults.candidates,
-                            help="N, candidates per prompt")
+                            help="N, candidates per example (the most, with --min-candidates)")
+    candidates.add_argument("--min-candidates", type=int, default=defaults.min_candidates,
+                            help="draw each example's N from [this, --candidates] (0: a fixed N)")
+    candidates.add_argument("--candidate-order", choices=[o.value for o in CandidateOrder],
+                            default=defaults.candidate_order.value,
+                            help="listwise: the candidates in retrieval order, as served, or "
+                                 "in a seeded random order")
     candidates.add_argument("--missing-positive", choices=["insert", "skip"],
                             default=defaults.missing_positive.value,
                             help="when the positive is not in the top N: put it in the last "
                                  "candidate's place, or leave the query out")
-    candidates.add_argument("--both-orders", action="store_true",
-                            help="train on each example's shuffled order and its reverse")
+    candidates.add_argument("--both-orders", action=argparse.BooleanOptionalAction,
+                            default=defaults.both_orders,
+                            help="listwise: each example in its order and reversed, the two "
+                                 "orders served")
     candidates.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
                             help="prompts longer than this are left out (and counted)")
     candidates.add_argument("--examples", type=int, default=defaults.examples,
-                            help="training pairs drawn from the training split (seeded)")
+                            help="training pairs drawn from the training split (seeded; 0: all)")
 
     model = train.add_argument_group("model and training")
     model.add_argument("--model", help="base reranker (default: $RANKD_RERANKER_MODEL or the "
@@ -290,9 +308,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                             default=defaults.validation_fraction,
                             help="share of the questions (groups) held out; never split by row")
     validation.add_argument("--eval-queries", type=int, default=defaults.eval_queries,
-                            help="validation queries evaluated (whole questions)")
+                            help="validation queries evaluated (whole questions; 0: all)")
     validation.add_argument("--curve-points", type=int, default=defaults.curve_points,
                             help="evaluations during training, for the learning curve")
+    validation.add_argument("--curve-queries", type=int, default=defaults.curve_queries,
+                            help="validation queries of those evaluations (0: --eval-queries')")
     validation.add_argument("-k", type=int, default=defaults.k, help="MAP@k")
     validation.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train_reranker)

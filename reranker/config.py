@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import string
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,7 +43,24 @@ DEFAULT_ANSWER_TEMPLATE = (
     "Answer:"
 )
 
+# Pointwise scoring: one prompt per candidate, read as P(yes) against P(no), as
+# Qwen3-Reranker and monoT5 do. The query comes first so that a query's prompts share a prefix.
+DEFAULT_POINTWISE_TEMPLATE = (
+    "{instruction}\n\n"
+    "Query:\n{query}\n\n"
+    "Candidate:\n{item}\n\n"
+    "Does the candidate fit the query? Answer yes or no."
+)
+POINTWISE_LABELS = ("yes", "no")
+
+
+class Scoring(StrEnum):
+    LISTWISE = "listwise"  # one prompt with the candidates labelled A, B, ...; P(label)
+    POINTWISE = "pointwise"  # one prompt per candidate; P(yes) against P(no)
+
+
 LABEL_FIELDS = ("items", "first_label", "last_label")
+POINTWISE_FIELDS = ("instruction", "query", "item")
 RANK_FIELDS = ("instruction", "query", *LABEL_FIELDS)
 ANSWER_FIELDS = ("context", "question", *LABEL_FIELDS)
 
@@ -89,6 +107,8 @@ class RerankerConfig(BaseModel):
     retries: int = Field(1, ge=0, le=10, description="Retries of a failed vLLM call (connection errors, 5xx, timeouts).")
     label_alphabet: LabelAlphabet = Field(LabelAlphabet.UPPER, description="Candidate labels: upper (A-Z, 26) or upper_lower (A-Z then a-z, 52). It caps the candidates of one prompt.")
     chat_template: bool = Field(True, description="Wrap prompts in the model's chat template.")
+    scoring: Scoring = Field(Scoring.LISTWISE, description="How /rank and /v1/rerank read the model: listwise (one prompt with the candidates labelled A, B, ...; each candidate's label probability) or pointwise (one prompt per candidate; its probability of yes against no). Use the mode the model was trained for (`rankd train-reranker --scoring`); /answer is always listwise.")
+    pointwise_template: str = Field(DEFAULT_POINTWISE_TEMPLATE, description="Pointwise prompt template; fields {instruction}, {query}, {item}. The model answers yes or no.")
     orders: int = Field(2, ge=1, le=MAX_ORDERS, description="Orders each prompt runs in when a request does not say: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations).")
     instruction: str = Field(DEFAULT_INSTRUCTION, description="Rerank instruction for collections whose manifest has none.")
     rank_template: str = Field(DEFAULT_RANK_TEMPLATE, description="Rerank prompt template; fields {instruction}, {query}, {items}, {first_label}, {last_label}.")
@@ -98,6 +118,11 @@ class RerankerConfig(BaseModel):
     @classmethod
     def _rank_template(cls, value: str) -> str:
         return check_template(value, RANK_FIELDS, ("query", "items"))
+
+    @field_validator("pointwise_template")
+    @classmethod
+    def _pointwise_template(cls, value: str) -> str:
+        return check_template(value, POINTWISE_FIELDS, ("query", "item"))
 
     @field_validator("answer_template")
     @classmethod

@@ -9,6 +9,10 @@ from typing import Any
 from reranker.errors import LabelTokenError
 
 LABEL_SETTING = "RANKD_RERANKER_LABEL_ALPHABET"
+ALPHABET_REMEDY = (f"choose another alphabet with {LABEL_SETTING} or another model with "
+                   "RANKD_RERANKER_MODEL")
+POINTWISE_REMEDY = ("score listwise (RANKD_RERANKER_SCORING=listwise) or choose another model "
+                    "with RANKD_RERANKER_MODEL")
 
 
 class LabelAlphabet(StrEnum):
@@ -38,15 +42,15 @@ def label_tokens(tokenizer: Any, label: str, context: str = "") -> tuple[list[in
 
 
 def label_token_ids(tokenizer: Any, labels: list[str], context: str = "",
-                    setting: str = LABEL_SETTING) -> list[int]:
+                    remedy: str = ALPHABET_REMEDY) -> list[int]:
     """The single token id of each label, in the exact form the model answers it.
 
     ``context`` is a rendered prompt that ends where the answer starts (for chat models, the
     assistant turn's header). A label is checked as the tokenizer splits ``context + label``, so a
     tokenizer that prepends a space marker to text after a special token, or one that merges a
     label with a preceding character, is judged by the tokens the model really reads and writes.
-    Raises ``LabelTokenError`` naming the label, its tokens and the setting to change when a label
-    is not exactly one token or two labels share a token.
+    Raises ``LabelTokenError`` naming the label, its tokens and ``remedy`` (what to change) when
+    a label is not exactly one token or two labels share a token.
     """
     ids: list[int] = []
     owner: dict[int, str] = {}
@@ -57,23 +61,20 @@ def label_token_ids(tokenizer: Any, labels: list[str], context: str = "",
             pieces = tokenizer.convert_ids_to_tokens(tokens)
             raise LabelTokenError(
                 f"label {label!r} merges with the end of the prompt into tokens {pieces} (ids "
-                f"{tokens}) for this tokenizer, so it is not one token of its own; choose another "
-                f"alphabet with {setting} or another model with RANKD_RERANKER_MODEL"
+                f"{tokens}) for this tokenizer, so it is not one token of its own; {remedy}"
             )
         if len(tokens) != 1:
             pieces = tokenizer.convert_ids_to_tokens(tokens)
             raise LabelTokenError(
                 f"label {label!r} is {len(tokens)} tokens {pieces} (ids {tokens}) {where} for "
-                f"this tokenizer, not one; choose another alphabet with {setting} or another "
-                "model with RANKD_RERANKER_MODEL"
+                f"this tokenizer, not one; {remedy}"
             )
         token = tokens[0]
         if token in owner:
             piece = tokenizer.convert_ids_to_tokens([token])[0]
             raise LabelTokenError(
                 f"labels {owner[token]!r} and {label!r} share token {piece!r} (id {token}) {where} "
-                f"for this tokenizer, so their probabilities cannot be told apart; choose another "
-                f"alphabet with {setting} or another model with RANKD_RERANKER_MODEL"
+                f"for this tokenizer, so their probabilities cannot be told apart; {remedy}"
             )
         owner[token] = label
         ids.append(token)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from reranker.backends import BatchObserver, LabelLogprobBackend, LabelRead, backend_factory
-from reranker.config import MAX_ORDERS, RerankerConfig
+from reranker.config import MAX_ORDERS, POINTWISE_LABELS, RerankerConfig, Scoring
 from reranker.errors import BackendError, RerankerConfigError, TooManyItemsError
-from reranker.labels import label_token_ids
+from reranker.labels import POINTWISE_REMEDY, label_token_ids
 from reranker.models import resolve_model
 from reranker.prompt import PromptRenderer, RenderedPrompt, load_tokenizer
 
@@ -46,6 +46,15 @@ class ListwiseTask:
 
 
 @dataclass(frozen=True)
+class PointwiseReading:
+    """How a pointwise prompt is rendered and read: its template and the yes/no label tokens."""
+
+    template: str
+    labels: list[str]
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
 class OrderTrace:
     positions: list[int]  # the item index behind each label
     prompt: str
@@ -60,11 +69,18 @@ class ListwiseScores:
     probabilities: list[float]  # item order, the mean over the orders
     spreads: list[float]  # item order, max - min of the item's probability over the orders
     orders: list[OrderTrace]
+    # Item order: the item's least probability over the orders, the share of its probability
+    # that no order's position can explain (pointwise: its probability).
+    consensus: list[float] = field(default_factory=list)
+    # The sum of ``consensus``: 1 when every order gives each item the same probability, near 0
+    # when each order favours whatever sits at one position. None with a single order, which
+    # cannot tell content from position.
+    agreement: float | None = None
 
 
 __all__ = ["MAX_ORDERS", "ListwiseScorer", "ListwiseScores", "ListwiseTask", "OrderTrace",
-           "combine_orders", "load_model_tokenizer", "order_permutations", "render_order",
-           "renormalise", "start_backend"]
+           "PointwiseReading", "combine_orders", "load_model_tokenizer", "order_consensus",
+           "order_permutations", "render_order", "renormalise", "start_backend"]
 
 T = TypeVar("T")
 
@@ -102,6 +118,17 @@ def combine_orders(n: int, permutations: Sequence[Sequence[int]],
     means = [sum(ps) / len(ps) for ps in seen]
     spreads = [max(ps) - min(ps) for ps in seen]
     return means, spreads
+
+
+def order_consensus(n: int, permutations: Sequence[Sequence[int]],
+                    probabilities: Sequence[Sequence[float]]) -> tuple[list[float], float | None]:
+    """Each item's least probability over the orders, and their sum, the orders' agreement
+    (None for one order). Arguments as for ``combine_orders``."""
+    least = [1.0] * n
+    for positions, probs in zip(permutations, probabilities, strict=True):
+        for item, p in zip(positions, probs, strict=True):
+            least[item] = min(least[item], p)
+    return least, (sum(least) if len(permutations) > 1 else None)
 
 
 def render_order(renderer: PromptRenderer, labels: Sequence[str], task: ListwiseTask,
@@ -149,13 +176,16 @@ class ListwiseScorer:
     """
 
     def __init__(self, renderer: PromptRenderer, backend: LabelLogprobBackend, labels: list[str],
-                 token_ids: list[int], model: str = "", default_orders: int = 2) -> None:
+                 token_ids: list[int], model: str = "", default_orders: int = 2,
+                 pointwise: PointwiseReading | None = None) -> None:
         self.renderer = renderer
         self.model = model
         self.default_orders = default_orders
         self.backend = backend
         self.labels = labels
         self.label_token_ids = token_ids
+        # Set when /rank and /v1/rerank score pointwise (RANKD_RERANKER_SCORING=pointwise).
+        self.pointwise = pointwise
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.last_success_at: float | None = None
@@ -194,13 +224,20 @@ class ListwiseScorer:
                 f"the rank template's ({answer_ids[:3]} against {token_ids[:3]}, first three); "
                 "end RANKD_RERANKER_ANSWER_TEMPLATE the way RANKD_RERANKER_RANK_TEMPLATE ends, "
                 "or turn RANKD_RERANKER_CHAT_TEMPLATE on")
+        pointwise = None
+        if config.scoring is Scoring.POINTWISE:
+            labels_yn = list(POINTWISE_LABELS)
+            pointwise = PointwiseReading(config.pointwise_template, labels_yn, label_token_ids(
+                tokenizer, labels_yn, renderer.item_answer_context(config.pointwise_template),
+                remedy=POINTWISE_REMEDY))
         if backend is None:
             backend = await start_backend(config, tokenizer, observer)
-        log.info("reranker ready: backend %s, model %s; %s; %d labels, %d orders",
-                 backend.name, config.model, backend.detail, len(labels), config.orders)
+        log.info("reranker ready: backend %s, model %s; %s; %s scoring, %d labels, %d orders",
+                 backend.name, config.model, backend.detail, config.scoring, len(labels),
+                 config.orders)
         return cls(renderer, backend, labels, token_ids,
                    model=spec if spec == location else f"{spec} ({location})",
-                   default_orders=config.orders)
+                   default_orders=config.orders, pointwise=pointwise)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run tokenizer work (``fn(*args)``) on the tokenizer thread."""
@@ -220,9 +257,54 @@ class ListwiseScorer:
         return [self._orders(task, task.orders or self.default_orders) if task.items else []
                 for task in tasks]
 
+    async def _read(self, reads: list[LabelRead]) -> list[list[float]]:
+        try:
+            logprobs = await self.backend.label_logprobs(reads)
+        except BackendError as exc:
+            self.last_error, self.last_error_at = f"{exc.reason}: {exc}", time.time()
+            raise
+        self.last_success_at = time.time()
+        self.last_error = None
+        return logprobs
+
+    async def rank(self, tasks: Sequence[ListwiseTask]) -> list[ListwiseScores]:
+        """Score rank tasks (/rank, /v1/rerank) in the configured scoring mode."""
+        if self.pointwise is not None:
+            return await self.score_items(tasks, self.pointwise)
+        return await self.score(tasks)
+
+    async def score_items(self, tasks: Sequence[ListwiseTask],
+                          reading: PointwiseReading) -> list[ListwiseScores]:
+        """Score every item of every task on its own prompt: its probability of yes against
+        no. A task's prompts share their beginning (the instruction and query), which the
+        backends compute once."""
+        for task in tasks:
+            self.check_count(len(task.items))
+        rendered = await self.off_loop(self._render_items, tasks, reading.template)
+        reads = [LabelRead(prompt.token_ids, reading.token_ids)
+                 for prompts in rendered for prompt in prompts]
+        if not reads:
+            return [ListwiseScores([], [], []) for _ in tasks]
+        logprobs = iter(await self._read(reads))
+        results = []
+        for task, prompts in zip(tasks, rendered, strict=True):
+            traces = [OrderTrace(positions=[i], prompt=prompt.text, labels=reading.labels,
+                                 label_token_ids=reading.token_ids,
+                                 item_ids=[task.item_ids[i] if task.item_ids else str(i)],
+                                 probabilities=renormalise(next(logprobs)))
+                      for i, prompt in enumerate(prompts)]
+            yes = [t.probabilities[0] for t in traces]
+            results.append(ListwiseScores(yes, [0.0] * len(yes), traces, consensus=yes))
+        return results
+
+    def _render_items(self, tasks: Sequence[ListwiseTask], template: str,
+                      ) -> list[list[RenderedPrompt]]:
+        return [[self.renderer.render_item(template, task.fields, item) for item in task.items]
+                for task in tasks]
+
     async def score(self, tasks: Sequence[ListwiseTask]) -> list[ListwiseScores]:
-        """Score every task in its order scheme; all prompts of all tasks go to the backend in
-        one call."""
+        """Score every task listwise in its order scheme; all prompts of all tasks go to the
+        backend in one call."""
         for task in tasks:
             self.check_count(len(task.items))
         rendered = await self.off_loop(self._render_all, tasks)
@@ -233,13 +315,7 @@ class ListwiseScorer:
         ]
         if not reads:
             return [ListwiseScores([], [], []) for _ in tasks]
-        try:
-            logprobs = await self.backend.label_logprobs(reads)
-        except BackendError as exc:
-            self.last_error, self.last_error_at = f"{exc.reason}: {exc}", time.time()
-            raise
-        self.last_success_at = time.time()
-        self.last_error = None
+        logprobs = await self._read(reads)
         results = []
         cursor = 0
         for task, task_orders in zip(tasks, rendered, strict=True):
@@ -256,9 +332,11 @@ class ListwiseScorer:
                     item_ids=[task.item_ids[p] if task.item_ids else str(p) for p in positions],
                     probabilities=probabilities,
                 ))
-            means, spreads = combine_orders(n, [t.positions for t in traces],
-                                            [t.probabilities for t in traces])
-            results.append(ListwiseScores(means, spreads, traces))
+            permutations = [t.positions for t in traces]
+            per_order = [t.probabilities for t in traces]
+            means, spreads = combine_orders(n, permutations, per_order)
+            least, agreement = order_consensus(n, permutations, per_order)
+            results.append(ListwiseScores(means, spreads, traces, least, agreement))
         return results
 
     async def health(self) -> str | None:

@@ -62,17 +62,24 @@ class PromptRenderer:
     # text and is flattened, so no query line can pose as a labelled item.
     MULTILINE_FIELDS = frozenset({"instruction", "context"})
 
+    def _clean_fields(self, fields: dict[str, str]) -> dict[str, str]:
+        return {name: self.clean(value) if name in self.MULTILINE_FIELDS else self.clean_item(value)
+                for name, value in fields.items()}
+
     def render(self, template: str, fields: dict[str, str], items: list[str],
                labels: list[str]) -> RenderedPrompt:
+        """A listwise prompt: the items labelled one per line."""
         lines = "\n".join(f"{label}. {self.clean_item(item)}" for label, item in
                           zip(labels, items, strict=True))
-        content = template.format(
-            items=lines,
-            first_label=labels[0],
-            last_label=labels[-1],
-            **{name: self.clean(value) if name in self.MULTILINE_FIELDS else self.clean_item(value)
-               for name, value in fields.items()},
-        )
+        return self._finish(template.format(items=lines, first_label=labels[0],
+                                            last_label=labels[-1], **self._clean_fields(fields)))
+
+    def render_item(self, template: str, fields: dict[str, str], item: str) -> RenderedPrompt:
+        """A pointwise prompt: one item, unlabelled; the model answers yes or no."""
+        return self._finish(template.format(item=self.clean_item(item),
+                                            **self._clean_fields(fields)))
+
+    def _finish(self, content: str) -> RenderedPrompt:
         if self.use_chat_template:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -81,6 +88,11 @@ class PromptRenderer:
             text = content
         token_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return RenderedPrompt(text=str(text), token_ids=token_ids)
+
+    def item_answer_context(self, template: str) -> str:
+        """A rendered pointwise prompt, ending where the model writes yes or no."""
+        fields = {name: "Text." for name in template_fields(template) if name != "item"}
+        return self.render_item(template, fields, "An item.").text
 
     def answer_context(self, template: str = DEFAULT_RANK_TEMPLATE) -> str:
         """A rendered prompt that ends exactly where the model writes its label.

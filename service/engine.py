@@ -16,7 +16,7 @@ The path of a /rank request: ``plan`` checks it against the limits; the search m
 embeds the query with others that arrived with it and searches the collection; the scorer renders
 the candidates in each order on its tokenizer thread, reads the label logprobs from the backend
 (whose own micro-batcher shares forward passes between requests) and averages the orders;
-``fused_order`` combines that with the retrieval order. CPU work never runs on the event loop.
+``fuse`` combines that with the retrieval order. CPU work never runs on the event loop.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from rankd.batching import BatchObserver
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
-from reranker.fusion import Fusion, fused_order
+from reranker.fusion import Fusion, fuse
 from reranker.windows import balanced_windows, merge_window_scores
 from retriever.index import Hit, Manifest
 from retriever.search import SearchQuery
@@ -50,6 +50,7 @@ from service.protocol import (
     AnswerTimings,
     CollectionInfo,
     ComponentStatus,
+    FusionReport,
     OptionScore,
     OrderDebug,
     Passage,
@@ -234,7 +235,7 @@ class Engine:
             assert self.scorer is not None
             try:
                 tasks = [self._rank_task(plans[i], hits[i]) for i in to_rerank]
-                scores = dict(zip(to_rerank, await self.scorer.score(tasks), strict=True))
+                scores = dict(zip(to_rerank, await self.scorer.rank(tasks), strict=True))
             except BackendError as exc:
                 log.warning("rerank failed (%s): %s", exc.reason, exc)
                 failure = self._backend_failed(exc)
@@ -261,14 +262,21 @@ class Engine:
                        warnings: list[str], timings: Timings) -> RankResponse:
         k = plan.request.top_k
         results: list[RankResult]
+        report: FusionReport | None = None
         if scored is None:
             results = [RankResult(id=h.id, text=h.text, score=h.score, retrieval_score=h.score,
                                   rank=rank, metadata=h.metadata, aliases=list(h.aliases))
                        for rank, h in enumerate(hits[:k], 1)]
         else:
             head = hits[: plan.rerank_n]
-            order, final = fused_order([h.score for h in head], scored.probabilities,
-                                       plan.fusion, plan.fusion_weight)
+            fused = fuse([h.score for h in head], scored, plan.fusion, plan.fusion_weight)
+            order, final = fused.order, fused.scores
+            report = FusionReport(method=plan.fusion.value, rerank_weight=fused.rerank_weight,
+                                  agreement=fused.agreement, moved=fused.moved)
+            self.metrics.rerank_moved.labels(str(fused.moved > 0).lower()).inc()
+            self.metrics.rerank_weight.observe(fused.rerank_weight)
+            if fused.agreement is not None:
+                self.metrics.rerank_agreement.observe(fused.agreement)
             ranked = [RankResult(id=head[i].id, text=head[i].text, score=final[i],
                                  retrieval_score=head[i].score, rank=0,
                                  rerank_score=scored.probabilities[i],
@@ -288,7 +296,7 @@ class Engine:
                 for o in scored.orders
             ])
         return RankResponse(collection=plan.collection, results=results,
-                            reranked=scored is not None, timings_ms=timings,
+                            reranked=scored is not None, timings_ms=timings, fusion=report,
                             warnings=list(warnings), debug=debug)
 
     # ------------------------------------------------------------------ /v1/rerank
@@ -314,10 +322,13 @@ class Engine:
                                         request.orders)
                  for window in windows]
         try:
-            scored = await scorer.score(tasks)
+            scored = await scorer.rank(tasks)
         except BackendError as exc:
             raise self._backend_failed(exc) from exc
-        scores = merge_window_scores(windows, [s.probabilities for s in scored])
+        # Listwise probabilities are shares of a window and are merged by their lift over
+        # chance; a pointwise P(yes) means the same in every window.
+        scores = (merge_window_scores(windows, [s.probabilities for s in scored])
+                  if scorer.pointwise is None else [p for s in scored for p in s.probabilities])
         order = sorted(range(len(texts)), key=lambda i: -scores[i])
         if request.top_n is not None:
             order = order[: request.top_n]

@@ -38,6 +38,18 @@ class Metrics:
             "rankd_memory_release_seconds",
             "Time the batch thread spent handing freed memory back to the OS, by stage",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.rerank_agreement = Histogram(
+            "rankd_rerank_agreement",
+            "Reranked /rank queries: the agreement of the reranker's orders (1: it reads content, 0: it follows positions)",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=self.registry)
+        self.rerank_weight = Histogram(
+            "rankd_rerank_weight", "Reranked /rank queries: the reranker's share of the fused score",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=self.registry)
+        self.rerank_moved = Counter(
+            "rankd_rerank_moved", "Reranked /rank queries by whether the reranker changed the retrieval order",
+            ["moved"], registry=self.registry)
         self.overload_rejections = Counter("rankd_overload_rejections", "Submissions refused because a stage's queue was full (the request got 429), by stage",
                                 ["stage"], registry=self.registry)
 

@@ -68,7 +68,7 @@ class RankBatchRequest(_Strict):
 class RankResult(BaseModel):
     id: str
     text: str
-    score: float = Field(description="Reranked: the final score, which orders the results: the mean label probability over the orders, or its fusion with the retrieval order (0 for candidates beyond those reranked). Otherwise the retrieval score.")
+    score: float = Field(description="Reranked: the final score, which orders the results: the fusion of the rerank scores with the retrieval order (with fusion none, the mean label probability over the orders; 0 for candidates beyond those reranked). Otherwise the retrieval score.")
     retrieval_score: float = Field(description="Inner product of unit embeddings (cosine similarity).")
     rank: int
     rerank_score: float | None = Field(None, description="Reranked candidates: the mean label probability over the orders.")
@@ -98,11 +98,21 @@ class RankDebug(BaseModel):
     orders: list[OrderDebug]
 
 
+class FusionReport(BaseModel):
+    """How much the reranker acted on this query's order."""
+
+    method: str = Field(description="The fusion: none, rrf, linear or consensus.")
+    rerank_weight: float = Field(description="The reranker's share of the fused score: 1 - the retrieval weight for rrf and linear, that times the agreement for consensus, 1 for none.")
+    agreement: float | None = Field(None, description="The orders' agreement, in [0, 1]: the sum over candidates of each one's least probability over the orders. Near 1 when the model gives a candidate the same probability wherever it stands (it reads content), near 0 when it follows positions. null with one order or pointwise scoring.")
+    moved: int = Field(description="Reranked candidates whose rank differs from their retrieval rank.")
+
+
 class RankResponse(BaseModel):
     collection: str
     results: list[RankResult]
     reranked: bool
     timings_ms: Timings
+    fusion: FusionReport | None = Field(None, description="Reranked queries: how much the reranker moved the retrieval order, and why.")
     warnings: list[str] = Field(default_factory=list)
     debug: RankDebug | None = None
 

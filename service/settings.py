@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reranker.config import RerankerConfig
-from reranker.fusion import DEFAULT_FUSION_WEIGHT, Fusion
+from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion
 from retriever.encoders import EmbedderBackend, EmbedderQuantization, EmbedderVariant
 
 
@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     # Reranker: RANKD_RERANKER_<FIELD> (reranker/config.py)
     reranker: RerankerConfig = Field(default_factory=RerankerConfig, description="The reranker.")
     rerank_required: bool = Field(False, description="When the reranker fails: false answers with the retrieval order and a warning; true answers 503.")
-    rerank_fusion: Fusion = Field(Fusion.RRF, description="Fusion of the rerank scores with the retrieval order when a request does not say: none, rrf (reciprocal-rank) or linear (z-scores). The default, rrf with weight 0.9, is the scheme measured on Eedi that does not fall below retrieval alone with the embedded model (docs/benchmarks.md); lower the weight for a stronger reranker.")
-    rerank_fusion_weight: float = Field(DEFAULT_FUSION_WEIGHT, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion.")
+    rerank_fusion: Fusion = Field(DEFAULT_FUSION, description="Fusion of the rerank scores with the retrieval order when a request does not say: consensus (reciprocal-rank fusion whose rerank weight scales with how well the reranker's orders agree, so a model that reads positions leaves retrieval order in place and one that reads content acts), rrf (reciprocal-rank), linear (z-scores) or none (rerank scores alone). docs/reranker.md has the arithmetic and the Eedi figures.")
+    rerank_fusion_weight: float = Field(DEFAULT_FUSION_WEIGHT, ge=0, le=1, description="The retrieval's weight in rrf, linear and consensus fusion; the reranker's is the rest (times the agreement, for consensus).")
 
     # Multiple-choice answering (/answer)
     answer_context_tokens: int = Field(1024, ge=0, description="Token budget for the passages in an /answer prompt.")

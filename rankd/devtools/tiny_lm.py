@@ -32,7 +32,10 @@ def _corpus() -> list[str]:
     lines = sample_catalog_path().read_text(encoding="utf-8").splitlines()
     lines += sample_queries_path().read_text(encoding="utf-8").splitlines()
     lines += ["Query: Candidates: Which candidate fits the query best? Answer with its label alone.",
-              "Question: Options: Context: Answer: user assistant system"]
+              "Question: Options: Context: Answer: user assistant system",
+              "Candidate: Does the candidate fit the query? Answer yes or no."]
+    # Pointwise answers start a line (after the assistant header): whole-word tokens there.
+    lines += ["yes", "no"] * 20
     return lines * 4
 
 

@@ -151,7 +151,9 @@ class TransformersBackend:
         self.batches = 0  # micro-batches scored
         self.prefix_sharing = config.prefix_sharing
         # transformers 5.x names the KV cache `cache` (in and out); earlier, `past_key_values`.
-        parameters = inspect.signature(self.model.forward).parameters
+        # A peft model's forward passes it on under the base model's name.
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        parameters = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @classmethod
@@ -201,9 +203,14 @@ class TransformersBackend:
             torch.set_num_threads(self.threads)
         self.batches += 1
         with torch.inference_mode():
-            last = self._last_logits_shared(reads) if self.prefix_sharing \
-                else self._last_logits(reads)
+            last = self.last_logits(reads)
         return [row.tolist() for row in label_log_softmax(last, reads)]
+
+    def last_logits(self, reads: Sequence[LabelRead]) -> Any:
+        """The logits at each read's last position: serving runs it under inference mode, and
+        training (reranker/training.py) with gradients, so both read the model the same way."""
+        return self._last_logits_shared(reads) if self.prefix_sharing \
+            else self._last_logits(reads)
 
     def _last_logits(self, reads: Sequence[LabelRead]) -> Any:
         self.forward_passes += 1

@@ -1,5 +1,6 @@
-"""`rankd train-reranker` on the tiny random model: the loss, the written model, the prompts, the
-split, and `rankd eval` reproducing the reported MAP@25."""
+"""`rankd train-reranker` on the tiny random model, listwise and pointwise: the loss, the written
+model, the prompts, the candidates' order, the split, and `rankd eval` reproducing the reported
+MAP@25."""
 
 from __future__ import annotations
 
@@ -9,18 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from rankd.cli import main
 from reranker.backends.transformers_backend import TransformersBackend
-from reranker.config import RerankerConfig
+from reranker.config import RerankerConfig, Scoring
 from reranker.prompt import load_tokenizer
 from reranker.training import (
+    SERVING_FILE,
+    CandidateOrder,
     PromptBuilder,
     RerankerTrainingConfig,
     RerankerTrainingError,
     TuningMethod,
     build_examples,
-    listwise_loss,
+    example_loss,
     train_reranker,
 )
 from retriever import read_catalog
@@ -33,7 +37,7 @@ from retriever.data import (
     sample_catalog_path,
 )
 from retriever.index import Hit
-from retriever.training import read_pairs
+from retriever.training import TrainingPair, read_pairs
 from service.settings import Settings
 from tests.retriever.test_training import write_eedi_csv
 from tests.support.apps import app_client, serve_in_thread
@@ -51,54 +55,67 @@ def eedi_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(output: Path, tiny_lm: Path, **overrides: Any) -> RerankerTrainingConfig:
+    scoring = overrides.pop("scoring", Scoring.LISTWISE)
     values: dict[str, Any] = dict(
-        output_dir=output, reranker=RerankerConfig(model=str(tiny_lm)), device="cpu",
-        candidates=CANDIDATES, examples=200, epochs=3, learning_rate=1e-2,
-        gradient_accumulation=2, lora_rank=8, validation_fraction=0.25, eval_queries=1000,
-        curve_points=1, progress=False)
+        output_dir=output, reranker=RerankerConfig(model=str(tiny_lm), scoring=scoring),
+        device="cpu", candidates=CANDIDATES, examples=200, epochs=3, learning_rate=1e-2,
+        gradient_accumulation=2, method=TuningMethod.LORA, lora_rank=8,
+        validation_fraction=0.25, eval_queries=0, curve_points=1, progress=False)
     values.update(overrides)
     return RerankerTrainingConfig(**values)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path,
-            eedi_csv: Path) -> dict[str, Any]:
-    output = tmp_path_factory.mktemp("reranker") / "model"
-    config = _config(output, tiny_lm)
+def _train(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path, eedi_csv: Path,
+           scoring: Scoring) -> dict[str, Any]:
+    output = tmp_path_factory.mktemp(f"reranker-{scoring}") / "model"
+    # Shuffled: a tiny model trained on the served orders learns their positions, and its two
+    # orders then average to near-ties that batch composition can break either way.
+    config = _config(output, tiny_lm, scoring=scoring, candidate_order=CandidateOrder.SHUFFLED)
     report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi",
                             instruction=SAMPLE_INSTRUCTION)
     return {"report": report, "output": output, "config": config}
 
 
-def _mean_loss(model_dir: Path, tokenizer: Any, examples: list[Any]) -> float:
-    import torch
-
-    config = RerankerConfig(model=str(model_dir), device="cpu")
-    loaded = TransformersBackend.load(config, tokenizer)
-    model, pad = loaded.model, loaded.pad_token_id
-    with torch.no_grad():
-        losses = [listwise_loss(model, {"prompts": [e.prompt_token_ids],
-                                        "label_ids": [e.label_token_ids],
-                                        "targets": torch.tensor([e.target])}, pad, "cpu").item()
-                  for e in examples]
-    return sum(losses) / len(losses)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path,
+            eedi_csv: Path) -> dict[str, Any]:
+    return _train(tmp_path_factory, tiny_lm, eedi_csv, Scoring.LISTWISE)
 
 
-def test_training_lowers_the_listwise_loss(trained: dict[str, Any], tiny_lm: Path,
-                                           eedi_csv: Path) -> None:
-    report = trained["report"]
-    tokenizer = load_tokenizer(str(tiny_lm))
-    builder = PromptBuilder(tokenizer, RerankerConfig(model=str(tiny_lm)), SAMPLE_INSTRUCTION)
-    pairs = [p for p in read_pairs(eedi_csv, "eedi") if p.group in set(report["trained_groups"])]
-    entries = _entries()
-    # Candidates as the positive plus the next entries of the catalogue, in a fixed order.
-    hits = [[Hit(e.id, e.text, 0.0) for e in
+@pytest.fixture(scope="module")
+def trained_pointwise(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path,
+                      eedi_csv: Path) -> dict[str, Any]:
+    return _train(tmp_path_factory, tiny_lm, eedi_csv, Scoring.POINTWISE)
+
+
+def _fixed_hits(pairs: list[TrainingPair], entries: list[CatalogEntry]) -> list[list[Hit]]:
+    """Candidates as the positive plus the next entries of the catalogue, in a fixed order."""
+    return [[Hit(e.id, e.text, 0.0) for e in
              [next(e for e in entries if e.id == p.positive_id),
               *[e for e in entries if e.id != p.positive_id][i:i + CANDIDATES - 1]]]
             for i, p in enumerate(pairs)]
-    examples, _ = build_examples(pairs, hits, {}, builder, trained["config"])
-    before = _mean_loss(tiny_lm, tokenizer, examples)
-    after = _mean_loss(trained["output"], tokenizer, examples)
+
+
+def _mean_loss(model_dir: Path, tokenizer: Any, examples: list[Any], scoring: Scoring) -> float:
+    config = RerankerConfig(model=str(model_dir), device="cpu", dtype="float32")
+    backend = TransformersBackend(TransformersBackend.load(config, tokenizer), config)
+    with torch.no_grad():
+        return float(example_loss(backend, examples, scoring))
+
+
+@pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
+def test_training_lowers_the_loss(scoring: Scoring, trained: dict[str, Any],
+                                  trained_pointwise: dict[str, Any], tiny_lm: Path,
+                                  eedi_csv: Path) -> None:
+    run = trained if scoring is Scoring.LISTWISE else trained_pointwise
+    report = run["report"]
+    tokenizer = load_tokenizer(str(tiny_lm))
+    builder = PromptBuilder(tokenizer, run["config"].reranker, SAMPLE_INSTRUCTION)
+    pairs = [p for p in read_pairs(eedi_csv, "eedi") if p.group in set(report["trained_groups"])]
+    examples, _ = build_examples(pairs, _fixed_hits(pairs, _entries()), {}, builder,
+                                 run["config"])
+    before = _mean_loss(tiny_lm, tokenizer, examples, scoring)
+    after = _mean_loss(run["output"], tokenizer, examples, scoring)
     assert after < before - 0.1, (before, after)
     losses = [row["loss"] for row in report["train_loss"]]
     assert losses, report
@@ -108,22 +125,31 @@ def test_training_lowers_the_listwise_loss(trained: dict[str, Any], tiny_lm: Pat
 def test_the_report_has_every_stage(trained: dict[str, Any]) -> None:
     report = trained["report"]
     assert report["status"] == "complete"
-    for name in ("retrieval_only", "base", "fine_tuned"):
-        figures = report[name] if name == "retrieval_only" else report[name]["none"]
+    assert report["scoring"] == "listwise"
+    for name in ("retrieval_only", "ceiling", "base", "fine_tuned"):
+        figures = report[name] if name in ("retrieval_only", "ceiling") else report[name]["none"]
         assert 0 <= figures["map"] <= 1
         assert figures["queries"] == figures["seen"] + figures["unseen"] > 0
-    assert set(report["fine_tuned"]) == {"none", "rrf"}
+    assert report["ceiling"]["map"] >= report["retrieval_only"]["map"]
+    assert 0 < report["ceiling"]["positive_in_head_share"] <= 1
+    assert {"none", "consensus"} <= set(report["fine_tuned"])
+    assert 0 <= report["fine_tuned"]["mean_agreement"] <= 1
     curve = report["learning_curve"]
     assert [point["examples"] for point in curve] == sorted(point["examples"] for point in curve)
     assert len(curve) == 3  # the base, one point during training, the written model
     assert curve[0]["none"] == report["base"]["none"]
     assert curve[-1]["none"] == report["fine_tuned"]["none"]
-    assert report["examples"]["pairs"] == report["examples"]["positive_in_top_n"] + \
-        report["examples"]["positive_inserted"] + report["examples"]["skipped_missing_positive"]
-    for stage in ("retrieval", "evaluate_base", "train", "save", "evaluate_fine_tuned", "total"):
+    examples = report["examples"]
+    assert examples["pairs"] == examples["positive_in_top_n"] + examples["positive_inserted"] \
+        + examples["skipped_missing_positive"]
+    assert examples["prompts"] == 2 * examples["examples"]  # each example in both orders
+    for stage in ("retrieval", "examples", "evaluate_base", "train", "save",
+                  "evaluate_fine_tuned", "total"):
         assert report["seconds"][stage] >= 0
     assert report["peak_rss_mib"] > 0
     assert report["parameters"]["trainable"] < report["parameters"]["total"]  # LoRA
+    written = json.loads((trained["output"] / SERVING_FILE).read_text())
+    assert written["scoring"] == "listwise"
 
 
 def test_no_validation_question_is_trained_on(trained: dict[str, Any]) -> None:
@@ -139,10 +165,11 @@ def test_no_validation_question_is_trained_on(trained: dict[str, Any]) -> None:
     assert written <= validation_groups
 
 
+@pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
 async def test_training_prompts_are_the_prompts_the_service_renders(
-        trained: dict[str, Any], tiny_lm: Path, settings_factory: Any) -> None:
+        scoring: Scoring, tiny_lm: Path, settings_factory: Any) -> None:
     settings: Settings = settings_factory(reranker_backend="transformers",
-                                          reranker_model=str(tiny_lm),
+                                          reranker_model=str(tiny_lm), reranker_scoring=scoring,
                                           default_candidates=CANDIDATES)
     query = "Question about fractions: adds the numerators and adds the denominators"
     async with app_client(settings) as (_, client):
@@ -152,53 +179,105 @@ async def test_training_prompts_are_the_prompts_the_service_renders(
         body = response.json()
     tokenizer = load_tokenizer(str(tiny_lm))
     builder = PromptBuilder(tokenizer, settings.reranker, SAMPLE_INSTRUCTION)
-    forward = body["debug"]["orders"][0]
+    orders = body["debug"]["orders"]
     texts = {r["id"]: r["text"] for r in body["results"]}
-    hits = [Hit(i, texts[i], 0.0) for i in forward["candidate_ids"]]
-    for order in body["debug"]["orders"]:
+    if scoring is Scoring.POINTWISE:
+        ids = [o["candidate_ids"][0] for o in orders]  # one prompt per candidate
+        reads = builder.pointwise_reads(builder.task(query, [Hit(i, texts[i], 0.0)
+                                                             for i in ids]))
+        assert len(reads) == len(orders) == CANDIDATES
+        for read, order in zip(reads, orders, strict=True):
+            assert order["labels"] == ["yes", "no"]
+            assert read.prompt_token_ids == list(
+                tokenizer(order["prompt"], add_special_tokens=False)["input_ids"])
+            assert read.label_token_ids == order["label_token_ids"]
+        return
+    forward = orders[0]
+    task = builder.task(query, [Hit(i, texts[i], 0.0) for i in forward["candidate_ids"]])
+    for order in orders:
         positions = [forward["candidate_ids"].index(i) for i in order["candidate_ids"]]
-        pair = read_pairs_for(query, hits[positions[0]].id)
-        example = builder.example(pair, hits, positions)
-        assert example.text == order["prompt"]
-        assert example.prompt_token_ids == list(
+        read = builder.listwise_read(task, positions)
+        assert read.prompt_token_ids == list(
             tokenizer(order["prompt"], add_special_tokens=False)["input_ids"])
-        assert example.label_token_ids == order["label_token_ids"]
+        assert read.label_token_ids == order["label_token_ids"]
 
 
-def read_pairs_for(query: str, positive_id: str) -> Any:
-    from retriever.training import TrainingPair
+def test_candidates_keep_retrieval_order_or_are_shuffled_and_n_can_vary(
+        tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_lm))
+    pairs = read_pairs(eedi_csv, "eedi")[:40]
+    entries = _entries()
+    rows = [[Hit(e.id, e.text, 0.0) for e in
+             [*[e for e in entries if e.id != p.positive_id][i:i + 2],
+              next(e for e in entries if e.id == p.positive_id),
+              *[e for e in entries if e.id != p.positive_id][i + 2:i + CANDIDATES + 4]]]
+            for i, p in enumerate(pairs)]  # the positive retrieved third
+    config = _config(tmp_path, tiny_lm)
+    builder = PromptBuilder(tokenizer, config.reranker, SAMPLE_INSTRUCTION)
+    kept, stats = build_examples(pairs, rows, {}, builder, config)
+    assert stats.positive_retrieved == len(kept) == len(pairs)
+    # Retrieval order, then reversed: the positive is label C, then the third from the end.
+    assert {tuple(e.targets) for e in kept} == {(2, CANDIDATES - 3)}
+    shuffled, _ = build_examples(pairs, rows, {}, builder,
+                                 _config(tmp_path, tiny_lm,
+                                         candidate_order=CandidateOrder.SHUFFLED))
+    assert len({e.targets[0] for e in shuffled}) > 2
+    assert all(e.targets[1] == len(e.reads[0].label_token_ids) - 1 - e.targets[0]
+               for e in shuffled)
+    varied, _ = build_examples(pairs, rows, {}, builder,
+                               _config(tmp_path, tiny_lm, min_candidates=3, candidates=8))
+    sizes = {len(e.reads[0].label_token_ids) for e in varied}
+    assert sizes <= set(range(3, 9))
+    assert len(sizes) > 2
+    pointwise, _ = build_examples(pairs, rows, {}, PromptBuilder(
+        tokenizer, RerankerConfig(model=str(tiny_lm), scoring=Scoring.POINTWISE),
+        SAMPLE_INSTRUCTION), _config(tmp_path, tiny_lm, scoring=Scoring.POINTWISE))
+    assert all(len(e.reads) == CANDIDATES and e.targets == [2] for e in pointwise)
 
-    return TrainingPair("q", "g", query, positive_id)
 
-
-async def test_the_trained_model_serves_rank(trained: dict[str, Any],
+@pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
+async def test_the_trained_model_serves_rank(scoring: Scoring, trained: dict[str, Any],
+                                             trained_pointwise: dict[str, Any],
                                              settings_factory: Any) -> None:
+    run = trained if scoring is Scoring.LISTWISE else trained_pointwise
     settings: Settings = settings_factory(reranker_backend="transformers",
-                                          reranker_model=str(trained["output"]),
+                                          reranker_model=str(run["output"]),
+                                          reranker_scoring=scoring,
                                           default_candidates=CANDIDATES)
     async with app_client(settings) as (_, client):
         response = await client.post("/rank", json={"query": "one half plus one third",
                                                      "collection": SAMPLE_COLLECTION})
     assert response.status_code == 200, response.text
-    assert response.json()["reranked"] is True
+    body = response.json()
+    assert body["reranked"] is True
+    assert body["fusion"]["method"] == "consensus"
+    if scoring is Scoring.POINTWISE:
+        assert body["fusion"]["agreement"] is None  # no positions to disagree over
+        assert body["fusion"]["rerank_weight"] == pytest.approx(0.5)
 
 
-def test_rankd_eval_reproduces_the_reported_map(trained: dict[str, Any], sample_index: Path,
-                                                tmp_path: Path,
+@pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
+def test_rankd_eval_reproduces_the_reported_map(scoring: Scoring, trained: dict[str, Any],
+                                                trained_pointwise: dict[str, Any],
+                                                sample_index: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    report = trained["report"]
-    settings = Settings(index_dir=sample_index, device="cpu", default_candidates=CANDIDATES,
-                        rerank_fusion="none",
-                        reranker={"backend": "transformers", "model": str(trained["output"])})
+    run = trained if scoring is Scoring.LISTWISE else trained_pointwise
+    report = run["report"]
     validation = report["validation_file"]
-    with serve_in_thread(settings) as url:
-        assert main(["batch", "--url", url, "--quiet", "--input", validation, "--format",
-                     "eedi", "--output", str(tmp_path / "run.jsonl")]) == 0
-    capsys.readouterr()
-    assert main(["eval", "--submission", str(tmp_path / "run.submission.csv"), "--labels",
-                 validation, "--format", "eedi", "--json", str(tmp_path / "eval.json")]) == 0
-    evaluated = json.loads((tmp_path / "eval.json").read_text())
-    assert evaluated["map"] == pytest.approx(report["fine_tuned"]["none"]["map"], abs=1e-4)
+    for fusion in ("none", "consensus"):
+        settings = Settings(index_dir=sample_index, device="cpu", default_candidates=CANDIDATES,
+                            rerank_fusion=fusion,
+                            reranker={"backend": "transformers", "scoring": scoring,
+                                      "model": str(run["output"])})
+        with serve_in_thread(settings) as url:
+            assert main(["batch", "--url", url, "--quiet", "--input", validation, "--format",
+                         "eedi", "--output", str(tmp_path / f"{fusion}.jsonl")]) == 0
+        capsys.readouterr()
+        assert main(["eval", "--submission", str(tmp_path / f"{fusion}.submission.csv"),
+                     "--labels", validation, "--format", "eedi", "--json",
+                     str(tmp_path / "eval.json")]) == 0
+        evaluated = json.loads((tmp_path / "eval.json").read_text())
+        assert evaluated["map"] == pytest.approx(report["fine_tuned"][fusion]["map"], abs=1e-4)
 
 
 def test_bad_options_are_refused_before_anything_loads(tmp_path: Path, tiny_lm: Path) -> None:
@@ -206,6 +285,8 @@ def test_bad_options_are_refused_before_anything_loads(tmp_path: Path, tiny_lm: 
         _config(tmp_path, tiny_lm, candidates=30).check()
     with pytest.raises(RerankerTrainingError, match="candidates must be at least 2"):
         _config(tmp_path, tiny_lm, candidates=1).check()
+    with pytest.raises(RerankerTrainingError, match="min candidates must be 0"):
+        _config(tmp_path, tiny_lm, min_candidates=9).check()
 
 
 def test_the_cli_names_a_bad_setting_in_one_line(tmp_path: Path, eedi_csv: Path,
@@ -220,7 +301,8 @@ def test_the_cli_names_a_bad_setting_in_one_line(tmp_path: Path, eedi_csv: Path,
     assert "\n" not in err
 
 
-def test_full_fine_tuning_is_an_option(tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
+def test_full_fine_tuning_is_the_default(tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
+    assert RerankerTrainingConfig(output_dir=tmp_path).method is TuningMethod.FULL
     config = _config(tmp_path / "full", tiny_lm, method=TuningMethod.FULL, examples=8, epochs=1,
                      curve_points=0, eval_queries=4)
     report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi")

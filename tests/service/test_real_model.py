@@ -55,9 +55,9 @@ async def test_rank_reranks_with_the_embedded_model(settings_factory: Any, smoll
         ready = (await client.get("/ready")).json()
         assert ready["status"] == "ready"
         assert ready["components"]["reranker"]["status"] == "ok"
-        assert ready["components"]["reranker"]["detail"] == \
+        assert ready["components"]["reranker"]["detail"] == (
             f"backend transformers, model {EMBEDDED_RERANKER} ({smollm2}); "
-            "cpu in float32 (RANKD_RERANKER_DTYPE)"
+            "cpu in float32 (RANKD_RERANKER_DTYPE)")
         retrieval = await retrieval_order(client, QUERY, 10)
         response = await client.post("/rank", json={"query": QUERY, "top_k": 10,
                                                     "candidates": 6, "debug": True})
