@@ -5,6 +5,14 @@ a synchronous batch function in a dedicated worker thread, so the event loop nev
 concurrent requests share forward passes. While a batch runs, new items queue up and form the
 next batch, which is where most of the batching under load comes from. Between batches the same
 thread can hand freed memory back to the OS (``MemoryRelease``).
+
+Fairness between requests: each ``submit_many`` is a job, and a batch is filled from the job
+with the least work left first (shortest job first, work measured by ``cost``), up to
+``max_batch_cost``. A small request that arrives while a large one runs therefore waits for the
+batch in flight, not for the large request. The batch function may answer ``UNFINISHED`` for an
+item it advanced but did not finish (a long prompt filled in chunks); the item goes back to its
+job for another turn, so other jobs' batches run between its turns. Work of a caller that went
+away (a timeout, a client that disconnected) is dropped before its next turn.
 """
 
 from __future__ import annotations
@@ -34,8 +42,26 @@ class QueueFullError(Exception):
         self.limit = limit
 
 
+class JobTooLargeError(Exception):
+    """One submission holds more items than the queue may ever hold: no retry can succeed."""
+
+    def __init__(self, stage: str, items: int, limit: int) -> None:
+        super().__init__(f"the request needs {items} {stage} items at once, over the queue's "
+                         f"limit of {limit}")
+        self.stage = stage
+        self.items = items
+        self.limit = limit
+
+
 class BatcherClosedError(RuntimeError):
     """Submitted to a batcher that is not running."""
+
+
+class Unfinished:
+    """What a batch function answers for an item it advanced but did not finish."""
+
+
+UNFINISHED = Unfinished()
 
 
 class BatchObserver(Protocol):
@@ -76,15 +102,24 @@ class _Pending(Generic[T, R]):
     future: asyncio.Future[R]
 
 
+@dataclass
+class _Job(Generic[T, R]):
+    """One submission's items that have not run yet (or are unfinished), in order."""
+
+    waiting: deque[_Pending[T, R]]
+
+
 class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
         stage: str,
-        batch_fn: Callable[[list[T]], Sequence[R]],
+        batch_fn: Callable[[list[T]], Sequence[R | Unfinished]],
         *,
         max_batch_size: int = 64,
         max_wait_ms: float = 2.0,
         max_queue_depth: int = 4096,
+        cost: Callable[[T], int] | None = None,
+        max_batch_cost: int = 0,
         observer: BatchObserver | None = None,
         memory_release: MemoryRelease | None = None,
     ) -> None:
@@ -95,8 +130,12 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_depth = max_queue_depth
+        # The work of one item (a prompt's tokens still to run); 0 for max_batch_cost: no cap.
+        self._cost = cost or (lambda item: 1)
+        self.max_batch_cost = max_batch_cost
         self._observer = observer
-        self._queue: deque[_Pending[T, R]] = deque()
+        self._jobs: list[_Job[T, R]] = []
+        self._depth = 0  # items waiting across the jobs
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()  # set when nothing is queued or running
         self._idle.set()
@@ -124,19 +163,26 @@ class MicroBatcher(Generic[T, R]):
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    def check_capacity(self, items: int) -> None:
+        """JobTooLargeError when ``items`` could never be queued at once."""
+        if items > self.max_queue_depth:
+            raise JobTooLargeError(self.stage, items, self.max_queue_depth)
+
     async def submit(self, item: T) -> R:
         return (await self.submit_many([item]))[0]
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
         if self._task is None:
             raise BatcherClosedError(f"the {self.stage} batcher is not running")
-        if len(self._queue) + len(items) > self.max_queue_depth:
+        self.check_capacity(len(items))
+        if self._depth + len(items) > self.max_queue_depth:
             if self._observer is not None:
                 self._observer.rejected(self.stage)
-            raise QueueFullError(self.stage, len(self._queue), self.max_queue_depth)
+            raise QueueFullError(self.stage, self._depth, self.max_queue_depth)
         loop = asyncio.get_running_loop()
         pending = [_Pending[T, R](item, loop.create_future()) for item in items]
-        self._queue.extend(pending)
+        self._jobs.append(_Job(deque(pending)))
+        self._depth += len(pending)
         self._idle.clear()
         self._report_depth()
         self._arrived.set()
@@ -144,32 +190,63 @@ class MicroBatcher(Generic[T, R]):
 
     def _report_depth(self) -> None:
         if self._observer is not None:
-            self._observer.queue_depth(self.stage, len(self._queue))
+            self._observer.queue_depth(self.stage, self._depth)
 
-    async def _collect(self) -> list[_Pending[T, R]]:
-        while not self._queue:
-            self._arrived.clear()
-            idle_s = self._memory_release.idle_s if self._memory_release else 0.0
-            if idle_s > 0 and self._batches_since_release > 0:
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), idle_s)
-                except TimeoutError:
-                    await self._release_memory()
-                continue
-            await self._arrived.wait()
-        if len(self._queue) < self.max_batch_size and self.max_wait > 0:
-            deadline = asyncio.get_running_loop().time() + self.max_wait
-            while len(self._queue) < self.max_batch_size:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
+    def _prune(self) -> None:
+        for job in self._jobs:
+            before = len(job.waiting)
+            job.waiting = deque(p for p in job.waiting if not p.future.done())
+            self._depth -= before - len(job.waiting)
+        self._jobs = [job for job in self._jobs if job.waiting]
+
+    def _take(self) -> list[_Pending[T, R]]:
+        """The next batch: items of the jobs with the least work left first, in their order,
+        up to the size and cost caps (the first item always goes, whatever its cost)."""
+        self._prune()
+        jobs = sorted(self._jobs, key=lambda job: sum(self._cost(p.item) for p in job.waiting))
+        batch: list[_Pending[T, R]] = []
+        cost = 0
+        for job in jobs:
+            while job.waiting and len(batch) < self.max_batch_size:
+                item_cost = self._cost(job.waiting[0].item)
+                if batch and self.max_batch_cost and cost + item_cost > self.max_batch_cost:
                     break
-                self._arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-        size = min(self.max_batch_size, len(self._queue))
-        batch = [self._queue.popleft() for _ in range(size)]
+                batch.append(job.waiting.popleft())
+                cost += item_cost
+            if len(batch) >= self.max_batch_size or (self.max_batch_cost
+                                                     and cost >= self.max_batch_cost):
+                break
+        self._depth -= len(batch)
+        self._jobs = [job for job in self._jobs if job.waiting]
         self._report_depth()
         return batch
+
+    async def _collect(self) -> list[_Pending[T, R]]:
+        while True:
+            while not self._depth:
+                self._arrived.clear()
+                idle_s = self._memory_release.idle_s if self._memory_release else 0.0
+                if idle_s > 0 and self._batches_since_release > 0:
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), idle_s)
+                    except TimeoutError:
+                        await self._release_memory()
+                    continue
+                await self._arrived.wait()
+            if self._depth < self.max_batch_size and self.max_wait > 0:
+                deadline = asyncio.get_running_loop().time() + self.max_wait
+                while self._depth < self.max_batch_size:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+            batch = self._take()
+            if batch:
+                return batch
+            if not self._depth:
+                self._idle.set()  # everything waiting belonged to callers that went away
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,7 +257,7 @@ class MicroBatcher(Generic[T, R]):
             every = self._memory_release.every_batches if self._memory_release else 0
             if every and self._batches_since_release >= every:
                 await self._release_memory()
-            if not self._queue:
+            if not self._depth:
                 self._idle.set()
 
     async def _release_memory(self) -> None:
@@ -218,6 +295,14 @@ class MicroBatcher(Generic[T, R]):
             finally:
                 if self._observer is not None:
                     self._observer.batch_ran(self.stage, len(live), loop.time() - started)
+            unfinished: list[_Pending[T, R]] = []
             for p, result in zip(live, results, strict=True):
-                if not p.future.done():
+                if isinstance(result, Unfinished):
+                    unfinished.append(p)
+                elif not p.future.done():
                     p.future.set_result(result)
+            if unfinished:
+                # Back for another turn, as a job of their own, after whatever is shorter.
+                self._jobs.append(_Job(deque(unfinished)))
+                self._depth += len(unfinished)
+                self._report_depth()

@@ -204,6 +204,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
             warmup_ratio=args.warmup, batch_size=args.batch_size,
             gradient_accumulation=args.gradient_accumulation, method=TuningMethod(args.method),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_layers=args.lora_layers,
+            train_layers=args.train_layers,
             validation_fraction=args.validation_fraction, eval_queries=args.eval_queries,
             curve_points=args.curve_points, curve_queries=args.curve_queries, k=args.k,
             seed=args.seed, threads=args.threads,
@@ -290,6 +291,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
     model.add_argument("--lora-layers", type=int, default=defaults.lora_layers,
                        help="LoRA on the last N decoder layers only (0: all)")
+    model.add_argument("--train-layers", type=int, default=defaults.train_layers,
+                       help="full fine-tuning of the last N decoder layers and the final norm "
+                            "only; no gradient flows below them (0: every weight)")
     model.add_argument("--epochs", type=float, default=defaults.epochs)
     model.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
     model.add_argument("--warmup", type=float, default=defaults.warmup_ratio,

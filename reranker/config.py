@@ -54,6 +54,11 @@ DEFAULT_POINTWISE_TEMPLATE = (
 POINTWISE_LABELS = ("yes", "no")
 
 
+class LongItems(StrEnum):
+    TRUNCATE = "truncate"  # cut to RANKD_RERANKER_MAX_ITEM_TOKENS
+    REFUSE = "refuse"  # 422 naming the item
+
+
 class Scoring(StrEnum):
     LISTWISE = "listwise"  # one prompt with the candidates labelled A, B, ...; P(label)
     POINTWISE = "pointwise"  # one prompt per candidate; P(yes) against P(no)
@@ -97,6 +102,10 @@ class RerankerConfig(BaseModel):
     dtype: str = Field("auto", description="dtype of the transformers reranker: auto (bfloat16 on a GPU that supports it and on a CPU with AMX-BF16 or AVX512-BF16, float32 on other CPUs; reported in /ready), float32, float16, bfloat16.")
     threads: int = Field(0, ge=0, description="Torch intra-op threads of the in-process reranker's worker; 0 keeps the process's (OMP_NUM_THREADS, else one per core).")
     batch_size: int = Field(16, ge=1, description="Most prompts in one transformers forward pass.")
+    batch_tokens: int = Field(1024, ge=64, description="Most prompt tokens in one transformers forward pass. A longer prompt is filled in chunks of this many tokens, and other requests' batches run between its chunks, so no request holds the reranker for longer than one such pass at a time (docs/reliability.md).")
+    max_item_tokens: int = Field(0, ge=0, description="Longest candidate, document, option or passage, in tokens, before it is rendered; 0: no limit of its own (the prompt's limit still holds).")
+    long_items: LongItems = Field(LongItems.TRUNCATE, description="An item over RANKD_RERANKER_MAX_ITEM_TOKENS: truncate (cut to the limit) or refuse (422 naming the item and the limit).")
+    max_prompt_tokens: int = Field(0, ge=0, description="Longest prompt, in tokens after the chat template, that any endpoint may render; longer requests get 422. 0: the model's context length (its config's max_position_embeddings).")
     quantization: str = Field("none", description="transformers backend on CPU: none (the model's dtype) or int8 (dynamic int8 quantization of the Linear layers of the decoder, as it loads; the output layer stays float32).")
     prefix_sharing: bool = Field(True, description="transformers backend: run the prefix that prompts share (the instruction and query of a request's orders) once per micro-batch and score each prompt's own suffix over its cached keys and values.")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a transformers forward pass waits for more prompts before it runs.")

@@ -22,6 +22,29 @@ class TooManyItemsError(ValueError):
         self.field = field
 
 
+class PromptTooLongError(ValueError):
+    """A rendered prompt is longer than the model can read (or the configured cap)."""
+
+    def __init__(self, tokens: int, limit: int, field: str, setting: str) -> None:
+        super().__init__(f"{field} makes a prompt of {tokens} tokens after the chat template, "
+                         f"over the limit of {limit} tokens ({setting})")
+        self.tokens = tokens
+        self.limit = limit
+        self.field = field
+
+
+class ItemTooLongError(ValueError):
+    """An item (a document, an option, a passage) is over the per-item token limit."""
+
+    def __init__(self, tokens: int, limit: int, field: str) -> None:
+        super().__init__(f"{field} is {tokens} tokens, over the limit of {limit} tokens "
+                         "(RANKD_RERANKER_MAX_ITEM_TOKENS; RANKD_RERANKER_LONG_ITEMS=truncate cuts "
+                         "it instead)")
+        self.tokens = tokens
+        self.limit = limit
+        self.field = field
+
+
 class BackendError(RuntimeError):
     """The scoring backend failed, timed out or is unreachable. ``reason`` is a short slug."""
 

@@ -16,12 +16,18 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from reranker.backends import BatchObserver, LabelLogprobBackend, LabelRead, backend_factory
-from reranker.config import MAX_ORDERS, POINTWISE_LABELS, RerankerConfig, Scoring
-from reranker.errors import BackendError, RerankerConfigError, TooManyItemsError
+from reranker.config import MAX_ORDERS, POINTWISE_LABELS, LongItems, RerankerConfig, Scoring
+from reranker.errors import (
+    BackendError,
+    ItemTooLongError,
+    PromptTooLongError,
+    RerankerConfigError,
+    TooManyItemsError,
+)
 from reranker.labels import POINTWISE_REMEDY, label_token_ids
 from reranker.models import resolve_model
 from reranker.prompt import PromptRenderer, RenderedPrompt, load_tokenizer
@@ -36,13 +42,49 @@ class ListwiseTask:
     items: list[str]
     item_ids: list[str] = field(default_factory=list)  # only reported in traces
     orders: int | None = None  # the order scheme (order_permutations); None: the scorer's default
+    # Where errors point: the request field whose prompt is too long, and each item's own path
+    # (default items[i]).
+    prompt_field: str = "query"
+    item_fields: list[str] = field(default_factory=list)
+
+    def item_field(self, index: int) -> str:
+        return self.item_fields[index] if self.item_fields else f"items[{index}]"
 
     @classmethod
     def for_query(cls, template: str, instruction: str, query: str, items: list[str],
-                  item_ids: list[str] | None = None, orders: int | None = None) -> ListwiseTask:
+                  item_ids: list[str] | None = None, orders: int | None = None,
+                  item_fields: list[str] | None = None) -> ListwiseTask:
         """A rank task: the fields that /rank, /v1/rerank, calibration and training all fill."""
         return cls(template=template, fields={"instruction": instruction, "query": query},
-                   items=items, item_ids=item_ids or [], orders=orders)
+                   items=items, item_ids=item_ids or [], orders=orders,
+                   item_fields=item_fields or [])
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What any rendered prompt, and any item in it, may hold."""
+
+    max_prompt_tokens: int = 1 << 30
+    max_item_tokens: int = 0  # 0: no limit of its own
+    long_items: LongItems = LongItems.TRUNCATE
+    prompt_setting: str = "RANKD_RERANKER_MAX_PROMPT_TOKENS"
+
+
+def context_length(location: str) -> int:
+    """The model's context length in tokens, from its config (max_position_embeddings)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise RerankerConfigError(
+            f"cannot read the context length of {location!r} ({exc}); set "
+            "RANKD_RERANKER_MAX_PROMPT_TOKENS") from exc
+    length = getattr(config, "max_position_embeddings", None)
+    if not isinstance(length, int) or length < 16:
+        raise RerankerConfigError(f"the config of {location!r} names no context length; set "
+                                  "RANKD_RERANKER_MAX_PROMPT_TOKENS")
+    return length
 
 
 @dataclass(frozen=True)
@@ -131,6 +173,47 @@ def order_consensus(n: int, permutations: Sequence[Sequence[int]],
     return least, (sum(least) if len(permutations) > 1 else None)
 
 
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2
+        start = end + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties at their average rank); 0 when either is constant."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
+
+
+def rank_agreement(n: int, permutations: Sequence[Sequence[int]],
+                   probabilities: Sequence[Sequence[float]]) -> float | None:
+    """The mean Spearman correlation, over pairs of orders, of the items' probabilities: near 1
+    when every order prefers the same items, near 0 for noise, negative when each order
+    prefers whatever stands at one position (None for one order)."""
+    if len(permutations) < 2 or n < 2:
+        return None
+    by_order = []
+    for positions, probs in zip(permutations, probabilities, strict=True):
+        item_probs = [0.0] * n
+        for item, p in zip(positions, probs, strict=True):
+            item_probs[item] = p
+        by_order.append(item_probs)
+    pairs = [(a, b) for i, a in enumerate(by_order) for b in by_order[i + 1:]]
+    return sum(spearman(a, b) for a, b in pairs) / len(pairs)
+
+
 def render_order(renderer: PromptRenderer, labels: Sequence[str], task: ListwiseTask,
                  positions: Sequence[int]) -> RenderedPrompt:
     """The prompt of ``task`` with its items in ``positions`` order, labelled from the first
@@ -177,7 +260,9 @@ class ListwiseScorer:
 
     def __init__(self, renderer: PromptRenderer, backend: LabelLogprobBackend, labels: list[str],
                  token_ids: list[int], model: str = "", default_orders: int = 2,
-                 pointwise: PointwiseReading | None = None) -> None:
+                 pointwise: PointwiseReading | None = None,
+                 limits: PromptLimits | None = None) -> None:
+        self.limits = limits or PromptLimits()
         self.renderer = renderer
         self.model = model
         self.default_orders = default_orders
@@ -230,6 +315,10 @@ class ListwiseScorer:
             pointwise = PointwiseReading(config.pointwise_template, labels_yn, label_token_ids(
                 tokenizer, labels_yn, renderer.item_answer_context(config.pointwise_template),
                 remedy=POINTWISE_REMEDY))
+        limits = PromptLimits(config.max_prompt_tokens or await asyncio.to_thread(
+            context_length, location), config.max_item_tokens, config.long_items,
+            "RANKD_RERANKER_MAX_PROMPT_TOKENS" if config.max_prompt_tokens
+            else "the model's context length; RANKD_RERANKER_MAX_PROMPT_TOKENS")
         if backend is None:
             backend = await start_backend(config, tokenizer, observer)
         log.info("reranker ready: backend %s, model %s; %s; %s scoring, %d labels, %d orders",
@@ -237,7 +326,7 @@ class ListwiseScorer:
                  config.orders)
         return cls(renderer, backend, labels, token_ids,
                    model=spec if spec == location else f"{spec} ({location})",
-                   default_orders=config.orders, pointwise=pointwise)
+                   default_orders=config.orders, pointwise=pointwise, limits=limits)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run tokenizer work (``fn(*args)``) on the tokenizer thread."""
@@ -248,14 +337,43 @@ class ListwiseScorer:
         if count > self.max_items:
             raise TooManyItemsError(count, self.max_items, field_name)
 
+    def _fit_items(self, task: ListwiseTask) -> ListwiseTask:
+        """The task with its items within RANKD_RERANKER_MAX_ITEM_TOKENS, cut or refused."""
+        limit = self.limits.max_item_tokens
+        if not limit:
+            return task
+        items = []
+        for i, item in enumerate(task.items):
+            tokens = self.renderer.count_tokens(item)
+            if tokens > limit and self.limits.long_items is LongItems.REFUSE:
+                raise ItemTooLongError(tokens, limit, task.item_field(i))
+            items.append(self.renderer.truncate(item, limit) if tokens > limit else item)
+        return replace(task, items=items)
+
+    def _checked(self, prompt: RenderedPrompt, task: ListwiseTask) -> RenderedPrompt:
+        # One position is left for the label the model writes.
+        if len(prompt.token_ids) + 1 > self.limits.max_prompt_tokens:
+            raise PromptTooLongError(len(prompt.token_ids) + 1, self.limits.max_prompt_tokens,
+                                     task.prompt_field, self.limits.prompt_setting)
+        return prompt
+
     def _orders(self, task: ListwiseTask, orders: int) -> list[tuple[list[int], RenderedPrompt]]:
-        return [(positions, render_order(self.renderer, self.labels, task, positions))
+        task = self._fit_items(task)
+        return [(positions,
+                 self._checked(render_order(self.renderer, self.labels, task, positions), task))
                 for positions in order_permutations(len(task.items), orders)]
 
     def _render_all(self, tasks: Sequence[ListwiseTask],
                     ) -> list[list[tuple[list[int], RenderedPrompt]]]:
         return [self._orders(task, task.orders or self.default_orders) if task.items else []
                 for task in tasks]
+
+    def prompts_needed(self, tasks: Sequence[ListwiseTask], listwise: bool = True) -> int:
+        """How many prompts scoring ``tasks`` reads, known before anything is rendered."""
+        if self.pointwise is not None and not listwise:
+            return sum(len(task.items) for task in tasks)
+        return sum(len(order_permutations(len(task.items), task.orders or self.default_orders))
+                   for task in tasks if task.items)
 
     async def _read(self, reads: list[LabelRead]) -> list[list[float]]:
         try:
@@ -269,6 +387,7 @@ class ListwiseScorer:
 
     async def rank(self, tasks: Sequence[ListwiseTask]) -> list[ListwiseScores]:
         """Score rank tasks (/rank, /v1/rerank) in the configured scoring mode."""
+        self.backend.check_capacity(self.prompts_needed(tasks, listwise=False))
         if self.pointwise is not None:
             return await self.score_items(tasks, self.pointwise)
         return await self.score(tasks)
@@ -299,14 +418,16 @@ class ListwiseScorer:
 
     def _render_items(self, tasks: Sequence[ListwiseTask], template: str,
                       ) -> list[list[RenderedPrompt]]:
-        return [[self.renderer.render_item(template, task.fields, item) for item in task.items]
-                for task in tasks]
+        fitted = [self._fit_items(task) for task in tasks]
+        return [[self._checked(self.renderer.render_item(template, task.fields, item), task)
+                 for item in task.items] for task in fitted]
 
     async def score(self, tasks: Sequence[ListwiseTask]) -> list[ListwiseScores]:
         """Score every task listwise in its order scheme; all prompts of all tasks go to the
         backend in one call."""
         for task in tasks:
             self.check_count(len(task.items))
+        self.backend.check_capacity(self.prompts_needed(tasks))
         rendered = await self.off_loop(self._render_all, tasks)
         reads = [
             LabelRead(prompt.token_ids, self.label_token_ids[: len(task.items)])

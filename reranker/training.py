@@ -112,6 +112,9 @@ class RerankerTrainingConfig:
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_layers: int = 0  # LoRA on the last N decoder layers only; 0: all of them
+    # Full fine-tuning of the last N decoder layers and the final norm only (0: every weight).
+    # The layers below run forward alone: no gradients flow through them.
+    train_layers: int = 0
     validation_fraction: float = 0.2
     eval_queries: int = 0  # validation queries evaluated (whole questions, seeded); 0: all
     curve_points: int = 3  # evaluations during training, for the learning curve
@@ -148,6 +151,7 @@ class RerankerTrainingConfig:
                 f"candidates ({self.candidates}) exceeds the {labels} labels of "
                 f"RANKD_RERANKER_LABEL_ALPHABET={self.reranker.label_alphabet}")
         for name, value in {"curve points": self.curve_points, "LoRA layers": self.lora_layers,
+                            "train layers": self.train_layers,
                             "examples": self.examples, "eval queries": self.eval_queries,
                             "curve queries": self.curve_queries}.items():
             if value < 0:
@@ -497,6 +501,17 @@ def _lora(model: Any, config: RerankerTrainingConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def _freeze_below(model: Any, layers: int) -> None:
+    """Train only the last ``layers`` decoder layers and the final norm; the embeddings (and an
+    output layer tied to them) and every layer below stay as they are."""
+    decoder = model.get_decoder()
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    for module in [*list(decoder.layers)[-layers:], decoder.norm]:
+        for parameter in module.parameters():
+            parameter.requires_grad = True
+
+
 def _trainable(model: Any) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
@@ -677,6 +692,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     model = model.to(device)
     if config.method is TuningMethod.LORA:
         model = _lora(model, config)
+    elif config.train_layers:
+        _freeze_below(model, config.train_layers)
     trainable, total = _trainable(model)
     log.info("%d of %d parameters train (%s); %d examples, %d prompts", trainable, total,
              config.method, len(examples), stats.prompts)

@@ -26,9 +26,9 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from rankd.batching import BatchObserver
+from rankd.batching import BatchObserver, JobTooLargeError
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
@@ -80,6 +80,7 @@ class RankPlan:
     orders: int | None
     fusion: Fusion
     fusion_weight: float
+    prefix: str = ""  # the path of the request in the body: "" or "queries[i]."
 
 
 def _ms(seconds: float) -> float:
@@ -138,7 +139,7 @@ class Engine:
 
     # ------------------------------------------------------------------ checks
 
-    def resolve_collection(self, name: str | None) -> str:
+    def resolve_collection(self, name: str | None, field: str = "collection") -> str:
         loaded = self.collections_loaded
         if not loaded:
             raise NotReadyError(
@@ -149,10 +150,10 @@ class Engine:
                 return next(iter(loaded))
             raise CollectionRequiredError(
                 f"{len(loaded)} collections are loaded ({', '.join(sorted(loaded))}); say which",
-                "collection")
+                field)
         if name not in loaded:
             raise UnknownCollectionError(
-                f"unknown collection {name!r}; loaded: {', '.join(sorted(loaded))}", "collection")
+                f"unknown collection {name!r}; loaded: {', '.join(sorted(loaded))}", field)
         return name
 
     def _check_chars(self, text: str, field: str, limit: int, setting: str) -> None:
@@ -190,7 +191,7 @@ class Engine:
             raise LimitExceededError(
                 f"top_k is {request.top_k}, over the limit of {s.max_top_k} (RANKD_MAX_TOP_K)",
                 f"{prefix}top_k")
-        collection = self.resolve_collection(request.collection)
+        collection = self.resolve_collection(request.collection, f"{prefix}collection")
         rerank_n = 0
         if request.rerank and self.scorer is not None:
             rerank_n = request.candidates or s.default_candidates
@@ -198,15 +199,22 @@ class Engine:
         return RankPlan(request, collection, max(request.top_k, rerank_n), rerank_n,
                         request.orders, request.fusion or s.rerank_fusion,
                         s.rerank_fusion_weight if request.fusion_weight is None
-                        else request.fusion_weight)
+                        else request.fusion_weight, prefix)
 
     def _rank_task(self, plan: RankPlan, hits: list[Hit]) -> ListwiseTask:
         manifest = self.collections_loaded[plan.collection]
         top = hits[: plan.rerank_n]
-        return ListwiseTask.for_query(
+        task = ListwiseTask.for_query(
             self.settings.reranker.rank_template,
             manifest.instruction or self.settings.reranker.instruction, plan.request.query,
-            [h.text for h in top], [h.id for h in top], plan.orders)
+            [h.text for h in top], [h.id for h in top], plan.orders,
+            [f"{plan.prefix}candidates (catalogue entry {h.id})" for h in top])
+        return replace(task, prompt_field=f"{plan.prefix}query")
+
+    def _too_large(self, exc: JobTooLargeError, field: str) -> LimitExceededError:
+        return LimitExceededError(
+            f"{exc} (RANKD_RERANKER_MAX_QUEUE_DEPTH): no retry can succeed; send fewer "
+            "queries, documents, candidates or orders", field)
 
     async def rank(self, request: RankRequest) -> RankResponse:
         """Retrieve candidates for one query and rerank them."""
@@ -236,6 +244,9 @@ class Engine:
             try:
                 tasks = [self._rank_task(plans[i], hits[i]) for i in to_rerank]
                 scores = dict(zip(to_rerank, await self.scorer.rank(tasks), strict=True))
+            except JobTooLargeError as exc:
+                raise self._too_large(exc, "queries" if len(requests) > 1 else "candidates") \
+                    from None
             except BackendError as exc:
                 log.warning("rerank failed (%s): %s", exc.reason, exc)
                 failure = self._backend_failed(exc)
@@ -317,12 +328,15 @@ class Engine:
         self._check_documents(texts, "documents")
         windows = balanced_windows(len(texts), scorer.max_items)
         config = self.settings.reranker
-        tasks = [ListwiseTask.for_query(config.rank_template, config.instruction, request.query,
-                                        [texts[i] for i in window], [str(i) for i in window],
-                                        request.orders)
+        tasks = [replace(ListwiseTask.for_query(
+                     config.rank_template, config.instruction, request.query,
+                     [texts[i] for i in window], [str(i) for i in window], request.orders,
+                     [f"documents[{i}]" for i in window]), prompt_field="documents")
                  for window in windows]
         try:
             scored = await scorer.rank(tasks)
+        except JobTooLargeError as exc:
+            raise self._too_large(exc, "documents") from None
         except BackendError as exc:
             raise self._backend_failed(exc) from exc
         # Listwise probabilities are shares of a window and are merged by their lift over
@@ -357,11 +371,14 @@ class Engine:
             raise LimitExceededError(
                 f"passages is {request.passages}, over the limit of "
                 f"{self.settings.max_answer_passages} (RANKD_MAX_ANSWER_PASSAGES)", "passages")
+        warnings: list[str] = []
         passages: list[Passage]
         if request.context is not None:
             self._check_documents(request.context, "context")
             passages = [Passage(id=f"context:{i}", text=t, score=None)
                         for i, t in enumerate(request.context)]
+            if request.collection is not None:
+                warnings.append("collection is ignored: the request gives its own context")
         elif request.passages:
             collection = self.resolve_collection(request.collection)
             query = request.question
@@ -374,17 +391,29 @@ class Engine:
         else:
             passages = []
         retrieved = time.perf_counter()
-        context = await scorer.off_loop(fit_passages, scorer.renderer, [p.text for p in passages],
-                                        self.settings.answer_context_tokens)
+        used = await scorer.off_loop(fit_passages, scorer.renderer, [p.text for p in passages],
+                                     self.settings.answer_context_tokens)
+        seen: dict[str, int] = {}
+        for i, option in enumerate(request.options):
+            first = seen.setdefault(" ".join(option.split()).casefold(), i)
+            if first != i:
+                warnings.append(f"options[{first}] and options[{i}] are the same text: the "
+                                "model sees them at different places and may give them "
+                                "different probabilities")
         task = ListwiseTask(
             template=self.settings.reranker.answer_template,
-            fields={"context": format_context(context), "question": request.question},
+            fields={"context": format_context([text for _, text in used][::-1]),
+                    "question": request.question},
             items=request.options,
             item_ids=scorer.labels[: len(request.options)],
             orders=request.orders,
+            prompt_field="options",
+            item_fields=[f"options[{i}]" for i in range(len(request.options))],
         )
         try:
             (scored,) = await scorer.score([task])
+        except JobTooLargeError as exc:
+            raise self._too_large(exc, "orders") from None
         except BackendError as exc:
             raise self._backend_failed(exc) from exc
         answered = time.perf_counter()
@@ -397,10 +426,11 @@ class Engine:
         return AnswerResponse(
             options=options,
             ranking=[o.label for o in options],
-            passages=passages,
+            passages=[passages[i].model_copy(update={"text": text}) for i, text in used],
             timings_ms=AnswerTimings(retrieve=_ms(retrieved - started),
                                      answer=_ms(answered - retrieved),
                                      total=_ms(answered - started)),
+            warnings=warnings,
         )
 
     # ------------------------------------------------------------------ operations

@@ -166,9 +166,9 @@ class RerankResponse(BaseModel):
 class AnswerRequest(_Strict):
     question: QueryText = Field(description="The question.")
     options: list[QueryText] = Field(min_length=2, max_length=MAX_OPTIONS, description="The answer options, labelled A, B, ... in this order; at most the labels of RANKD_RERANKER_LABEL_ALPHABET.")
-    collection: Text | None = Field(None, description="Collection to retrieve passages from.")
+    collection: Text | None = Field(None, description="Collection to retrieve passages from (ignored, with a warning, when `context` is given).")
     passages: int = Field(3, ge=0, description="Passages to retrieve (at most RANKD_MAX_ANSWER_PASSAGES); 0 for none.")
-    context: list[Text] | None = Field(None, description="Passages supplied by the caller, best first; nothing is retrieved.")
+    context: list[Text] | None = Field(None, description="Passages supplied by the caller, best first; nothing is retrieved. They share RANKD_ANSWER_CONTEXT_TOKENS, counted as the prompt shows them (with their [n] markers).")
     orders: int | None = Field(None, ge=1, le=MAX_ORDERS, description="Orders the options run in (see /rank); default RANKD_RERANKER_ORDERS.")
 
 
@@ -195,8 +195,9 @@ class AnswerTimings(BaseModel):
 class AnswerResponse(BaseModel):
     options: list[OptionScore]
     ranking: list[str]
-    passages: list[Passage]
+    passages: list[Passage] = Field(description="The passages the prompt holds, best first, each as the model read it (cut to RANKD_ANSWER_CONTEXT_TOKENS); those that did not fit are left out.")
     timings_ms: AnswerTimings
+    warnings: list[str] = Field(default_factory=list)
 
 
 # ------------------------------------------------------------------ operations and errors

@@ -149,6 +149,9 @@ class RemoteBackend:
                              lambda exc: BackendError("unavailable", "the reranker deployment "
                                                       f"failed: {type(exc).__name__}"))
 
+    def check_capacity(self, reads: int) -> None:
+        """The server queues whatever it is sent; nothing is too large to queue here."""
+
     async def health(self) -> str | None:
         try:
             problem: str | None = await self.handle.health.remote()

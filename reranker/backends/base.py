@@ -34,6 +34,11 @@ class LabelLogprobBackend(Protocol):
         """
         ...
 
+    def check_capacity(self, reads: int) -> None:
+        """Raise ``rankd.batching.JobTooLargeError`` when a request of ``reads`` prompts could
+        never be taken, however idle the backend (its queue is smaller)."""
+        ...
+
     async def health(self) -> str | None:
         """None when healthy, else a one-line reason."""
         ...

@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rankd.batching import BatcherClosedError, BatchObserver, MicroBatcher, default_memory_release
+from rankd.batching import (
+    UNFINISHED,
+    BatcherClosedError,
+    BatchObserver,
+    MicroBatcher,
+    Unfinished,
+    default_memory_release,
+)
 from reranker.backends.base import LabelRead
 from reranker.config import RerankerConfig
 from reranker.errors import BackendError, RerankerConfigError
@@ -120,6 +127,19 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
+@dataclass
+class _InProgress:
+    """A read on its way through the model: how many of its tokens the cache holds."""
+
+    read: LabelRead
+    done: int = 0
+    cache: Any = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.read.prompt_token_ids) - self.done
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A causal LM ready to score: on its device, in its dtype, with the pad token to use."""
@@ -143,9 +163,13 @@ class TransformersBackend:
         self.detail = f"{loaded.device} in {loaded.dtype}"
         self.timeout_s = config.timeout_s
         # Concurrent requests share forward passes; the batch runs on the batcher's own thread.
-        self._batcher: MicroBatcher[LabelRead, list[float]] = MicroBatcher(
-            "rerank", self.score_batch, max_batch_size=config.batch_size,
+        # Batches hold at most batch_tokens prompt tokens, shortest request first, and a longer
+        # prompt is filled a chunk per turn: no request holds the model for longer than that.
+        self.batch_tokens = config.batch_tokens
+        self._batcher: MicroBatcher[_InProgress, list[float]] = MicroBatcher(
+            "rerank", self._step, max_batch_size=config.batch_size,
             max_wait_ms=config.batch_wait_ms, max_queue_depth=config.max_queue_depth,
+            cost=lambda item: item.remaining, max_batch_cost=config.batch_tokens,
             observer=observer, memory_release=default_memory_release())
         self.forward_passes = 0  # model calls
         self.batches = 0  # micro-batches scored
@@ -197,14 +221,59 @@ class TransformersBackend:
         """Label log-softmax at the next position of each read, for a micro-batch of reads."""
         import torch
 
-        if self.threads:
-            # Per call, in this worker thread: OpenMP's thread count is a per-thread setting, so
-            # the embedder's worker keeps its own.
-            torch.set_num_threads(self.threads)
         self.batches += 1
         with torch.inference_mode():
             last = self.last_logits(reads)
         return [row.tolist() for row in label_log_softmax(last, reads)]
+
+    def _step(self, items: list[_InProgress]) -> list[list[float] | Unfinished]:
+        """One turn of the batcher: the reads that fit whole are scored together; a read in
+        progress (longer than batch_tokens) advances by one chunk, and is scored with its
+        last."""
+        import torch
+
+        if self.threads:
+            # Per call, in this worker thread: OpenMP's thread count is a per-thread setting, so
+            # the embedder's worker keeps its own.
+            torch.set_num_threads(self.threads)
+        whole = [i for i, item in enumerate(items)
+                 if item.cache is None and item.remaining <= self.batch_tokens]
+        results: list[list[float] | Unfinished] = [UNFINISHED] * len(items)
+        if whole:
+            for i, row in zip(whole, self.score_batch([items[i].read for i in whole]),
+                              strict=True):
+                results[i] = row
+        for i, item in enumerate(items):
+            if i not in whole:
+                results[i] = self._advance(item)
+        return results
+
+    def _advance(self, item: _InProgress) -> list[float] | Unfinished:
+        """Run the next chunk of a long read over its cached keys and values; its label
+        log-softmax once the last chunk has run."""
+        import torch
+        from transformers import DynamicCache
+
+        tokens = item.read.prompt_token_ids
+        end = min(len(tokens), item.done + self.batch_tokens)
+        chunk = torch.tensor([tokens[item.done:end]], dtype=torch.long, device=self.device)
+        if item.cache is None:
+            item.cache = DynamicCache()
+        with torch.inference_mode():
+            out = self.model(input_ids=chunk,
+                             attention_mask=torch.ones((1, end), dtype=torch.long,
+                                                       device=self.device),
+                             position_ids=torch.arange(item.done, end,
+                                                       device=self.device).unsqueeze(0),
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: item.cache})
+        self.forward_passes += 1
+        item.cache = getattr(out, self._cache_arg)
+        item.done = end
+        if end < len(tokens):
+            return UNFINISHED
+        item.cache = None
+        last = out.logits[:, -1, :].float()
+        return label_log_softmax(last, [item.read])[0].tolist()
 
     def last_logits(self, reads: Sequence[LabelRead]) -> Any:
         """The logits at each read's last position: serving runs it under inference mode, and
@@ -292,9 +361,14 @@ class TransformersBackend:
     async def start(self) -> None:
         await self._batcher.start()
 
+    def check_capacity(self, reads: int) -> None:
+        """JobTooLargeError when a request of ``reads`` prompts could never be queued."""
+        self._batcher.check_capacity(reads)
+
     async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
         try:
-            return await asyncio.wait_for(self._batcher.submit_many(reads), self.timeout_s)
+            return await asyncio.wait_for(
+                self._batcher.submit_many([_InProgress(r) for r in reads]), self.timeout_s)
         except TimeoutError:
             raise BackendError("timeout", f"transformers reranker took over {self.timeout_s}s") from None
         # Overload (the batcher's queue-full error) is not one of these and reaches the caller.

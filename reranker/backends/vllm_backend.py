@@ -236,6 +236,9 @@ class VllmBackend:
                 results[position] = value
         return results
 
+    def check_capacity(self, reads: int) -> None:
+        """The server queues whatever it is sent; nothing is too large to queue here."""
+
     async def health(self) -> str | None:
         if self._mismatch is not None:
             return self._mismatch

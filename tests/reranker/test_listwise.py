@@ -105,7 +105,8 @@ async def test_batched_prompts_of_different_lengths_match_one_at_a_time(
     tasks = [make_task(catalogue[:3], "short"),
              make_task(catalogue[10:35], "a much longer query " * 8),
              make_task(catalogue[40:47], "Order the decimals 0.5, 0.45 and 0.405")]
-    async with open_scorer("transformers", model=str(tiny_lm)) as scorer:
+    # A token cap that holds all six prompts, so that they share one pass.
+    async with open_scorer("transformers", model=str(tiny_lm), batch_tokens=8192) as scorer:
         backend = scorer.backend
         assert isinstance(backend, TransformersBackend)
         before = backend.batches

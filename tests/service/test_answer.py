@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reranker.answer import fit_passages
+from reranker.answer import fit_passages, format_context
 from reranker.config import DEFAULT_ANSWER_TEMPLATE
 from reranker.prompt import PromptRenderer
 from tests.support.apps import app_client
@@ -103,12 +103,19 @@ def test_passage_truncation_respects_the_budget(tiny_lm: Path) -> None:
                 "Confuses factors and multiples."]
     for budget in (0, 5, 40, 150, 10_000):
         kept = fit_passages(renderer, passages, budget)
-        assert sum(renderer.count_tokens(p) for p in kept) <= budget
+        # Counted as the prompt shows them: markers and line breaks included.
+        assert renderer.count_tokens(format_context([t for _, t in kept][::-1])) <= budget \
+            or not kept
         if kept:
-            # The best passage is filled first and placed last.
-            assert passages[0].startswith(kept[-1][:20])
+            # The best passage is filled first.
+            assert kept[0][0] == 0
+            assert passages[0].startswith(kept[0][1][:20])
     assert fit_passages(renderer, passages, 0) == []
-    assert len(fit_passages(renderer, passages, 10_000)) == 3
+    assert [i for i, _ in fit_passages(renderer, passages, 10_000)] == [0, 1, 2]
+    # Many tiny passages: each marker costs tokens too, so far fewer than a thousand fit.
+    tiny = fit_passages(renderer, ["p"] * 1100, 1024)
+    assert 0 < len(tiny) < 1100
+    assert renderer.count_tokens(format_context([t for _, t in tiny][::-1])) <= 1024
 
 
 BAD = [
