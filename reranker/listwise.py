@@ -325,7 +325,7 @@ class ListwiseScorer:
                  backend.name, config.model, backend.detail, config.scoring, len(labels),
                  config.orders)
         return cls(renderer, backend, labels, token_ids,
-                   model=spec if spec == location else f"{spec} ({location})",
+                   model=spec,
                    default_orders=config.orders, pointwise=pointwise, limits=limits)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
@@ -368,12 +368,17 @@ class ListwiseScorer:
         return [self._orders(task, task.orders or self.default_orders) if task.items else []
                 for task in tasks]
 
-    def prompts_needed(self, tasks: Sequence[ListwiseTask], listwise: bool = True) -> int:
-        """How many prompts scoring ``tasks`` reads, known before anything is rendered."""
+    def prompts_for(self, items: int, orders: int | None, listwise: bool = False) -> int:
+        """How many prompts a rank task of ``items`` reads (``listwise``: an /answer task,
+        which never scores pointwise), known before anything is rendered."""
+        if not items:
+            return 0
         if self.pointwise is not None and not listwise:
-            return sum(len(task.items) for task in tasks)
-        return sum(len(order_permutations(len(task.items), task.orders or self.default_orders))
-                   for task in tasks if task.items)
+            return items
+        return len(order_permutations(items, orders or self.default_orders))
+
+    def prompts_needed(self, tasks: Sequence[ListwiseTask], listwise: bool = True) -> int:
+        return sum(self.prompts_for(len(task.items), task.orders, listwise) for task in tasks)
 
     async def _read(self, reads: list[LabelRead]) -> list[list[float]]:
         try:

@@ -17,7 +17,12 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.retrieval import RetrievalStage
 from service.routes import router
-from service.security import ApiKeyMiddleware, BodyLimitMiddleware
+from service.security import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    DisconnectMiddleware,
+    MediaTypeMiddleware,
+)
 from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -54,15 +59,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app = FastAPIOffline(
         title="rankd",
         version=VERSION,
+        # A redirect to the slash-less path would be built from the client's Host header.
+        redirect_slashes=False,
         summary="Two-stage retrieve-and-rerank: embeddings + FAISS, then a listwise LLM reranker.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
-    # Added innermost first, so a request passes metrics, CORS, the API key, then the body limit:
-    # the refusals of the last two are counted.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # Added innermost first, so a request passes metrics, CORS, the API key, the media type,
+    # then the body limit: the refusals of the last three are counted.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       read_timeout_s=settings.body_timeout_s)
+    app.add_middleware(MediaTypeMiddleware)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     if settings.cors_origin_list:
@@ -74,6 +83,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         # rankd's own routes first: the app lists an included router as one opaque entry.
         return [*router.routes, *app.router.routes]
 
+    app.add_middleware(DisconnectMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.include_router(router)
     return app

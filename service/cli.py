@@ -21,6 +21,7 @@ async def serve(settings: Any, sample: bool = False) -> int:
     from retriever.index import IndexIntegrityError
     from service.app import create_app
     from service.engine import Engine
+    from service.server import server_config
 
     if sample:
         from retriever.data import ensure_sample_collection
@@ -44,9 +45,8 @@ async def serve(settings: Any, sample: bool = False) -> int:
                 print(f"rankd serving on {url}\n  try: curl -s {url}/rank -H "
                       f"'Content-Type: application/json' -d '{example}'", flush=True)
 
-    server = Server(uvicorn.Config(create_app(settings, engine), host=settings.host,
-                                   port=settings.port, log_level=settings.log_level,
-                                   timeout_graceful_shutdown=30))
+    server = Server(server_config(create_app(settings, engine), settings,
+                                  timeout_graceful_shutdown=30))
     try:
         await server.serve()
     finally:

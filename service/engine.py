@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from rankd.batching import BatchObserver, JobTooLargeError
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
@@ -81,6 +82,14 @@ class RankPlan:
     fusion: Fusion
     fusion_weight: float
     prefix: str = ""  # the path of the request in the body: "" or "queries[i]."
+
+
+def public_name(name: str) -> str:
+    """A model named by a filesystem path, as /ready shows it: its last component, since /ready
+    answers without the API key and server paths are nobody's business."""
+    if "/" in name and Path(name).expanduser().exists():
+        return Path(name).name
+    return name
 
 
 def _ms(seconds: float) -> float:
@@ -230,6 +239,14 @@ class Engine:
         started = time.perf_counter()
         plans = [self.plan(r, f"queries[{i}]." if len(requests) > 1 else "")
                  for i, r in enumerate(requests)]
+        if self.scorer is not None:
+            # A request the reranker could never take is refused before anything runs.
+            try:
+                self.scorer.backend.check_capacity(sum(
+                    self.scorer.prompts_for(p.rerank_n, p.orders) for p in plans))
+            except JobTooLargeError as exc:
+                raise self._too_large(exc, "queries" if len(requests) > 1 else "candidates") \
+                    from None
         hits = await self.retrieval.search(
             [SearchQuery(p.request.query, p.collection, p.retrieve_k) for p in plans])
         retrieved = time.perf_counter()
@@ -438,7 +455,8 @@ class Engine:
     async def ready(self) -> ReadyResponse:
         """Readiness with a status per component: embedder, each collection, reranker."""
         statuses: dict[str, ComponentStatus] = {
-            "embedder": ComponentStatus(status="ok", detail=self.retrieval.embedder_name),
+            "embedder": ComponentStatus(status="ok",
+                                        detail=public_name(self.retrieval.embedder_name)),
         }
         problems = await self.retrieval.health()
         for name, manifest in self.collections_loaded.items():
@@ -456,7 +474,8 @@ class Engine:
             statuses["reranker"] = ComponentStatus(
                 status="degraded" if problem else "ok",
                 detail=problem or f"backend {self.scorer.backend_name}, model "
-                                  f"{self.scorer.model}; {self.scorer.backend.detail}")
+                                  f"{public_name(self.scorer.model)}; "
+                                  f"{self.scorer.backend.detail}")
         if not self.collections_loaded:
             statuses["collections"] = ComponentStatus(
                 status="error", detail=f"no collection loaded from {self.settings.index_dir}")

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rankd.batching import QueueFullError
-from reranker.errors import BackendError, TooManyItemsError
+from reranker.errors import BackendError, ItemTooLongError, PromptTooLongError, TooManyItemsError
 from retriever.index import CollectionUnavailableError
 from service.protocol import ErrorBody
 
@@ -80,6 +80,10 @@ class UnsupportedMediaTypeError(ServiceError):
     pass
 
 
+class RequestTimeoutError(ServiceError):
+    """The client stopped sending its request."""
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int
@@ -93,12 +97,16 @@ ERROR_TABLE: dict[type[Exception], HttpError] = {
     UnknownCollectionError: HttpError(404, "unknown_collection", "Unknown collection"),
     RouteNotFoundError: HttpError(404, "not_found", "No such route"),
     MethodNotAllowedError: HttpError(405, "method_not_allowed", "Method not allowed"),
+    RequestTimeoutError: HttpError(408, "request_timeout", "The request was not sent in time"),
     BodyTooLargeError: HttpError(413, "body_too_large", "Request body too large"),
     UnsupportedMediaTypeError: HttpError(415, "unsupported_media_type", "Unsupported media type"),
     InvalidRequestError: HttpError(422, "invalid_request", "Invalid field"),
     LimitExceededError: HttpError(422, "limit_exceeded", "A value over a configured limit"),
     TooManyItemsError: HttpError(422, "too_many_items",
                                  "More candidates or options than the reranker has labels"),
+    PromptTooLongError: HttpError(422, "limit_exceeded",
+                                  "A prompt over the model's context or the configured limit"),
+    ItemTooLongError: HttpError(422, "limit_exceeded", "An item over the per-item token limit"),
     CollectionRequiredError: HttpError(422, "collection_required",
                                        "Several collections are loaded; name one"),
     QueueFullError: HttpError(429, "overloaded", "Overloaded: retry after the Retry-After header"),
@@ -113,12 +121,13 @@ ERROR_TABLE: dict[type[Exception], HttpError] = {
 
 # Errors any route can answer with, before or around its own work.
 COMMON_ERRORS: tuple[type[Exception], ...] = (InvalidJsonError, UnauthorizedError,
-                                              BodyTooLargeError, InvalidRequestError)
+                                              RequestTimeoutError, BodyTooLargeError,
+                                              UnsupportedMediaTypeError, InvalidRequestError)
 # The status of a framework HTTPException, mapped back to its entry of the table.
 _BY_STATUS: dict[int, type[Exception]] = {
     entry.status: cls for cls, entry in ERROR_TABLE.items()
     if cls in (RouteNotFoundError, MethodNotAllowedError, UnsupportedMediaTypeError,
-               BodyTooLargeError, UnauthorizedError, InvalidJsonError)
+               BodyTooLargeError, UnauthorizedError, InvalidJsonError, RequestTimeoutError)
 }
 
 RETRY_AFTER_SECONDS = 1
@@ -212,7 +221,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     cls = _BY_STATUS.get(exc.status_code)
     if cls is None:
         return error_json(exc.status_code, "http_error", str(exc.detail), None, headers)
-    field = "body" if cls in (BodyTooLargeError, InvalidJsonError) else None
+    field = "body" if cls in (BodyTooLargeError, InvalidJsonError, RequestTimeoutError) else None
     return error_response(cls(str(exc.detail), field), headers)
 
 

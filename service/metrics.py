@@ -9,6 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Set in a request's scope state when its client disconnected before the answer
+# (service/security.py's DisconnectMiddleware).
+CLIENT_GONE = "rankd.client_gone"
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -101,7 +105,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status: int | None = None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -112,6 +116,10 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if scope.get("state", {}).get(CLIENT_GONE):
+                status = 499  # the client went away before its answer
+            elif status is None:
+                status = 500
             path = self._route_path(scope)
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.request_latency.labels(path).observe(time.perf_counter() - started)

@@ -9,6 +9,7 @@ it is refused here, with the field named, before it reaches a model.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
@@ -30,8 +31,11 @@ def _valid_unicode(value: str) -> str:
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty or whitespace")
+    # Control and format characters (NUL, zero-width spaces and joiners, the BOM) render as
+    # nothing: a query of only those is as empty as one of only spaces.
+    if not any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf")
+               for ch in value):
+        raise ValueError("must not be empty, whitespace or invisible characters alone")
     return value
 
 
@@ -56,8 +60,8 @@ class RankRequest(_Strict):
     candidates: int | None = Field(None, ge=1, description="Retrieved candidates passed to the reranker (default RANKD_DEFAULT_CANDIDATES, at most the labels of RANKD_RERANKER_LABEL_ALPHABET).")
     rerank: bool = Field(True, description="Rerank the candidates with the LLM when a reranker is configured.")
     orders: int | None = Field(None, ge=1, le=MAX_ORDERS, description="Orders each prompt runs in: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations, at most one per candidate); default RANKD_RERANKER_ORDERS.")
-    fusion: Fusion | None = Field(None, strict=False, description="Fuse the rerank scores with the retrieval order: none, rrf or linear; default RANKD_RERANK_FUSION.")
-    fusion_weight: float | None = Field(None, ge=0, le=1, description="The retrieval's weight in rrf and linear fusion; default RANKD_RERANK_FUSION_WEIGHT.")
+    fusion: Fusion | None = Field(None, strict=False, description="Fuse the rerank scores with the retrieval order: consensus, rrf, linear or none; default RANKD_RERANK_FUSION.")
+    fusion_weight: float | None = Field(None, ge=0, le=1, description="The retrieval's weight in rrf, linear and consensus fusion; default RANKD_RERANK_FUSION_WEIGHT.")
     debug: bool = Field(False, description="Return the exact prompts, label token ids and per-order probabilities.")
 
 

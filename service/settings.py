@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_batch_queries: int = Field(64, ge=1, description="Most queries in one /rank/batch request.")
 
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body, in bytes (413 beyond).")
+    max_header_bytes: int = Field(16_384, ge=1024, description="Largest accepted request line and headers together, in bytes; a longer head closes the connection with 400 before any of it reaches the app (`rankd serve`).")
+    header_timeout_s: float = Field(10.0, gt=0, description="Seconds a connection has to send a complete request head, from its start or the end of the previous response; then 408 and closed (`rankd serve`).")
+    body_timeout_s: float = Field(30.0, gt=0, description="Seconds a request body may pause between two of its parts before the request gets 408.")
     max_rerank_documents: int = Field(1000, ge=1, description="Most documents in one /v1/rerank request.")
     max_document_chars: int = Field(20000, ge=1, description="Longest accepted document or option, in characters.")
 
@@ -97,6 +100,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.api_key is not None and not self.api_keys:
+            raise ValueError("RANKD_API_KEY is set but holds no key (only blanks and commas); "
+                             "set one or more keys, or unset it to serve without authentication")
         if (self.embedder_backend is EmbedderBackend.TORCH
                 and self.embedder_quantization is not EmbedderQuantization.NONE):
             raise ValueError("RANKD_EMBEDDER_QUANTIZATION=int8 needs RANKD_EMBEDDER_BACKEND=onnx "

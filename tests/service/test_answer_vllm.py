@@ -40,7 +40,7 @@ async def test_vllm_answer_matches_the_transformers_backend(
             ready = (await client.get("/ready")).json()
         assert response.status_code == 200, response.text
         assert ready["components"]["reranker"] == {
-            "status": "ok", "detail": f"backend {name}, model {tiny_lm}; {where[name]}"}
+            "status": "ok", "detail": f"backend {name}, model {tiny_lm.name}; {where[name]}"}
         bodies[name] = response.json()
 
     local, remote = bodies["transformers"], bodies["vllm"]

@@ -156,7 +156,7 @@ async def test_transformers_rerank_orders_by_averaged_label_probabilities(
     assert ready["status"] == "ready"
     assert ready["components"]["reranker"] == {
         "status": "ok",
-        "detail": f"backend transformers, model {tiny_lm}; cpu in float32 (RANKD_RERANKER_DTYPE)"}
+        "detail": f"backend transformers, model {tiny_lm.name}; cpu in float32 (RANKD_RERANKER_DTYPE)"}
 
 
 async def test_more_candidates_than_labels_is_a_422(settings_factory: Any, tiny_lm: Path) -> None:
@@ -308,7 +308,7 @@ async def test_vllm_rerank_matches_the_transformers_backend(
         assert too_many.status_code == 422
         assert too_many.json()["error"]["field"] == "candidates"
         assert ready["components"]["reranker"] == {
-            "status": "ok", "detail": f"backend {name}, model {tiny_lm}; {where[name]}"}
+            "status": "ok", "detail": f"backend {name}, model {tiny_lm.name}; {where[name]}"}
     for local, remote in zip(bodies["transformers"], bodies["vllm"], strict=True):
         for a, b in zip(local["debug"]["orders"], remote["debug"]["orders"], strict=True):
             assert a["prompt"] == b["prompt"]

@@ -1,0 +1,220 @@
+"""No request holds the service: request heads bounded in size and time, stalled bodies timed
+out, clients that leave have their work dropped, authentication that fails closed, and the
+errors of issue 26, each against the real app (behind the real uvicorn server where the HTTP
+layer is what is tested)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.settings import SettingsError, load_settings
+from tests.support.apps import app_client, metric_value, serve_in_thread
+
+
+def _raw(url: str, payload: bytes, wait_s: float = 15.0, pause_after: int | None = None,
+         pause_s: float = 0.0) -> tuple[bytes, float]:
+    """Send ``payload`` on a fresh connection (pausing after ``pause_after`` bytes), read until
+    the server closes; the answer and how long it took."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        try:
+            if pause_after is None:
+                sock.sendall(payload)
+            else:
+                sock.sendall(payload[:pause_after])
+                time.sleep(pause_s)
+                sock.sendall(payload[pause_after:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server refused before the rest was sent
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer, time.monotonic() - started
+
+
+def _health_ms(url: str) -> float:
+    started = time.perf_counter()
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    return (time.perf_counter() - started) * 1000
+
+
+def test_a_64_mb_header_is_refused_quickly(settings_factory: Any) -> None:
+    with serve_in_thread(settings_factory()) as url:
+        head = (b"GET /health HTTP/1.1\r\nHost: rankd\r\nX-Big: " + b"a" * (64 << 20)
+                + b"\r\n\r\n")
+        answer, seconds = _raw(url, head)
+        health = _health_ms(url)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert seconds < 5
+    assert health < 500
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_off(settings_factory: Any) -> None:
+    with serve_in_thread(settings_factory(header_timeout_s=1.0)) as url:
+        # Half a head, then nothing: the answer comes at the deadline.
+        answer, seconds = _raw(url, b"GET /health HTTP/1.1\r\nHost: rankd\r\n")
+        health = _health_ms(url)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code": "request_timeout"' in answer
+    assert b"RANKD_HEADER_TIMEOUT_S" in answer
+    assert 0.9 < seconds < 4
+    assert health < 500
+
+
+def test_a_stalled_body_gets_408_and_others_are_served(settings_factory: Any) -> None:
+    with serve_in_thread(settings_factory(body_timeout_s=1.0)) as url:
+        head = (b"POST /rank HTTP/1.1\r\nHost: rankd\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        answer, seconds = _raw(url, head + b'{"query": "frac', pause_after=len(head) + 15,
+                               pause_s=0.0)
+        health = _health_ms(url)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code":"request_timeout"' in answer
+    assert b'"field":"body"' in answer
+    assert b"RANKD_BODY_TIMEOUT_S" in answer
+    assert seconds < 5
+    assert health < 500
+    assert metric_value(metrics, "rankd_requests_total", route="/rank", method="POST",
+                        status="408") == 1
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_499(settings_factory: Any) -> None:
+    with serve_in_thread(settings_factory()) as url:
+        head = (b"POST /rank HTTP/1.1\r\nHost: rankd\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head + b'{"query": "frac')
+            time.sleep(0.3)
+        time.sleep(0.5)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert metric_value(metrics, "rankd_requests_total", route="/rank", method="POST",
+                        status="499") == 1
+    assert metric_value(metrics, "rankd_requests_total", route="/rank", method="POST",
+                        status="400") == 0
+
+
+def test_a_client_that_leaves_stops_its_rerank(settings_factory: Any, tiny_lm: Path) -> None:
+    """vLLM aborts a request whose client goes away; so does rankd, between micro-batches."""
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                reranker_batch_size=2, reranker_batch_tokens=256)
+    documents = [f"Document {i}: adds the numerators and the denominators." for i in range(520)]
+    body = httpx.Request("POST", "http://rankd/v1/rerank", json={
+        "query": "Calculate 1/2 + 1/3. Incorrect answer: 2/5", "documents": documents,
+        "orders": 4}).read()
+    head = (f"POST /v1/rerank HTTP/1.1\r\nHost: rankd\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with serve_in_thread(settings) as url:
+        # The whole request once, for the number of batches it takes.
+        assert httpx.post(f"{url}/v1/rerank", content=body, timeout=120,
+                          headers={"content-type": "application/json"}).status_code == 200
+        full = metric_value(httpx.get(f"{url}/metrics").text, "rankd_batch_size_count",
+                            stage="rerank")
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head + body)
+            time.sleep(1.0)  # some batches run; then the client is gone
+        deadline = time.monotonic() + 30
+        while True:
+            metrics = httpx.get(f"{url}/metrics").text
+            if metric_value(metrics, "rankd_requests_total", route="/v1/rerank",
+                            method="POST", status="499") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        batches = metric_value(metrics, "rankd_batch_size_count", stage="rerank") - full
+        time.sleep(1.0)
+        after = metric_value(httpx.get(f"{url}/metrics").text, "rankd_batch_size_count",
+                             stage="rerank") - full
+    assert metric_value(metrics, "rankd_requests_total", route="/v1/rerank", method="POST",
+                        status="499") == 1
+    assert 0 < batches < full / 2, (batches, full)
+    assert after - batches <= 1  # at most the batch in flight finished after the disconnect
+
+
+@pytest.mark.parametrize("key", [" , ", " ", ","])
+def test_a_key_setting_without_a_key_refuses_to_start(monkeypatch: pytest.MonkeyPatch,
+                                                      key: str) -> None:
+    monkeypatch.setenv("RANKD_API_KEY", key)
+    with pytest.raises(SettingsError, match="RANKD_API_KEY is set but holds no key"):
+        load_settings()
+
+
+async def test_ready_shows_no_server_path(settings_factory: Any, tiny_lm: Path) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                api_key="k")
+    async with app_client(settings) as (_, client):
+        ready = await client.get("/ready")
+    assert ready.status_code == 200  # public: load balancers probe it without the key
+    assert str(tiny_lm.parent) not in ready.text
+    assert str(Path.home()) not in ready.text
+
+
+async def test_wrong_media_types_get_415(settings_factory: Any) -> None:
+    async with app_client(settings_factory()) as (_, client):
+        text = await client.post("/rank", content=b'{"query": "fractions"}',
+                                 headers={"content-type": "text/plain"})
+        form = await client.post("/rank", data={"query": "fractions"})
+        gzip = await client.post("/rank", content=b'{"query": "fractions"}',
+                                 headers={"content-type": "application/json",
+                                          "content-encoding": "gzip"})
+        plain = await client.post("/rank", content=b'{"query": "fractions"}')
+        charset = await client.post("/rank", content=b'{"query": "fractions"}',
+                                    headers={"content-type": "application/json; charset=utf-8"})
+    for refused in (text, form, gzip):
+        assert refused.status_code == 415, refused.text
+        assert refused.json()["error"]["code"] == "unsupported_media_type"
+    assert "application/json" in text.json()["error"]["message"]
+    assert "uncompressed" in gzip.json()["error"]["message"]
+    assert plain.status_code == charset.status_code == 200
+
+
+async def test_batch_errors_name_the_item(settings_factory: Any) -> None:
+    async with app_client(settings_factory()) as (_, client):
+        response = await client.post("/rank/batch", json={"queries": [
+            {"query": "fractions"}, {"query": "fractions", "collection": "nope"}]})
+    assert response.status_code == 404
+    assert response.json()["error"]["field"] == "queries[1].collection"
+
+
+async def test_a_trailing_slash_is_not_redirected_by_host(settings_factory: Any) -> None:
+    async with app_client(settings_factory()) as (_, client):
+        response = await client.get("/health/", headers={"host": "evil.example"})
+    assert response.status_code == 404
+    assert "location" not in response.headers
+    assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("query", ["\x00\x00", "\u200b\u200c\u200d", "\ufeff \x00"])
+async def test_an_invisible_query_is_blank(settings_factory: Any, query: str) -> None:
+    async with app_client(settings_factory()) as (_, client):
+        response = await client.post("/rank", json={"query": query})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "query"
+
+
+async def test_an_impossible_batch_is_422_at_once(settings_factory: Any, tiny_lm: Path) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm))
+    async with app_client(settings) as (_, client):
+        started = time.perf_counter()
+        response = await client.post("/rank/batch", json={"queries": [
+            {"query": f"fractions {i}", "candidates": 26, "orders": 26} for i in range(64)]})
+        seconds = time.perf_counter() - started
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "limit_exceeded"
+    assert error["field"] == "queries"
+    assert "1664" in error["message"] and "1024" in error["message"]
+    assert "RANKD_RERANKER_MAX_QUEUE_DEPTH" in error["message"]
+    assert "retry-after" not in response.headers
+    assert seconds < 1.0  # refused before any prompt is rendered
