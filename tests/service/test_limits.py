@@ -214,7 +214,8 @@ async def test_an_impossible_batch_is_422_at_once(settings_factory: Any, tiny_lm
     error = response.json()["error"]
     assert error["code"] == "limit_exceeded"
     assert error["field"] == "queries"
-    assert "1664" in error["message"] and "1024" in error["message"]
+    assert "1664" in error["message"]
+    assert "1024" in error["message"]
     assert "RANKD_RERANKER_MAX_QUEUE_DEPTH" in error["message"]
     assert "retry-after" not in response.headers
     assert seconds < 1.0  # refused before any prompt is rendered
