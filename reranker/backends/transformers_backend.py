@@ -129,15 +129,23 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 
 @dataclass
 class _InProgress:
-    """A read on its way through the model: how many of its tokens the cache holds."""
+    """A read on its way through the model: how many of its tokens the cache holds, and how
+    many it shares with the read before it in its request (the other order of the same query),
+    which prefix sharing computes once when the two run together."""
 
     read: LabelRead
+    shared: int = 0
     done: int = 0
     cache: Any = None
 
     @property
     def remaining(self) -> int:
         return len(self.read.prompt_token_ids) - self.done
+
+    @property
+    def cost(self) -> int:
+        """The tokens this read adds to a batch."""
+        return self.remaining - (self.shared if not self.done else 0)
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,7 @@ class TransformersBackend:
         self._batcher: MicroBatcher[_InProgress, list[float]] = MicroBatcher(
             "rerank", self._step, max_batch_size=config.batch_size,
             max_wait_ms=config.batch_wait_ms, max_queue_depth=config.max_queue_depth,
-            cost=lambda item: item.remaining, max_batch_cost=config.batch_tokens,
+            cost=lambda item: item.cost, max_batch_cost=config.batch_tokens,
             observer=observer, memory_release=default_memory_release())
         self.forward_passes = 0  # model calls
         self.batches = 0  # micro-batches scored
@@ -367,8 +375,11 @@ class TransformersBackend:
 
     async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
         try:
-            return await asyncio.wait_for(
-                self._batcher.submit_many([_InProgress(r) for r in reads]), self.timeout_s)
+            items = [_InProgress(r, _common_prefix(r.prompt_token_ids,
+                                                   reads[i - 1].prompt_token_ids,
+                                                   len(r.prompt_token_ids) - 1) if i else 0)
+                     for i, r in enumerate(reads)]
+            return await asyncio.wait_for(self._batcher.submit_many(items), self.timeout_s)
         except TimeoutError:
             raise BackendError("timeout", f"transformers reranker took over {self.timeout_s}s") from None
         # Overload (the batcher's queue-full error) is not one of these and reaches the caller.

@@ -2,10 +2,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 
 import pytest
 
-from rankd.batching import BatcherClosedError, MemoryRelease, MicroBatcher, QueueFullError
+from rankd.batching import (
+    UNFINISHED,
+    BatcherClosedError,
+    JobTooLargeError,
+    MemoryRelease,
+    MicroBatcher,
+    QueueFullError,
+)
 
 
 class Recorder:
@@ -201,3 +209,113 @@ async def test_a_failing_release_does_not_stop_the_batcher(caplog: pytest.LogCap
         await batcher.close()
     assert batcher.memory_releases == 3
     assert "releasing freed memory failed: no allocator here" in caplog.text
+
+
+class Journal:
+    """A batch function that records what each batch held and can hold a batch back."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def run(self, items: list[str]) -> list[str]:
+        self.release.wait(10)
+        self.batches.append(list(items))
+        return [item.upper() for item in items]
+
+
+async def test_a_short_job_runs_before_the_rest_of_a_long_one() -> None:
+    journal = Journal()
+    journal.release.clear()  # the first batch holds until both jobs are queued
+    batcher = MicroBatcher("t", journal.run, max_batch_size=2, max_wait_ms=0)
+    await batcher.start()
+    try:
+        long = asyncio.create_task(batcher.submit_many([f"l{i}" for i in range(8)]))
+        await asyncio.sleep(0.05)
+        short = asyncio.create_task(batcher.submit_many(["s0", "s1"]))
+        await asyncio.sleep(0.05)
+        journal.release.set()
+        assert await short == ["S0", "S1"]
+        assert await long == [f"L{i}" for i in range(8)]
+    finally:
+        await batcher.close()
+    # The batch in flight, then the short job, then the long job's rest.
+    assert journal.batches[0] == ["l0", "l1"]
+    assert journal.batches[1] == ["s0", "s1"]
+    assert [i for batch in journal.batches[2:] for i in batch] == [f"l{i}" for i in range(2, 8)]
+
+
+async def test_a_cost_cap_bounds_each_batch_and_an_expensive_item_runs_alone() -> None:
+    journal = Journal()
+    batcher = MicroBatcher("t", journal.run, max_batch_size=16, max_wait_ms=20,
+                           cost=len, max_batch_cost=10)
+    await batcher.start()
+    try:
+        results = await batcher.submit_many(["aaaa", "bbbb", "cccc", "x" * 25, "dd"])
+    finally:
+        await batcher.close()
+    assert results == ["AAAA", "BBBB", "CCCC", "X" * 25, "DD"]
+    for batch in journal.batches:
+        assert len(batch) == 1 or sum(map(len, batch)) <= 10, batch
+    assert ["x" * 25] in journal.batches
+
+
+async def test_unfinished_items_come_back_and_others_run_between_their_turns() -> None:
+    @dataclass
+    class Work:
+        name: str
+        left: int
+
+    order: list[str] = []
+
+    def step(items: list[Work]) -> list[object]:
+        threading.Event().wait(0.05)  # a turn takes a while: the short job arrives during one
+        results: list[object] = []
+        for item in items:
+            order.append(item.name)
+            item.left -= 1
+            results.append(UNFINISHED if item.left else item.name)
+        return results
+
+    batcher: MicroBatcher[Work, str] = MicroBatcher("t", step, max_batch_size=1, max_wait_ms=0,
+                                                    cost=lambda w: w.left)
+    await batcher.start()
+    try:
+        long = asyncio.create_task(batcher.submit(Work("long", 4)))
+        await asyncio.sleep(0.07)
+        short = await batcher.submit(Work("short", 1))
+        assert await long == "long"
+    finally:
+        await batcher.close()
+    assert short == "short"
+    assert order.count("long") == 4
+    assert order.index("short") < len(order) - 1  # it did not wait for all four turns
+
+
+async def test_work_of_a_caller_that_went_away_is_dropped() -> None:
+    journal = Journal()
+    journal.release.clear()
+    batcher = MicroBatcher("t", journal.run, max_batch_size=1, max_wait_ms=0)
+    await batcher.start()
+    try:
+        gone = asyncio.create_task(batcher.submit_many(["a", "b", "c", "d"]))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        journal.release.set()
+        assert await batcher.submit("e") == "E"
+    finally:
+        await batcher.close()
+    assert journal.batches == [["a"], ["e"]]  # b, c and d never ran
+
+
+async def test_a_job_larger_than_the_queue_is_refused_as_impossible() -> None:
+    batcher = MicroBatcher("t", lambda items: items, max_queue_depth=4)
+    await batcher.start()
+    try:
+        with pytest.raises(JobTooLargeError, match="needs 5 t items at once, over the queue's "
+                                                   "limit of 4"):
+            await batcher.submit_many(list(range(5)))
+        assert await batcher.submit_many(list(range(4))) == list(range(4))
+    finally:
+        await batcher.close()

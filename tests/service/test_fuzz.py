@@ -137,3 +137,58 @@ def test_fuzzing_exercised_errors_and_successes() -> None:
     assert STATUSES[200] > 0
     assert sum(n for status, n in STATUSES.items() if 400 <= status < 500) > 0
     assert all(status != 500 for status in STATUSES)
+
+
+# Multi-byte scripts: CJK and emoji are several tokens a character, combining marks attach to
+# what precedes them, right-to-left text and full-width forms tokenize oddly.
+SCRIPTS = st.sampled_from(["漢字", "かな", "한국어", "😀", "👩‍👩‍👧", "e\u0301", "مرحبا", "Ｆｕｌｌ",
+                           "x", " ", "1/2"])
+
+
+def _script_text(size: int) -> st.SearchStrategy[str]:
+    return st.lists(SCRIPTS, min_size=1, max_size=size).map("".join)
+
+
+# Requests near every limit of the fuzz target (body 65,536 bytes, 60 documents, 26 labels,
+# queries of 4,000 characters, the tiny model's 4,096-token context, the /answer budget).
+HOSTILE = st.one_of(
+    st.builds(lambda q: ("/rank", {"query": q}),
+              st.integers(3990, 4010).map(lambda n: "漢" * n)),
+    st.builds(lambda q, n: ("/rank", {"query": q, "candidates": n, "orders": n}),
+              _script_text(40), st.integers(20, 27)),
+    st.builds(lambda docs: ("/v1/rerank", {"query": "q", "documents": docs}),
+              st.integers(55, 62).flatmap(lambda n: st.lists(_script_text(30), min_size=n,
+                                                             max_size=n))),
+    st.builds(lambda size: ("/v1/rerank", {"query": "q", "documents": ["😀" * size] * 26}),
+              st.integers(50, 700)),
+    st.builds(lambda n, q: ("/answer", {"question": q, "options": ["a", "b"],
+                                        "context": ["p"] * n}),
+              st.integers(1, 1200), _script_text(20)),
+    st.builds(lambda n: ("/answer", {"question": "q", "options": [f"o{i}" for i in range(n)]}),
+              st.integers(24, 28)),
+    st.builds(lambda size: ("/answer", {"question": "q", "options": ["漢" * size, "b"]}),
+              st.integers(100, 20000)),
+)
+
+
+def test_hostile_sizes_and_scripts_get_a_named_4xx_never_a_500(
+        fuzz_target: tuple[Any, str]) -> None:
+    url = fuzz_target[1]
+    session = requests.Session()
+
+    @given(case=HOSTILE)
+    @settings(max_examples=QUICK_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case: tuple[str, dict[str, Any]]) -> None:
+        path, body = case
+        response = session.post(url + path, json=body, timeout=120)
+        STATUSES[response.status_code] += 1
+        assert response.status_code in (200, 413, 422), response.text[:500]
+        if response.status_code != 200:
+            error = response.json()["error"]
+            assert error["field"], error
+            assert re.search(r"limit|exceeds|at most|at least|labels", error["message"]), error
+        if "context" in body and response.status_code == 200:
+            assert len(response.json()["passages"]) <= len(body["context"])
+
+    check()

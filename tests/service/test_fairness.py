@@ -1,0 +1,76 @@
+"""No request holds the reranker: while one maximal /v1/rerank or /answer runs on the real
+embedded model, a normal /rank still answers within twice its time alone.
+
+The reranker takes the request with the least work left first, fills at most
+RANKD_RERANKER_BATCH_TOKENS tokens per forward pass, and fills a longer prompt in chunks of
+that size, so a normal request waits at most for the pass in flight (docs/reliability.md has
+the figures)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.apps import app_client
+from tests.support.real_lm import smollm2
+
+pytestmark = pytest.mark.slow
+
+NORMAL = {"query": "Calculate 1/2 + 1/3. Incorrect answer: 2/5"}  # the defaults: 25, 2 orders
+ROUNDS = 3
+
+
+def _maximal_rerank() -> dict[str, Any]:
+    """The most documents a request may send, each of a realistic catalogue length."""
+    return {"query": "Work out -4 x -3. Incorrect answer: -12", "documents": [
+        f"Believes that multiplying two negative numbers gives a negative answer, case {i}: "
+        "thinks the signs add rather than multiply" for i in range(1000)]}
+
+
+def _maximal_answer() -> dict[str, Any]:
+    """As many options as labels, each long, and a context that fills its whole budget."""
+    return {"question": "What is 7 to the power 0? " * 20,
+            "options": [f"Option {i}: " + "the answer depends on the base and the exponent " * 12
+                        for i in range(26)],
+            "context": ["Any non-zero number to the power zero is one. " * 40] * 20}
+
+
+async def _timed_rank(client: Any) -> float:
+    started = time.perf_counter()
+    response = await client.post("/rank", json=NORMAL)
+    seconds = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["reranked"] is True
+    return seconds
+
+
+@pytest.mark.parametrize(("route", "body"), [("/v1/rerank", _maximal_rerank()),
+                                             ("/answer", _maximal_answer())])
+async def test_a_normal_rank_answers_within_twice_its_time_beside_a_maximal_request(
+        settings_factory: Any, route: str, body: dict[str, Any]) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(smollm2()),
+                                reranker_timeout_s=600)
+    async with app_client(settings) as (app, client):
+        backend = app.state.engine.scorer.backend
+        await _timed_rank(client)  # warm-up
+        alone = [await _timed_rank(client) for _ in range(ROUNDS)]
+        big = asyncio.create_task(client.post(route, json=body))
+        before = backend.forward_passes
+        while backend.forward_passes == before:  # the maximal request holds the model now
+            assert not big.done(), big.result().text
+            await asyncio.sleep(0.05)
+        beside = [await _timed_rank(client) for _ in range(ROUNDS)]
+        still_running = not big.done()
+        big.cancel()  # the rest of its work is dropped, not run
+        with pytest.raises(asyncio.CancelledError):
+            await big
+    alone_s, beside_s = statistics.median(alone), statistics.median(beside)
+    print(f"\n{route}: a normal /rank alone {alone_s:.2f} s (median of {ROUNDS}), beside the "
+          f"maximal request {beside_s:.2f} s ({beside_s / alone_s:.2f}x)")
+    assert still_running, "the maximal request ended before the measurement did"
+    assert beside_s <= 2 * alone_s, (alone, beside)
+
