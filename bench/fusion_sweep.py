@@ -37,25 +37,25 @@ def read_dump(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return header, [json.loads(line) for line in lines[1:] if line.strip()]
 
 
-def evidence(query: dict[str, Any], measure: str = "least-sum") -> Any:
+def evidence(query: dict[str, Any], measure: str = "spearman") -> Any:
+    """A query's scores as the scorer reads them, with the agreement ``measure``: spearman (the
+    service's), least-sum (the rejected one), or spearman-mean (the service's agreement, the
+    mean probability ranking instead of the least)."""
     from reranker.fusion import Scores
     from reranker.listwise import combine_orders, order_consensus, rank_agreement
 
     n = len(query["head"])
     perms = [o["positions"] for o in query["orders"]]
     probs = [o["probabilities"] for o in query["orders"]]
-    least, agreement = order_consensus(n, perms, probs)
-    if measure == "spearman":
-        rho = rank_agreement(n, perms, probs)
-        agreement = None if rho is None else max(0.0, rho)
-    elif measure == "spearman-mean":
-        rho = rank_agreement(n, perms, probs)
-        agreement = None if rho is None else max(0.0, rho)
-        least = combine_orders(n, perms, probs)[0]
-    return Scores(combine_orders(n, perms, probs)[0], least, agreement)
+    means = combine_orders(n, perms, probs)[0]
+    least, least_sum = order_consensus(n, perms, probs)
+    rho = rank_agreement(n, perms, probs)
+    if measure == "least-sum":
+        return Scores(means, least, least_sum)
+    return Scores(means, means if measure == "spearman-mean" else least, rho)
 
 
-MEASURES = ("least-sum", "spearman", "spearman-mean")
+MEASURES = ("spearman", "spearman-mean", "least-sum")
 
 
 def sweep(queries: Sequence[dict[str, Any]],
@@ -93,7 +93,7 @@ def sweep(queries: Sequence[dict[str, Any]],
             extra = {"rerank weight": statistics.fmean(f.rerank_weight for f in fused),
                      "moved share": statistics.fmean(f.moved > 0 for f in fused)}
             rows[f"{name} w={w}"] = judge([f.order for f in fused], extra)
-    for measure in MEASURES[:2]:
+    for measure in ("spearman", "least-sum"):
         agreements = [evidence(q, measure).agreement for q in queries]
         known = [a for a in agreements if a is not None]
         if known:

@@ -12,14 +12,17 @@ candidates in retrieval order.
 - ``linear``: ``w * z(retrieval score) + (1 - w) * z(rerank score)`` with z-scores taken over the
   reranked candidates, reported through a logistic so that scores lie in (0, 1) and stay above
   the 0 of the candidates that were not reranked.
-- ``consensus``: rrf whose rerank weight is ``(1 - w) * A`` for each query, where ``A``, the
-  orders' agreement, is the sum over candidates of each one's least probability over the orders
-  (``ListwiseScores.agreement``), and the rerank ranks come from those least probabilities.
-  A model that reads content gives a candidate the same probability wherever it stands: ``A``
-  near 1, and the reranker acts with its full weight. A model that reads positions gives its
-  probability to whatever stands at one place: ``A`` near 0, and retrieval order stays. A
-  single order cannot tell the two apart and counts as ``A = 1``; pointwise scores have no
-  position and count so too.
+- ``consensus``: rrf whose rerank weight is ``(1 - w) * max(0, A)`` for each query, where
+  ``A``, the orders' agreement, is the Spearman correlation of the candidates' probabilities
+  between the orders (``ListwiseScores.agreement``). A model that reads content prefers the
+  same candidates wherever they stand: ``A`` near 1, and the reranker acts with its full
+  weight. A model that reads positions prefers whatever stands at one place, which the reversed
+  order moves to the other end: ``A`` at or below 0, and retrieval order stays; so does it for
+  a model whose preferences are noise. (The sum of each candidate's least probability over the
+  orders was tried as the agreement and rejected: a model that spreads its probability evenly
+  scores high on it while saying nothing; docs/reranker.md has the figures.) A single order
+  cannot tell content from position and counts as ``A = 1``; pointwise scores have no position
+  and count so too.
 - ``none``: the rerank scores alone.
 """
 
@@ -108,7 +111,7 @@ def fuse(retrieval_scores: Sequence[float], rerank: RerankEvidence, fusion: Fusi
         rerank_weight = 1 - weight
         final = _rrf(rerank_weight, probabilities)
     elif fusion is Fusion.CONSENSUS:
-        rerank_weight = (1 - weight) * (1.0 if agreement is None else agreement)
+        rerank_weight = (1 - weight) * (1.0 if agreement is None else max(0.0, agreement))
         final = _rrf(rerank_weight, rerank.consensus or probabilities)
     else:
         rerank_weight = 1 - weight

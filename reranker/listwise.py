@@ -114,9 +114,10 @@ class ListwiseScores:
     # Item order: the item's least probability over the orders, the share of its probability
     # that no order's position can explain (pointwise: its probability).
     consensus: list[float] = field(default_factory=list)
-    # The sum of ``consensus``: 1 when every order gives each item the same probability, near 0
-    # when each order favours whatever sits at one position. None with a single order, which
-    # cannot tell content from position.
+    # How far the orders prefer the same items: the mean Spearman correlation of the items'
+    # probabilities between orders (``rank_agreement``). Near 1 for a model that reads
+    # content, near 0 for noise, negative for one that reads positions; None with a single
+    # order (or pointwise), which cannot tell content from position.
     agreement: float | None = None
 
 
@@ -164,8 +165,9 @@ def combine_orders(n: int, permutations: Sequence[Sequence[int]],
 
 def order_consensus(n: int, permutations: Sequence[Sequence[int]],
                     probabilities: Sequence[Sequence[float]]) -> tuple[list[float], float | None]:
-    """Each item's least probability over the orders, and their sum, the orders' agreement
-    (None for one order). Arguments as for ``combine_orders``."""
+    """Each item's least probability over the orders, and their sum (None for one order): 1
+    when every order gives each item the same probability, which a model that spreads its
+    probability evenly also does. Arguments as for ``combine_orders``."""
     least = [1.0] * n
     for positions, probs in zip(permutations, probabilities, strict=True):
         for item, p in zip(positions, probs, strict=True):
@@ -461,8 +463,9 @@ class ListwiseScorer:
             permutations = [t.positions for t in traces]
             per_order = [t.probabilities for t in traces]
             means, spreads = combine_orders(n, permutations, per_order)
-            least, agreement = order_consensus(n, permutations, per_order)
-            results.append(ListwiseScores(means, spreads, traces, least, agreement))
+            least, _ = order_consensus(n, permutations, per_order)
+            results.append(ListwiseScores(means, spreads, traces, least,
+                                          rank_agreement(n, permutations, per_order)))
         return results
 
     async def health(self) -> str | None:

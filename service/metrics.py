@@ -44,8 +44,8 @@ class Metrics:
             ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.rerank_agreement = Histogram(
             "rankd_rerank_agreement",
-            "Reranked /rank queries: the agreement of the reranker's orders (1: it reads content, 0: it follows positions)",
-            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            "Reranked /rank queries: the Spearman agreement of the reranker's orders (near 1: it reads content; 0 or below: noise or positions)",
+            buckets=(-0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=self.registry)
         self.rerank_weight = Histogram(
             "rankd_rerank_weight", "Reranked /rank queries: the reranker's share of the fused score",

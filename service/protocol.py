@@ -106,8 +106,8 @@ class FusionReport(BaseModel):
     """How much the reranker acted on this query's order."""
 
     method: str = Field(description="The fusion: none, rrf, linear or consensus.")
-    rerank_weight: float = Field(description="The reranker's share of the fused score: 1 - the retrieval weight for rrf and linear, that times the agreement for consensus, 1 for none.")
-    agreement: float | None = Field(None, description="The orders' agreement, in [0, 1]: the sum over candidates of each one's least probability over the orders. Near 1 when the model gives a candidate the same probability wherever it stands (it reads content), near 0 when it follows positions. null with one order or pointwise scoring.")
+    rerank_weight: float = Field(description="The reranker's share of the fused score: 1 - the retrieval weight for rrf and linear, that times the agreement (0 if negative) for consensus, 1 for none.")
+    agreement: float | None = Field(None, description="The orders' agreement, in [-1, 1]: the Spearman correlation of the candidates' probabilities between the orders. Near 1 when the model prefers the same candidates wherever they stand (it reads content), near 0 for noise, negative when it follows positions. null with one order or pointwise scoring.")
     moved: int = Field(description="Reranked candidates whose rank differs from their retrieval rank.")
 
 
