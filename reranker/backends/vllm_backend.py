@@ -12,7 +12,7 @@ import httpx
 
 from rankd.batching import BatchObserver
 from reranker.backends.base import LabelRead
-from reranker.config import RerankerConfig
+from reranker.config import POINTWISE_LABELS, RerankerConfig, Scoring
 from reranker.errors import BackendError, LabelTokenError, RerankerConfigError
 from reranker.prompt import PromptRenderer
 
@@ -49,6 +49,9 @@ class VllmBackend:
         self.labels = config.label_alphabet.labels()
         self.use_chat_template = config.chat_template
         self.rank_template = config.rank_template
+        # Pointwise scoring reads yes and no where its own template ends.
+        self.pointwise_template = (config.pointwise_template
+                                   if config.scoring is Scoring.POINTWISE else None)
         self.timeout_s = config.timeout_s
         self.retries = config.retries
         self.client = client or httpx.AsyncClient(
@@ -91,9 +94,15 @@ class VllmBackend:
                       served, self.model_name)
             return False
         renderer = PromptRenderer(self.tokenizer, self.use_chat_template)
-        context = renderer.answer_context(self.rank_template)
-        self._checked = await self.verify_labels(context)
-        return self._checked
+        checks = [(renderer.answer_context(self.rank_template), self.labels)]
+        if self.pointwise_template is not None:
+            checks.append((renderer.item_answer_context(self.pointwise_template),
+                           list(POINTWISE_LABELS)))
+        for context, labels in checks:
+            if not await self.verify_labels(context, labels):
+                return False
+        self._checked = True
+        return True
 
     async def _ensure_checked(self) -> None:
         """A server that was down at start-up is cross-checked once it answers.
@@ -116,11 +125,12 @@ class VllmBackend:
         if self._mismatch is not None:
             raise BackendError("label_mismatch", self._mismatch)
 
-    async def verify_labels(self, context: str) -> bool:
-        """Cross-check the local tokenizer with the server's /tokenize: each label after the
-        prompt's ending must tokenize identically on both sides, so the label ids rankd asks
-        for are the server's label tokens. False when the server could not be asked."""
-        for label in self.labels:
+    async def verify_labels(self, context: str, labels: list[str] | None = None) -> bool:
+        """Cross-check the local tokenizer with the server's /tokenize: each label (default: the
+        alphabet's) after the prompt's ending must tokenize identically on both sides, so the
+        label ids rankd asks for are the server's label tokens. False when the server could not
+        be asked."""
+        for label in labels or self.labels:
             text = context + label
             try:
                 response = await self.client.post(

@@ -325,6 +325,41 @@ async def test_vllm_rerank_matches_the_transformers_backend(
 
 
 @pytest.mark.vllm
+async def test_vllm_pointwise_scores_match_the_transformers_backend(
+        settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer) -> None:
+    """One prompt per candidate, read as yes against no, through the same label-logprob path
+    on both backends; the yes/no tokens cross-checked with the server's tokenizer."""
+    query = _queries(1)[0]
+    documents = ["Adds the numerators and adds the denominators", "Confuses radius and diameter",
+                 "Believes the product of two negatives is negative"]
+    ranked: dict[str, dict[str, Any]] = {}
+    reranked: dict[str, dict[str, Any]] = {}
+    for name, settings in [
+            ("transformers", tf_settings(settings_factory, tiny_lm, reranker_scoring="pointwise")),
+            ("vllm", vllm_settings(settings_factory, tiny_lm, live_vllm.url,
+                                   reranker_scoring="pointwise"))]:
+        async with app_client(settings) as (_, client):
+            ranked[name] = (await client.post("/rank", json={
+                "query": query, "candidates": 8, "debug": True, "fusion": "none"})).json()
+            reranked[name] = (await client.post("/v1/rerank", json={
+                "query": query, "documents": documents})).json()
+            ready = (await client.get("/ready")).json()
+        assert ready["components"]["reranker"]["status"] == "ok", ready
+    local, remote = ranked["transformers"], ranked["vllm"]
+    assert local["reranked"] is remote["reranked"] is True
+    assert len(local["debug"]["orders"]) == 8  # one prompt per candidate
+    for a, b in zip(local["debug"]["orders"], remote["debug"]["orders"], strict=True):
+        assert a["labels"] == b["labels"] == ["yes", "no"]
+        assert a["prompt"] == b["prompt"]
+        assert abs(a["probabilities"][0] - b["probabilities"][0]) < CROSS_BACKEND_TOLERANCE
+    scores = {name: {r["index"]: r["relevance_score"] for r in body["results"]}
+              for name, body in reranked.items()}
+    assert scores["transformers"].keys() == scores["vllm"].keys() == {0, 1, 2}
+    assert all(abs(scores["transformers"][i] - scores["vllm"][i]) < CROSS_BACKEND_TOLERANCE
+               for i in range(3))
+
+
+@pytest.mark.vllm
 @pytest.mark.slow
 async def test_vllm_outage_degrades_and_recovers_without_restarting_rankd(
         settings_factory: Any, tiny_lm: Path, live_vllm: VllmServer,
