@@ -57,12 +57,17 @@ class VllmServer:
                 "--generation-config", "vllm", "--dtype", "float32",
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
+    def extra_env(self) -> dict[str, str]:
+        """Variables the command needs besides the process's own."""
+        return {}
+
     def start(self) -> float:
         """Start the server and wait until /health answers; returns the seconds that took."""
         if self.running():
             return 0.0
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+               "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               **self.extra_env()}
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             log.write(f"\n==== start {time.strftime('%X')}: {' '.join(self.command())}\n".encode())

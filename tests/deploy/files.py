@@ -9,8 +9,14 @@ from typing import Any
 
 import yaml
 
-from rankd.devtools.dockerfile import SUBSTITUTION, Stage, exec_form
+from rankd.devtools.dockerfile import SUBSTITUTION, Stage, exec_form, stage_env
 from rankd.devtools.dockerfile import dockerfile_stages as read_stages
+
+# Read by the deployment tests; exec_form and stage_env come from rankd.devtools.dockerfile.
+__all__ = ["COMPOSE", "DOCKERFILE", "DOCKERIGNORE", "ENV_EXAMPLE", "INDEX_INIT", "REPO",
+           "VLLM_CPU_DOCKERFILE", "VLLM_CPU_ENTRYPOINT", "compose", "dockerfile_stages",
+           "env_example_names", "exec_form", "healthcheck", "interpolate", "stage_env",
+           "substitution_defaults"]
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -19,6 +25,8 @@ COMPOSE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERIGNORE = REPO / ".dockerignore"
 INDEX_INIT = REPO / "docker" / "index-init.sh"
+VLLM_CPU_ENTRYPOINT = REPO / "docker" / "vllm-cpu-entrypoint.sh"
+
 
 def dockerfile_stages(path: Path = DOCKERFILE) -> list[Stage]:
     """The Dockerfile's stages in order, each with its (KEYWORD, arguments) instructions."""

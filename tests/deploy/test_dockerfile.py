@@ -3,6 +3,7 @@ with hadolint when it is installed."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -17,6 +18,7 @@ from tests.deploy.files import (
     DOCKERIGNORE,
     REPO,
     VLLM_CPU_DOCKERFILE,
+    VLLM_CPU_ENTRYPOINT,
     dockerfile_stages,
     exec_form,
     healthcheck,
@@ -97,3 +99,29 @@ def test_hadolint(path: Path) -> None:
     result = subprocess.run([hadolint, str(path)], capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("flags", "setting", "expected"), [
+    ("fpu avx2 amx_bf16 avx512_bf16 avx512f", "auto", "bfloat16"),
+    ("fpu avx2 avx512f avx512_bf16", "", "bfloat16"),
+    ("fpu avx2 fma", "auto", "float32"),
+    ("fpu avx2 amx_bf16", "float32", "float32"),
+    ("fpu avx2", "bfloat16", "bfloat16"),
+])
+def test_the_vllm_cpu_entrypoint_chooses_the_dtype_as_rankd_does(
+        tmp_path: Path, flags: str, setting: str, expected: str) -> None:
+    """The image's entrypoint runs vLLM with --dtype by the CPU's bf16 flags, as
+    RANKD_RERANKER_DTYPE=auto does; a stand-in `python` on PATH shows what it was given."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "python").chmod(0o755)
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "RANKD_CPUINFO": str(cpuinfo)}
+    if setting:
+        env["RANKD_CPU_VLLM_DTYPE"] = setting
+    done = subprocess.run(["sh", str(VLLM_CPU_ENTRYPOINT), "--model=m", "--port=8000"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["-m", "vllm.entrypoints.openai.api_server", "--dtype",
+                                   expected, "--model=m", "--port=8000"]
+    want = "bfloat16" if "amx_bf16" in flags or "avx512_bf16" in flags else "float32"
+    assert expected == (setting if setting not in ("", "auto") else want)

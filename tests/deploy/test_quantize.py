@@ -33,6 +33,7 @@ from retriever import Embedder, load_collection
 from retriever.data import SAMPLE_COLLECTION, SAMPLE_INSTRUCTION, sample_queries_path
 from tests.deploy.files import (
     VLLM_CPU_DOCKERFILE,
+    VLLM_CPU_ENTRYPOINT,
     compose,
     dockerfile_stages,
     exec_form,
@@ -151,14 +152,18 @@ class ComposeVllmCpu(VllmServer):
 
     def command(self) -> list[str]:
         entrypoint = exec_form(dockerfile_stages(VLLM_CPU_DOCKERFILE)[-1].last("ENTRYPOINT"))
-        assert entrypoint[:2] == ["python", "-m"]
-        overrides = {"--model": str(self.model), "--host": "127.0.0.1", "--port": str(self.port),
-                     "--dtype": self.dtype}
+        assert entrypoint == ["rankd-vllm-cpu"]  # docker/vllm-cpu-entrypoint.sh, copied there
+        overrides = {"--model": str(self.model), "--host": "127.0.0.1", "--port": str(self.port)}
         args = []
         for item in compose()["services"]["vllm-cpu"]["command"]:
             name, _, _ = item.partition("=")
             args.append(f"{name}={overrides[name]}" if name in overrides else interpolate(item))
-        return [self.python, *entrypoint[1:], *args]
+        return ["sh", str(VLLM_CPU_ENTRYPOINT), *args]
+
+    def extra_env(self) -> dict[str, str]:
+        # The script runs `python` from PATH, which the image's PATH makes its venv's.
+        return {"RANKD_CPU_VLLM_DTYPE": self.dtype,
+                "PATH": f"{Path(self.python).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def _distance(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
