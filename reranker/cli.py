@@ -206,7 +206,8 @@ def _train_reranker(args: argparse.Namespace) -> int:
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_layers=args.lora_layers,
             train_layers=args.train_layers,
             validation_fraction=args.validation_fraction, eval_queries=args.eval_queries,
-            curve_points=args.curve_points, curve_queries=args.curve_queries, k=args.k,
+            curve_points=args.curve_points, curve_queries=args.curve_queries,
+            base_eval=args.base_eval, k=args.k,
             seed=args.seed, threads=args.threads,
             progress=not args.quiet, overwrite=args.overwrite)
         config.check()
@@ -317,6 +318,10 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                             help="evaluations during training, for the learning curve")
     validation.add_argument("--curve-queries", type=int, default=defaults.curve_queries,
                             help="validation queries of those evaluations (0: --eval-queries')")
+    validation.add_argument("--base-eval", action=argparse.BooleanOptionalAction,
+                            default=defaults.base_eval,
+                            help="evaluate the model before training, the curve's first point "
+                                 "(--no-base-eval: runs comparing options take it from one)")
     validation.add_argument("-k", type=int, default=defaults.k, help="MAP@k")
     validation.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train_reranker)

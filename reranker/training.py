@@ -119,6 +119,9 @@ class RerankerTrainingConfig:
     eval_queries: int = 0  # validation queries evaluated (whole questions, seeded); 0: all
     curve_points: int = 3  # evaluations during training, for the learning curve
     curve_queries: int = 0  # queries of the evaluations during training; 0: eval_queries'
+    # Evaluate the model before training (the learning curve's first point). Runs that compare
+    # options of one model and scoring mode can take it from one of them.
+    base_eval: bool = True
     k: int = 25
     fusion_weight: float = DEFAULT_FUSION_WEIGHT  # the service's default
     seed: int = 42
@@ -365,11 +368,18 @@ class RerankEvaluator:
         self.builder = builder
         self.config = config
         self.seconds: list[float] = []
+        # The last call's ranking of each query, by fusion: figures on a subset need no rerun.
+        self.ranked: dict[str, dict[str, list[str]]] = {}
 
     def subset(self, limit: int) -> RerankEvaluator:
         """The first ``limit`` queries (already in a seeded order), for the learning curve."""
         return RerankEvaluator(self.queries[:limit] if limit else self.queries, self.builder,
                                self.config)
+
+    def last_figures_on(self, queries: Sequence[EvalQuery]) -> dict[str, Any]:
+        """The last call's figures on ``queries``, a subset of this evaluator's."""
+        return {fusion: mean_average_precision(ranked, queries, self.config.k)
+                for fusion, ranked in self.ranked.items()}
 
     def retrieval_only(self) -> dict[str, float | int | None]:
         ranked = {q.key: [h.id for h in q.hits] for q in self.queries}
@@ -402,9 +412,11 @@ class RerankEvaluator:
         scores = asyncio.run(_rank_all(scorer, tasks))
         figures: dict[str, Any] = {}
         for fusion in REPORTED_FUSIONS:
-            ranked = {q.key: ranked_ids(q, scored, n, fusion, self.config.fusion_weight)
-                      for q, scored in zip(self.queries, scores, strict=True)}
-            figures[fusion.value] = mean_average_precision(ranked, self.queries, self.config.k)
+            self.ranked[fusion.value] = {
+                q.key: ranked_ids(q, scored, n, fusion, self.config.fusion_weight)
+                for q, scored in zip(self.queries, scores, strict=True)}
+            figures[fusion.value] = mean_average_precision(self.ranked[fusion.value],
+                                                           self.queries, self.config.k)
         agreements = [s.agreement for s in scores if s.agreement is not None]
         if agreements:
             figures["mean_agreement"] = round(sum(agreements) / len(agreements), 4)
@@ -712,10 +724,13 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     retrieval_only = evaluator.retrieval_only()
     ceiling = evaluator.ceiling()
     stage = time.perf_counter()
-    base = evaluate_with(evaluator)()  # LoRA starts at zero: the peft model is the base here
+    base: dict[str, Any] | None = None
+    base_on_curve: dict[str, Any] | None = None
+    if config.base_eval:
+        base = evaluate_with(evaluator)()  # LoRA starts at zero: the peft model is the base
+        base_on_curve = (base if curve_evaluator.queries == evaluator.queries
+                         else evaluate_with(curve_evaluator)())
     seconds["evaluate_base"] = round(time.perf_counter() - stage, 1)
-    base_on_curve = (base if curve_evaluator.queries == evaluator.queries
-                     else evaluate_with(curve_evaluator)())
 
     fitted = fit(model, examples, config, device, int(pad), output,
                  evaluate_with(curve_evaluator))
@@ -734,10 +749,12 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
                                                 "device": device})
     fine_tuned = evaluator(TransformersBackend.load(served, tokenizer))
     seconds["evaluate_fine_tuned"] = round(time.perf_counter() - stage, 1)
-    curve = [{"step": 0, "examples": 0, **base_on_curve}, *fitted.curve]
-    if curve_evaluator.queries == evaluator.queries:
-        curve.append({"step": fitted.steps, "examples": round(len(examples) * config.epochs),
-                      **fine_tuned})
+    curve = ([{"step": 0, "examples": 0, **base_on_curve}] if base_on_curve else []) \
+        + fitted.curve
+    # The written model's point, on the curve's queries (scored once, above).
+    curve.append({"step": fitted.steps, "examples": round(len(examples) * config.epochs),
+                  **(fine_tuned if curve_evaluator.queries == evaluator.queries
+                     else evaluator.last_figures_on(curve_evaluator.queries))})
     seconds["total"] = round(time.perf_counter() - started, 1)
     seconds["cpu_total"] = round(time.process_time() - cpu_started, 1)
 

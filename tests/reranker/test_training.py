@@ -308,3 +308,15 @@ def test_full_fine_tuning_is_the_default(tmp_path: Path, tiny_lm: Path, eedi_csv
     report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi")
     assert report["parameters"]["trainable"] == report["parameters"]["total"]
     assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_a_run_without_the_base_evaluation_keeps_a_curve_on_its_subset(
+        tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
+    config = _config(tmp_path / "arm", tiny_lm, examples=16, epochs=1, curve_points=2,
+                     curve_queries=4, base_eval=False)
+    report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi")
+    assert report["base"] is None
+    assert report["split"]["curve_queries"] < report["fine_tuned"]["none"]["queries"]
+    curve = report["learning_curve"]
+    assert len(curve) == 3  # two points during training and the written model, on the subset
+    assert all(point["none"]["queries"] == report["split"]["curve_queries"] for point in curve)
