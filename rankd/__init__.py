@@ -1,3 +1,4 @@
-"""rankd's composition root (the ``rankd`` command) and what both stages share: the
-micro-batcher and the allocator's memory release. The stages themselves are ``retriever`` and
-``reranker``; ``service`` puts them behind HTTP."""
+"""rankd's composition root (the ``rankd`` command, ``cli``) and the development harness shared
+by tests and benchmarks (``devtools``): the top floor, above every package it wires together. The
+stages are ``retriever`` and ``reranker``; ``service`` puts them behind HTTP; ``runtime`` is the
+floor they all stand on."""

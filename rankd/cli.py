@@ -4,14 +4,13 @@ subcommands, and each subcommand imports what it needs only when it runs."""
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from clients.cli import register as register_client_commands
 from reranker.cli import register as register_reranker_commands
 from retriever.cli import register as register_retriever_commands
+from runtime.logs import LogSettingsError, configure_logging
 from service.cli import register as register_service_commands
 
 Handler = Callable[[argparse.Namespace], int]
@@ -22,11 +21,6 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_reranker_commands,
     register_client_commands,
 ]
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":  # serve configures logging from its validated settings
-        configure_logging(os.environ.get("RANKD_LOG_LEVEL", "info"))
+    if args.command != "serve":  # serve configures logging from its own settings
+        try:
+            configure_logging()
+        except LogSettingsError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     handler: Handler = args.handler
     return handler(args)
 

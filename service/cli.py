@@ -55,7 +55,7 @@ async def serve(settings: Any, sample: bool = False) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rankd.cli import configure_logging
+    from runtime.logs import configure_logging
     from service.settings import SettingsError, load_settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port,

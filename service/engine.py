@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rankd.batching import BatchObserver, JobTooLargeError
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
@@ -37,6 +36,7 @@ from reranker.fusion import Fusion, fuse
 from reranker.windows import balanced_windows, merge_window_scores
 from retriever.index import Hit, Manifest
 from retriever.search import SearchQuery
+from runtime.batching import BatchObserver, JobTooLargeError
 from service.errors import (
     CollectionRequiredError,
     LimitExceededError,

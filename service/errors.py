@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rankd.batching import QueueFullError
 from reranker.errors import BackendError, ItemTooLongError, PromptTooLongError, TooManyItemsError
 from retriever.index import CollectionUnavailableError
+from runtime.batching import QueueFullError
 from service.protocol import ErrorBody
 
 log = logging.getLogger(__name__)

@@ -27,12 +27,12 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from rankd.batching import QueueFullError
 from reranker.backends import LabelLogprobBackend, LabelRead
 from reranker.errors import BackendError, TooManyItemsError
 from reranker.listwise import load_model_tokenizer, start_backend
 from retriever.index import CollectionUnavailableError, Hit, Manifest
 from retriever.search import SearchQuery
+from runtime.batching import QueueFullError
 from service.app import create_app
 from service.errors import ServiceError
 from service.retrieval import LocalRetrieval

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from rankd.batching import BatchObserver, MicroBatcher, default_memory_release
 from retriever import Collection, Embedder, IndexIntegrityError, Manifest, StoreTarget
 from retriever.index import Hit, collection_dirs, load_collection
 from retriever.search import Retriever, SearchQuery
+from runtime.batching import BatchObserver, MicroBatcher, default_memory_release
 from service.settings import OnIndexError, Settings
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from rankd.batching import QueueFullError
 from reranker.errors import TooManyItemsError
 from retriever.index import CollectionUnavailableError
+from runtime.batching import QueueFullError
 from service.dependencies import EngineDep, MetricsDep
 from service.errors import (
     CollectionRequiredError,

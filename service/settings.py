@@ -5,12 +5,13 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from reranker.config import RerankerConfig
 from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion
 from retriever.encoders import EmbedderBackend, EmbedderQuantization, EmbedderVariant
+from runtime.logs import LogSettings
 
 
 class OnIndexError(StrEnum):
@@ -18,7 +19,7 @@ class OnIndexError(StrEnum):
     SKIP = "skip"
 
 
-class Settings(BaseSettings):
+class Settings(LogSettings):
     """rankd's settings. Each field is read from ``RANKD_<FIELD NAME>``, and each field of the
     nested reranker config from ``RANKD_RERANKER_<FIELD NAME>``."""
 
@@ -41,7 +42,6 @@ class Settings(BaseSettings):
     # Server
     host: str = Field("127.0.0.1", description="Bind address for `rankd serve`.")
     port: int = Field(8000, ge=1, le=65535, description="Port for `rankd serve`.")
-    log_level: str = Field("info", description="Python log level.")
 
     # Request limits
     max_query_chars: int = Field(4000, ge=1, description="Longest accepted query, in characters.")
@@ -85,14 +85,6 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
-
-    @field_validator("log_level")
-    @classmethod
-    def _known_level(cls, value: str) -> str:
-        levels = {"critical", "error", "warning", "info", "debug"}
-        if value.lower() not in levels:
-            raise ValueError(f"must be one of {sorted(levels)}")
-        return value.lower()
 
     @property
     def embedder_variant(self) -> EmbedderVariant:

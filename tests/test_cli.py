@@ -44,3 +44,17 @@ def test_serve_refuses_bad_settings(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("RANKD_MAX_TOP_K", "-3")
     assert main(["serve"]) == 2
     assert "RANKD_MAX_TOP_K" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["index", "build", "--catalog", "x", "--id-column", "a",
+                                      "--text-column", "b", "--collection", "c"],
+                                     ["eval", "--submission", "s", "--labels", "l",
+                                      "--format", "eedi"]])
+def test_a_bad_log_level_is_one_line_for_every_command(
+        command: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RANKD_LOG_LEVEL", "verbose")
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("rankd: invalid configuration: RANKD_LOG_LEVEL: Value error, must be one of "
+                   "critical, error, warning, info, debug")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rankd.batching import BatchObserver
 from reranker.backends.base import BackendFactory, LabelLogprobBackend, LabelRead
 from reranker.config import NO_RERANKER, RerankerConfig
 from reranker.errors import RerankerConfigError
+from runtime.batching import BatchObserver
 
 
 async def _transformers(config: RerankerConfig, tokenizer: Any, observer: BatchObserver | None) -> LabelLogprobBackend:

@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rankd.batching import BatchObserver
 from reranker.config import RerankerConfig
+from runtime.batching import BatchObserver
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class LabelLogprobBackend(Protocol):
         ...
 
     def check_capacity(self, reads: int) -> None:
-        """Raise ``rankd.batching.JobTooLargeError`` when a request of ``reads`` prompts could
+        """Raise ``runtime.batching.JobTooLargeError`` when a request of ``reads`` prompts could
         never be taken, however idle the backend (its queue is smaller)."""
         ...
 

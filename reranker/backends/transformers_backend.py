@@ -10,7 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rankd.batching import (
+from reranker.backends.base import LabelRead
+from reranker.config import RerankerConfig
+from reranker.errors import BackendError, RerankerConfigError
+from reranker.precision import DtypeChoice, choose_dtype
+from runtime.batching import (
     UNFINISHED,
     BatcherClosedError,
     BatchObserver,
@@ -18,10 +22,6 @@ from rankd.batching import (
     Unfinished,
     default_memory_release,
 )
-from reranker.backends.base import LabelRead
-from reranker.config import RerankerConfig
-from reranker.errors import BackendError, RerankerConfigError
-from reranker.precision import DtypeChoice, choose_dtype
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 
-from rankd.batching import BatchObserver
 from reranker.backends.base import LabelRead
 from reranker.config import POINTWISE_LABELS, RerankerConfig, Scoring
 from reranker.errors import BackendError, LabelTokenError, RerankerConfigError
 from reranker.prompt import PromptRenderer
+from runtime.batching import BatchObserver
 
 log = logging.getLogger(__name__)
 

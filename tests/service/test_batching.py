@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rankd.batching import (
+from runtime.batching import (
     UNFINISHED,
     BatcherClosedError,
     JobTooLargeError,

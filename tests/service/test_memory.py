@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rankd.memory import release_freed_memory
+from runtime.memory import release_freed_memory
 
 BLOCK = 64 * 1024  # below glibc's mmap threshold: served from the heap, as activations are
 BLOCKS = 1600  # 100 MiB

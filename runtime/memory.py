@@ -8,7 +8,7 @@ a single live object leaking. ``malloc_trim(0)`` returns every free page of ever
 The alternative, a fixed low mmap threshold (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``), keeps
 the resident set flat too, but maps and zeroes every large buffer afresh: it cost 40% of the
 embedder's throughput (docs/reliability.md). A trim every few batches and when a stage goes
-idle costs next to nothing. The batchers call it (rankd/batching.py, ``MemoryRelease``).
+idle costs next to nothing. The batchers call it (runtime/batching.py, ``MemoryRelease``).
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class BatchObserver(Protocol):
 
 @dataclass(frozen=True)
 class MemoryRelease:
-    """When the worker thread runs ``release`` (``rankd.memory.release_freed_memory``).
+    """When the worker thread runs ``release`` (``runtime.memory.release_freed_memory``).
 
     After every ``every_batches`` batches while load lasts, and once the stage has been idle
     for ``idle_s`` seconds after a batch; 0 turns either off. It runs on the batch thread,
@@ -91,7 +91,7 @@ class MemoryRelease:
 def default_memory_release() -> MemoryRelease:
     """Every 16 batches under load and after 1 s idle: measured to keep the resident set flat at
     no throughput cost (docs/reliability.md)."""
-    from rankd.memory import release_freed_memory
+    from runtime.memory import release_freed_memory
 
     return MemoryRelease(release_freed_memory, every_batches=16, idle_s=1.0)
 
