@@ -34,7 +34,7 @@ async def probe(rounds: int, count: int, chars: int) -> None:
 
     from rankd.devtools.tiny_lm import build_tiny_lm
     from retriever import Embedder
-    from retriever.data import build_sample_collection
+    from retriever.sample import build_sample_collection
     from service.app import create_app
     from service.settings import Settings
 

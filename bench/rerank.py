@@ -53,16 +53,13 @@ async def rerank_latency(model_dir: Path, vllm_url: str | None, repeats: int,
     has its own query and candidates, so vLLM's prefix cache helps only as it would in service
     (the instruction, and within a call the query shared by the two orders)."""
     from reranker import DEFAULT_RANK_TEMPLATE, ListwiseTask, RerankerConfig
-    from retriever import read_catalog
     from retriever.data import (
-        SAMPLE_ID_COLUMN,
         SAMPLE_INSTRUCTION,
-        SAMPLE_TEXT_COLUMN,
-        sample_catalog_path,
+        sample_entries,
         sample_queries_path,
     )
 
-    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    entries = sample_entries()
     queries = [json.loads(line)["query"]
                for line in sample_queries_path().read_text(encoding="utf-8").splitlines()]
 
@@ -211,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rankd.devtools.tiny_lm import build_tiny_lm
     from rankd.devtools.vllm_server import VllmServer, vllm_python
     from retriever import Embedder
-    from retriever.data import build_sample_collection
+    from retriever.sample import build_sample_collection
 
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
                                           "torch_threads": torch.get_num_threads(),

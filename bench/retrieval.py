@@ -97,13 +97,11 @@ def read_entries(args: argparse.Namespace) -> tuple[list[CatalogEntry], str]:
     from retriever import read_catalog
     from retriever.data import (
         SAMPLE_COLLECTION,
-        SAMPLE_ID_COLUMN,
-        SAMPLE_TEXT_COLUMN,
-        sample_catalog_path,
+        sample_entries,
     )
 
     if args.catalog is None:
-        return (read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN),
+        return (sample_entries(),
                 SAMPLE_COLLECTION)
     return read_catalog(Path(args.catalog), args.id_column, args.text_column), args.collection
 

@@ -160,8 +160,8 @@ def faiss_rows(name: str, make: Callable[[], Any], vectors: np.ndarray, queries:
 def milvus_rows(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray, kind: str,
                 breadths: list[int], workdir: Path) -> list[Row]:
     from retriever.catalog import CatalogEntry
-    from retriever.index import IndexKind, IndexSpec, StoreTarget
     from retriever.stores.milvus_store import MilvusBuilder, MilvusStore
+    from retriever.vocabulary import IndexKind, IndexSpec, StoreTarget
 
     spec = IndexSpec(kind=IndexKind(kind), ivf_lists=4096 if kind == "ivf" else None)
     gc.collect()

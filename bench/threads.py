@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clients.queries import sample_queries
     from retriever import Embedder
-    from retriever.data import build_sample_collection
+    from retriever.sample import build_sample_collection
 
     index_dir = Path(args.index_dir)
     if not (index_dir / "misconceptions").is_dir():

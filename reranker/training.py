@@ -54,8 +54,8 @@ from reranker.prompt import PromptRenderer
 
 if TYPE_CHECKING:
     from retriever.catalog import CatalogEntry
-    from retriever.index import Hit
     from retriever.training import Split, TrainingPair, ValidationSet
+    from retriever.vocabulary import Hit
 
 log = logging.getLogger(__name__)
 
@@ -659,9 +659,9 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
 
     from reranker.models import resolve_model
     from reranker.prompt import load_tokenizer
-    from retriever.index import Hit
     from retriever.training import check_positives, prepare_output, write_validation_file
     from retriever.training_components import peak_rss_mib
+    from retriever.vocabulary import Hit
 
     check_positives(pairs, entries)
     output = Path(config.output_dir)

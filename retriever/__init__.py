@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from retriever.catalog import CatalogEntry, CatalogFormat, read_catalog
     from retriever.embedder import DEFAULT_EMBEDDER, Embedder, EmbedderLoadError
-    from retriever.index import (
-        Collection,
+    from retriever.index import Collection, build_collection, load_collection
+    from retriever.vocabulary import (
         CollectionUnavailableError,
         Hit,
         IndexIntegrityError,
@@ -22,15 +22,15 @@ if TYPE_CHECKING:
         Manifest,
         StoreKind,
         StoreTarget,
-        build_collection,
-        load_collection,
     )
 
 _HOMES = {
     "CatalogEntry": "catalog", "CatalogFormat": "catalog", "read_catalog": "catalog",
     "DEFAULT_EMBEDDER": "embedder", "Embedder": "embedder", "EmbedderLoadError": "embedder",
-    "Collection": "index", "CollectionUnavailableError": "index", "Hit": "index", "IndexIntegrityError": "index", "IndexKind": "index",
-    "IndexSpec": "index", "Manifest": "index", "StoreKind": "index", "StoreTarget": "index", "build_collection": "index", "load_collection": "index",
+    "Collection": "index", "build_collection": "index", "load_collection": "index",
+    "CollectionUnavailableError": "vocabulary", "Hit": "vocabulary",
+    "IndexIntegrityError": "vocabulary", "IndexKind": "vocabulary", "IndexSpec": "vocabulary",
+    "Manifest": "vocabulary", "StoreKind": "vocabulary", "StoreTarget": "vocabulary",
 }
 
 __all__ = [

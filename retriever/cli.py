@@ -28,7 +28,7 @@ def _index_build(args: argparse.Namespace) -> int:
     from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
     from retriever.encoders import EmbedderBackend, EmbedderQuantization, EmbedderVariant
     from retriever.hygiene import CleaningSpec, DedupMode, KeepRule, clean_catalog
-    from retriever.index import IndexIntegrityError
+    from retriever.vocabulary import IndexIntegrityError
 
     index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", "./rankd-index"))
     model = args.model or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER)
@@ -89,7 +89,7 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def register_index(sub: argparse._SubParsersAction) -> None:
-    from retriever.index import IndexSpec
+    from retriever.vocabulary import IndexSpec
 
     defaults = IndexSpec()
     index = sub.add_parser("index", help="build and inspect collection indexes")

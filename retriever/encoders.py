@@ -206,15 +206,12 @@ def calibration_texts() -> list[str]:
     int8 model does not depend on the catalogue an index happened to be built from."""
     import json
 
-    from retriever.catalog import read_catalog
     from retriever.data import (
-        SAMPLE_ID_COLUMN,
-        SAMPLE_TEXT_COLUMN,
-        sample_catalog_path,
+        sample_entries,
         sample_queries_path,
     )
 
-    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    entries = sample_entries()
     queries = sample_queries_path().read_text(encoding="utf-8").splitlines()
     return [e.text for e in entries] + [json.loads(line)["query"] for line in queries if line]
 

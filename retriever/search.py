@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from retriever.embedder import Embedder
-from retriever.index import Collection, Hit
+from retriever.index import Collection
+from retriever.vocabulary import Hit
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ async def serve(settings: Any, sample: bool = False) -> int:
 
     from reranker.errors import RerankerConfigError
     from retriever.embedder import EmbedderLoadError
-    from retriever.index import IndexIntegrityError
+    from retriever.vocabulary import IndexIntegrityError
     from service.app import create_app
     from service.engine import Engine
     from service.server import server_config
 
     if sample:
-        from retriever.data import ensure_sample_collection
+        from retriever.sample import ensure_sample_collection
 
         await asyncio.to_thread(ensure_sample_collection, settings.index_dir,
                                 settings.embedder_model, settings.embedder_variant,

@@ -34,8 +34,8 @@ from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
 from reranker.fusion import Fusion, fuse
 from reranker.windows import balanced_windows, merge_window_scores
-from retriever.index import Hit, Manifest
 from retriever.search import SearchQuery
+from retriever.vocabulary import Hit, Manifest
 from runtime.batching import BatchObserver, JobTooLargeError
 from service.errors import (
     CollectionRequiredError,

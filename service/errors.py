@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reranker.errors import BackendError, ItemTooLongError, PromptTooLongError, TooManyItemsError
-from retriever.index import CollectionUnavailableError
+from retriever.vocabulary import CollectionUnavailableError
 from runtime.batching import QueueFullError
 from service.protocol import ErrorBody
 

@@ -30,8 +30,8 @@ from ray.serve.handle import DeploymentHandle
 from reranker.backends import LabelLogprobBackend, LabelRead
 from reranker.errors import BackendError, TooManyItemsError
 from reranker.listwise import load_model_tokenizer, start_backend
-from retriever.index import CollectionUnavailableError, Hit, Manifest
 from retriever.search import SearchQuery
+from retriever.vocabulary import CollectionUnavailableError, Hit, Manifest
 from runtime.batching import QueueFullError
 from service.app import create_app
 from service.errors import ServiceError

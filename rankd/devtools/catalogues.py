@@ -16,7 +16,9 @@ def catalogue_and_queries(data: Path | None) -> tuple[list[CatalogEntry], list[s
                                "MisconceptionName")
         return entries, [q.text for q in eedi_queries(data / "train.csv")]
     from clients.queries import sample_queries
-    from retriever.data import SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN, sample_catalog_path
+    from retriever.data import (
+        sample_entries,
+    )
 
-    entries = read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    entries = sample_entries()
     return entries, [q.text for q in sample_queries()]

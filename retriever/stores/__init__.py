@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from retriever.index import (
+from retriever.vocabulary import (
     CollectionUnavailableError,
     Hit,
     IndexSpec,

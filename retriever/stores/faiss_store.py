@@ -13,7 +13,8 @@ import numpy as np
 
 from retriever.catalog import CatalogEntry
 from retriever.embedder import Embedder
-from retriever.index import (
+from retriever.stores import BuiltStore
+from retriever.vocabulary import (
     ENTRIES_FILE,
     INDEX_FILE,
     MANIFEST,
@@ -24,7 +25,6 @@ from retriever.index import (
     Manifest,
     StoreTarget,
 )
-from retriever.stores import BuiltStore
 
 
 def make_index(spec: IndexSpec, vectors: np.ndarray) -> Any:

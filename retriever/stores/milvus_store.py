@@ -21,7 +21,8 @@ import numpy as np
 
 from retriever.catalog import CatalogEntry
 from retriever.embedder import Embedder
-from retriever.index import (
+from retriever.stores import BuiltStore
+from retriever.vocabulary import (
     MILVUS_LITE_SUFFIX,
     CollectionUnavailableError,
     Hit,
@@ -31,7 +32,6 @@ from retriever.index import (
     Manifest,
     StoreTarget,
 )
-from retriever.stores import BuiltStore
 
 if TYPE_CHECKING:
     from pymilvus import MilvusClient

@@ -9,14 +9,13 @@ from typing import Any
 import pytest
 
 from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, ListwiseTask, RerankerConfig
-from retriever import read_catalog
 from retriever.catalog import CatalogEntry
-from retriever.data import SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN, sample_catalog_path
+from retriever.data import sample_entries
 
 
 @pytest.fixture(scope="session")
 def catalogue() -> list[CatalogEntry]:
-    return read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    return sample_entries()
 
 
 def make_task(entries: Sequence[CatalogEntry], query: str) -> ListwiseTask:

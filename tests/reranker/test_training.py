@@ -27,17 +27,15 @@ from reranker.training import (
     example_loss,
     train_reranker,
 )
-from retriever import read_catalog
 from retriever.catalog import CatalogEntry
 from retriever.data import (
     SAMPLE_COLLECTION,
-    SAMPLE_ID_COLUMN,
     SAMPLE_INSTRUCTION,
-    SAMPLE_TEXT_COLUMN,
     sample_catalog_path,
+    sample_entries,
 )
-from retriever.index import Hit
 from retriever.training import TrainingPair, read_pairs
+from retriever.vocabulary import Hit
 from service.settings import Settings
 from tests.retriever.test_training import write_eedi_csv
 from tests.support.apps import app_client, serve_in_thread
@@ -46,7 +44,7 @@ CANDIDATES = 5
 
 
 def _entries() -> list[CatalogEntry]:
-    return read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    return sample_entries()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clients.queries import sample_queries
-from retriever.data import SAMPLE_COLLECTION, build_sample_collection
+from retriever.data import SAMPLE_COLLECTION
 from retriever.embedder import Embedder, EmbedderLoadError
 from retriever.encoders import (
     EmbedderBackend,
@@ -17,7 +17,9 @@ from retriever.encoders import (
     EmbedderVariant,
     weights_digest,
 )
-from retriever.index import IndexIntegrityError, load_collection
+from retriever.index import load_collection
+from retriever.sample import build_sample_collection
+from retriever.vocabulary import IndexIntegrityError
 from service.settings import SettingsError, load_settings
 from tests.support.apps import app_client
 

@@ -13,9 +13,9 @@ import pytest
 
 from clients.evaluate import evaluate_files
 from rankd.cli import main
-from retriever import Embedder, build_collection, load_collection, read_catalog
+from retriever import Embedder, build_collection, load_collection
 from retriever.catalog import CatalogEntry
-from retriever.data import SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN, sample_catalog_path
+from retriever.data import SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN, sample_catalog_path, sample_entries
 from retriever.hygiene import (
     ALIASES_FILE,
     CleaningSpec,
@@ -31,7 +31,7 @@ from tests.support.apps import app_client
 
 
 def _sample() -> list[CatalogEntry]:
-    return read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    return sample_entries()
 
 
 @pytest.fixture(scope="module")

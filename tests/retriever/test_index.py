@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 from retriever import Embedder, IndexIntegrityError, IndexKind, build_collection, load_collection
-from retriever.catalog import CatalogEntry, read_catalog
-from retriever.data import sample_catalog_path
-from retriever.index import ENTRIES_FILE, INDEX_FILE, MANIFEST, collection_dirs
+from retriever.catalog import CatalogEntry
+from retriever.data import sample_entries
+from retriever.index import collection_dirs
+from retriever.vocabulary import ENTRIES_FILE, INDEX_FILE, MANIFEST
 
 
 @pytest.fixture(scope="module")
 def entries() -> list[CatalogEntry]:
-    return read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    return sample_entries()
 
 
 def test_build_writes_manifest_with_checksums(tmp_path: Path, embedder: Embedder,

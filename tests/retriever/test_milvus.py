@@ -22,10 +22,10 @@ from retriever import (
     build_collection,
     load_collection,
 )
-from retriever.catalog import CatalogEntry, read_catalog
-from retriever.data import sample_catalog_path
-from retriever.index import MANIFEST
+from retriever.catalog import CatalogEntry
+from retriever.data import sample_catalog_path, sample_entries
 from retriever.stores.milvus_store import MilvusBuilder, alias_for
+from retriever.vocabulary import MANIFEST
 
 QUERIES = ["What is 7 to the power 0? I said 0", "the median of unordered data",
            "area of a triangle, forgot to halve", "Calculate 1/2 + 1/3. Incorrect answer: 2/5"]
@@ -33,7 +33,7 @@ QUERIES = ["What is 7 to the power 0? I said 0", "the median of unordered data",
 
 @pytest.fixture(scope="module")
 def entries() -> list[CatalogEntry]:
-    return read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    return sample_entries()
 
 
 def _milvus(tmp_path: Path, **spec: object) -> dict[str, object]:

@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 
 from rankd.cli import main
-from retriever import Embedder, build_collection, load_collection, read_catalog
+from retriever import Embedder, build_collection, load_collection
 from retriever.catalog import CatalogEntry
 from retriever.data import (
     SAMPLE_COLLECTION,
     SAMPLE_ID_COLUMN,
     SAMPLE_TEXT_COLUMN,
     sample_catalog_path,
+    sample_entries,
     sample_queries_path,
 )
 from retriever.eedi import eedi_queries
@@ -43,7 +44,7 @@ EEDI_COLUMNS = ["QuestionId", "ConstructId", "ConstructName", "SubjectId", "Subj
 
 
 def _entries() -> list[CatalogEntry]:
-    return read_catalog(sample_catalog_path(), SAMPLE_ID_COLUMN, SAMPLE_TEXT_COLUMN)
+    return sample_entries()
 
 
 def write_eedi_csv(path: Path, entries: list[CatalogEntry]) -> Path:

@@ -21,9 +21,9 @@ from retriever import (
     load_collection,
     read_catalog,
 )
-from retriever.data import SAMPLE_INSTRUCTION, sample_catalog_path
+from retriever.data import SAMPLE_INSTRUCTION, sample_entries
 from retriever.eedi import eedi_queries
-from retriever.index import MANIFEST, Hit
+from retriever.vocabulary import MANIFEST, Hit
 from tests.support.apps import app_client
 
 QUERIES = ["What is 7 to the power 0? I said 0", "the median of unordered data",
@@ -35,7 +35,7 @@ EEDI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eedi"
 def milvus_index(tmp_path: Path, embedder: Embedder) -> Path:
     """The sample catalogue in Milvus Lite, its database inside the index directory beside the
     manifest that names it: Milvus Lite 3 makes ``milvus.db`` a directory there."""
-    entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    entries = sample_entries()
     build_collection(entries, embedder, tmp_path / "idx", "misconceptions",
                      instruction=SAMPLE_INSTRUCTION, backend=StoreKind.MILVUS,
                      target=StoreTarget(str(tmp_path / "idx" / "milvus.db")), show_progress=False)
@@ -157,7 +157,7 @@ def test_eedi_top25_from_milvus_hnsw_equals_faiss_exact(tmp_path: Path,
 
 def test_collection_named_like_a_milvus_lite_database_is_refused(tmp_path: Path,
                                                                  embedder: Embedder) -> None:
-    entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    entries = sample_entries()
     with pytest.raises(ValueError, match=r"ending in \.db is a Milvus Lite database"):
         build_collection(entries, embedder, tmp_path, "catalogue.db", show_progress=False)
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retriever import Embedder, build_collection, read_catalog
-from retriever.data import sample_catalog_path, sample_queries_path
+from retriever import Embedder, build_collection
+from retriever.data import sample_entries, sample_queries_path
 from tests.support.apps import app_client, metric_value
 
 
@@ -40,7 +40,7 @@ async def test_rank_returns_retrieval_order_without_reranker(settings_factory: A
 
 async def test_top_k_matches_an_independent_numpy_reference(settings_factory: Any,
                                                             embedder: Embedder) -> None:
-    entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    entries = sample_entries()
     doc = embedder.model.encode([e.text for e in entries], convert_to_numpy=True)
     doc /= np.linalg.norm(doc, axis=1, keepdims=True)
     queries = [q["query"] for q in _sample_queries()]
@@ -153,7 +153,7 @@ async def test_batch_limits_name_the_item(settings_factory: Any) -> None:
 
 async def test_collection_required_when_several_are_loaded(tmp_path: Path, embedder: Embedder,
                                                            settings_factory: Any) -> None:
-    entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    entries = sample_entries()
     for name in ("alpha", "beta"):
         build_collection(entries[:10], embedder, tmp_path, name, show_progress=False)
     async with app_client(settings_factory(index_dir=tmp_path)) as (_, client):
@@ -190,9 +190,9 @@ async def test_ready_and_health(settings_factory: Any, tmp_path: Path) -> None:
 
 async def test_damaged_collection_fails_or_is_skipped_as_configured(
         tmp_path: Path, embedder: Embedder, settings_factory: Any) -> None:
-    from retriever.index import IndexIntegrityError
+    from retriever.vocabulary import IndexIntegrityError
 
-    entries = read_catalog(sample_catalog_path(), "MisconceptionId", "MisconceptionName")
+    entries = sample_entries()
     build_collection(entries, embedder, tmp_path, "good", show_progress=False)
     bad = build_collection(entries, embedder, tmp_path, "bad", show_progress=False)
     (bad / "index.faiss").write_bytes(b"truncated")
