@@ -60,8 +60,8 @@ MEASURES = ("spearman", "spearman-mean", "least-sum")
 
 def sweep(queries: Sequence[dict[str, Any]],
           weights: Sequence[float]) -> dict[str, dict[str, float]]:
-    from clients.evaluate import average_precision, recall
     from reranker.fusion import Fusion, Scores, fuse
+    from retriever.evaluation import average_precision, recall
 
     scored = [evidence(q) for q in queries]
 

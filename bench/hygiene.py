@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from clients.evaluate import average_precision, canonical_labels
+    from clients.evaluate import canonical_labels
     from retriever import Embedder, build_collection, load_collection, read_catalog
     from retriever.catalog import CatalogEntry
     from retriever.eedi import eedi_queries
+    from retriever.evaluation import average_precision
     from retriever.hygiene import CleaningSpec, DedupMode, clean_catalog
 
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)

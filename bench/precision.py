@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from clients.evaluate import average_precision
 from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, ListwiseTask, RerankerConfig
 from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion, fuse
 from reranker.listwise import spearman
 from reranker.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model_name
+from retriever.evaluation import average_precision
 
 EEDI_INSTRUCTION = ("A student answered a maths question incorrectly. Choose the misconception "
                     "that explains the incorrect answer.")

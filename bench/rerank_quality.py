@@ -65,7 +65,7 @@ class Rankings:
         self.ranked: dict[str, list[str]] = {}
 
     def metrics(self, labels: dict[str, list[str]]) -> dict[str, float]:
-        from clients.evaluate import average_precision, recall
+        from retriever.evaluation import average_precision, recall
 
         ids = list(self.ranked)
         out = {"MAP@25": statistics.fmean(average_precision(self.ranked[i], labels[i], MAP_K)

@@ -219,7 +219,7 @@ def exact_top(vectors: np.ndarray, catalogue: np.ndarray, k: int) -> np.ndarray:
 
 def agreement(top: np.ndarray, reference: np.ndarray, ids: list[str],
               queries: list[Query], k: int) -> dict[str, float]:
-    from clients.evaluate import average_precision
+    from retriever.evaluation import average_precision
 
     same_set = float(np.mean([set(a) == set(b) for a, b in zip(top, reference, strict=True)]))
     same_order = float(np.mean([list(a) == list(b) for a, b in zip(top, reference, strict=True)]))

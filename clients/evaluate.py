@@ -1,14 +1,7 @@
 """``rankd eval``: score a submission against labels.
 
-Metrics, for one query with ranked ids ``p`` and relevant ids ``R``:
-
-- AP@k, the competition's definition (Kaggle's ``apk``): walking the first ``k`` ids, each id in
-  ``R`` that was not already seen earlier in the row adds (hits so far) / (its position); the sum
-  is divided by min(|R|, k). With one relevant id it is 1/rank of that id in the top k, else 0.
-  A repeated id keeps its position (it pushes later ids down) but scores only once.
-- recall@k: the share of ``R`` found in the first ``k`` ids.
-- nDCG@10: binary gains, DCG = sum of 1/log2(position + 1) over first occurrences of relevant
-  ids in the top 10, divided by the DCG of an ideal row.
+Metrics (AP@k, recall@k, nDCG@10) are retriever/evaluation.py's, as every trainer and bench
+scores them.
 
 Ranks are positions in the submitted row: a CSV has no scores, and for a JSONL answer the
 service's order (ties kept in retrieval order) is the ranking; scores are never re-sorted.
@@ -20,59 +13,17 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clients.queries import InputError, jsonl_objects
+from retriever.evaluation import NDCG_K, Ranking, average_precision, ndcg, recall
 
 DEFAULT_KS = (1, 5, 10, 25, 50, 100)
 COMPETITION_K = 25
-NDCG_K = 10
 SOLUTION_ID = "QuestionId_Answer"
-
-Ranking = Sequence[str]
-
-
-# ---------------------------------------------------------------- metrics of one query
-
-
-def average_precision(ranked: Ranking, relevant: Sequence[str], k: int) -> float:
-    if not relevant:
-        return 0.0
-    wanted = set(relevant)
-    seen: set[str] = set()
-    hits = 0
-    score = 0.0
-    for position, item in enumerate(ranked[:k], 1):
-        if item in wanted and item not in seen:
-            hits += 1
-            score += hits / position
-        seen.add(item)
-    return score / min(len(wanted), k)
-
-
-def recall(ranked: Ranking, relevant: Sequence[str], k: int) -> float:
-    if not relevant:
-        return 0.0
-    wanted = set(relevant)
-    return len(wanted.intersection(ranked[:k])) / len(wanted)
-
-
-def ndcg(ranked: Ranking, relevant: Sequence[str], k: int = NDCG_K) -> float:
-    wanted = set(relevant)
-    if not wanted:
-        return 0.0
-    seen: set[str] = set()
-    dcg = 0.0
-    for position, item in enumerate(ranked[:k], 1):
-        if item in wanted and item not in seen:
-            dcg += 1.0 / math.log2(position + 1)
-        seen.add(item)
-    ideal = sum(1.0 / math.log2(position + 1) for position in range(1, min(len(wanted), k) + 1))
-    return dcg / ideal
 
 
 # ---------------------------------------------------------------- a whole submission

@@ -343,18 +343,13 @@ def ranked_ids(query: EvalQuery, scored: ListwiseScores, n: int, fusion: Fusion,
 
 def mean_average_precision(ranked: dict[str, list[str]], queries: Sequence[EvalQuery],
                            k: int) -> dict[str, float | int | None]:
-    from clients.evaluate import average_precision
+    """MAP@k (and recall@k) of ``queries``, overall, seen and unseen."""
+    from retriever.evaluation import summarize
 
-    def mean(subset: Sequence[EvalQuery]) -> float | None:
-        if not subset:
-            return None  # JSON has no NaN
-        return round(sum(average_precision(ranked[q.key], sorted(q.relevant), k)
-                         for q in subset) / len(subset), 4)
-
-    seen = [q for q in queries if q.seen]
-    unseen = [q for q in queries if not q.seen]
-    return {"map": mean(queries), "map_seen": mean(seen), "map_unseen": mean(unseen),
-            "queries": len(queries), "seen": len(seen), "unseen": len(unseen)}
+    figures = summarize(ranked, {q.key: q.relevant for q in queries}, k,
+                        {q.key for q in queries if q.seen})
+    return {key: round(value, 4) if isinstance(value, float) else value
+            for key, value in figures.items()}
 
 
 class RerankEvaluator:

@@ -12,15 +12,15 @@ import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator
 from sentence_transformers.base.sampler import DefaultBatchSampler
-from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-from sentence_transformers.util import cos_sim
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from retriever.evaluation import summarize
 
 log = logging.getLogger(__name__)
 
@@ -36,65 +36,59 @@ class SeenUnseenEvaluator(BaseEvaluator):
     """MAP@k and recall@k on the validation queries: overall, seen and unseen.
 
     A query is *seen* when one of its relevant ids is a positive in the training pairs. The
-    catalogue is encoded once per call and each query once; each subset is scored by
-    sentence-transformers' ``InformationRetrievalEvaluator`` with cosine similarity (the
-    retriever's inner product of unit vectors), and the overall figures are the query-weighted
-    means of the two subsets, which is exactly the mean over all queries.
+    catalogue and the queries are encoded once per call, each query's top k is the catalogue
+    ranked by cosine similarity (the retriever's inner product of unit vectors), and the
+    figures are ``retriever.evaluation.summarize``'s, as `rankd eval` and the reranker's
+    trainer compute them.
     """
 
     def __init__(self, corpus: dict[str, str], queries: dict[str, str],
                  relevant: dict[str, set[str]], seen_queries: set[str], *, k: int = 25,
                  batch_size: int = 64, name: str = "validation") -> None:
         super().__init__()
+        if not queries:
+            raise ValueError("the validation set has no queries")
         self.k = k
         self.name = name
         self.batch_size = batch_size
-        self.counts: dict[str, int] = {}
-        self.evaluators: dict[str, InformationRetrievalEvaluator] = {}
-        for subset in SUBSETS:
-            wanted = {q for q in queries if (q in seen_queries) == (subset == "seen")}
-            self.counts[subset] = len(wanted)
-            if not wanted:
-                continue
-            self.evaluators[subset] = InformationRetrievalEvaluator(
-                queries={q: queries[q] for q in wanted},
-                corpus=dict[str, Any](corpus),
-                relevant_docs={q: relevant[q] for q in wanted},
-                mrr_at_k=[k], ndcg_at_k=[k], accuracy_at_k=[k], precision_recall_at_k=[k],
-                map_at_k=[k], batch_size=batch_size, name=f"{name}_{subset}",
-                write_csv=False, score_functions={"cosine": cos_sim},
-                main_score_function="cosine",
-            )
-        if not self.evaluators:
-            raise ValueError("the validation set has no queries")
+        self.corpus_ids = list(corpus)
         self.corpus = list(corpus.values())
+        self.queries = queries
+        self.relevant = relevant
+        self.seen = seen_queries & set(queries)
         self.map_key = f"{name}_map@{k}"
         self.primary_metric = self.map_key
         self.seconds: list[float] = []
 
+    def ranked(self, model: SentenceTransformer) -> dict[str, list[str]]:
+        """Each query's top k catalogue ids by cosine similarity."""
+        keys = list(self.queries)
+        with torch.inference_mode():
+            documents = torch.nn.functional.normalize(model.encode_document(
+                self.corpus, batch_size=self.batch_size, convert_to_tensor=True), dim=-1)
+            queries = torch.nn.functional.normalize(model.encode_query(
+                [self.queries[key] for key in keys], batch_size=self.batch_size,
+                convert_to_tensor=True), dim=-1)
+            top = torch.topk(queries @ documents.T, min(self.k, len(self.corpus)), dim=-1)
+        return {key: [self.corpus_ids[i] for i in row]
+                for key, row in zip(keys, top.indices.tolist(), strict=True)}
+
     def __call__(self, model: SentenceTransformer, output_path: str | None = None,  # type: ignore[override]
                  epoch: float = -1, steps: int = -1) -> dict[str, float]:
         started = time.perf_counter()
-        corpus_embeddings = model.encode_document(self.corpus, batch_size=self.batch_size,
-                                                  convert_to_tensor=True)
-        metrics: dict[str, float] = {}
-        totals = {"map": 0.0, "recall": 0.0}
-        for subset, evaluator in self.evaluators.items():
-            with torch.inference_mode():
-                scores = evaluator.compute_all_metrics(model, corpus_embeddings=corpus_embeddings)
-            # Typed as flat floats upstream; it is {score function: {metric: {k: value}}}.
-            cosine = cast(dict[str, Any], scores)["cosine"]
-            subset_map = float(cosine["map@k"][self.k])
-            subset_recall = float(cosine["recall@k"][self.k])
-            metrics[f"{self.name}_{subset}_map@{self.k}"] = subset_map
-            metrics[f"{self.name}_{subset}_recall@{self.k}"] = subset_recall
-            totals["map"] += subset_map * self.counts[subset]
-            totals["recall"] += subset_recall * self.counts[subset]
-        total = sum(self.counts.values())
-        metrics[f"{self.name}_map@{self.k}"] = totals["map"] / total
-        metrics[f"{self.name}_recall@{self.k}"] = totals["recall"] / total
+        ranked = self.ranked(model)
+        figures = summarize(ranked, self.relevant, self.k, self.seen)
+        metrics: dict[str, float] = {
+            self.map_key: float(figures["map"] or 0.0),
+            f"{self.name}_recall@{self.k}": float(figures["recall"] or 0.0),
+        }
         for subset in SUBSETS:
-            metrics[f"{self.name}_{subset}_queries"] = float(self.counts[subset])
+            keys = [q for q in self.queries if (q in self.seen) == (subset == "seen")]
+            metrics[f"{self.name}_{subset}_queries"] = float(len(keys))
+            if keys:
+                part = summarize(ranked, {q: self.relevant[q] for q in keys}, self.k)
+                metrics[f"{self.name}_{subset}_map@{self.k}"] = float(part["map"] or 0.0)
+                metrics[f"{self.name}_{subset}_recall@{self.k}"] = float(part["recall"] or 0.0)
         self.seconds.append(time.perf_counter() - started)
         log.info("validation after %s steps: MAP@%d %.4f, recall@%d %.4f (%.1fs)", steps, self.k,
                  metrics[self.map_key], self.k, metrics[f"{self.name}_recall@{self.k}"],

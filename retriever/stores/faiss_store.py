@@ -13,7 +13,7 @@ import numpy as np
 
 from retriever.catalog import CatalogEntry
 from retriever.embedder import Embedder
-from retriever.stores import BuiltStore
+from retriever.stores.base import BuiltStore
 from retriever.vocabulary import (
     ENTRIES_FILE,
     INDEX_FILE,

@@ -21,7 +21,7 @@ import numpy as np
 
 from retriever.catalog import CatalogEntry
 from retriever.embedder import Embedder
-from retriever.stores import BuiltStore
+from retriever.stores.base import BuiltStore
 from retriever.vocabulary import (
     MILVUS_LITE_SUFFIX,
     CollectionUnavailableError,

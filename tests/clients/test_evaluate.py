@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from clients.evaluate import (
-    average_precision,
-    evaluate,
-    ndcg,
-    read_labels,
-    read_submission,
-    recall,
-)
+from clients.evaluate import evaluate, read_labels, read_submission
 from clients.queries import InputError
 from rankd.cli import main
 from retriever.data import sample_queries_path
+from retriever.evaluation import average_precision, ndcg, recall
 from tests.clients.conftest import Server, read_jsonl
 
 # ---------------------------------------------------------------- one query
