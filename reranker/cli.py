@@ -11,6 +11,7 @@ from pathlib import Path
 
 from reranker.labels import LabelAlphabet
 from reranker.listwise import ListwiseTask
+from retriever.vocabulary import DEFAULT_INDEX_DIR
 
 _FALSE = {"0", "false", "no", "off"}
 
@@ -93,7 +94,7 @@ def _quantize(args: argparse.Namespace) -> int:
                                 f"--label-alphabet {args.label_alphabet}), got {args.candidates}")
         if args.samples < 1 or args.max_seq_len < 16:
             raise QuantizeError("--samples must be at least 1 and --max-seq-len at least 16")
-        index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", "./rankd-index"))
+        index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", DEFAULT_INDEX_DIR))
         tasks, source = build_calibration_tasks(
             index_dir, args.collection, Path(args.queries) if args.queries else None,
             args.samples, args.candidates, args.seed)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reranker.labels import LabelAlphabet
+from reranker.labels import MAX_LABELS, LabelAlphabet
 from reranker.models import EMBEDDED_RERANKER
 from reranker.precision import DTYPES
 
 NO_RERANKER = "none"
 QUANTIZATIONS = ("none", "int8")
-MAX_ORDERS = 52  # the largest label alphabet: more rotations than items are never distinct
+MAX_ORDERS = MAX_LABELS  # more rotations than items are never distinct
 
 DEFAULT_INSTRUCTION = (
     "You rank candidates for a query. Read the query and the labelled candidates, then choose "

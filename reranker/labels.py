@@ -25,6 +25,10 @@ class LabelAlphabet(StrEnum):
         return list(string.ascii_uppercase + string.ascii_lowercase)
 
 
+# The largest alphabet's size: no prompt labels more items, nor runs in more distinct orders.
+MAX_LABELS = max(len(alphabet.labels()) for alphabet in LabelAlphabet)
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reranker.errors import RerankerConfigError
+from runtime.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ MARKER = ".rankd-gguf.json"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rankd" / "models"
+    return cache_root() / "models"
 
 
 def embedded_gguf() -> Path:

