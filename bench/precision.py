@@ -34,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, ListwiseTask, RerankerConfig
+from reranker import DEFAULT_RANK_TEMPLATE, ListwiseScorer, RerankerConfig
 from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion, fuse
 from reranker.listwise import spearman
 from reranker.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model_name
+from reranker.ranking import rank_task
 from retriever.evaluation import average_precision
+from retriever.vocabulary import Hit
 
 EEDI_INSTRUCTION = ("A student answered a maths question incorrectly. Choose the misconception "
                     "that explains the incorrect answer.")
@@ -81,9 +83,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             ids = [entries[i].id for i in ranked[:25]]
             relevant = [query.misconception_id or ""]
             aps["retrieval"].append(average_precision(ids, relevant, 25))
-            task = ListwiseTask(DEFAULT_RANK_TEMPLATE,
-                                {"instruction": EEDI_INSTRUCTION, "query": query.text},
-                                [entries[i].text for i in head], [entries[i].id for i in head])
+            task = rank_task(DEFAULT_RANK_TEMPLATE, EEDI_INSTRUCTION, query.text,
+                             [Hit(entries[i].id, entries[i].text, float(row[i])) for i in head])
             scored = {}
             for name in names[n % len(names):] + names[: n % len(names)]:  # take turns
                 started = time.perf_counter()

@@ -10,58 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from reranker.labels import LabelAlphabet
-from reranker.listwise import ListwiseTask
 from retriever.vocabulary import DEFAULT_INDEX_DIR
 
 _FALSE = {"0", "false", "no", "off"}
-
-
-def build_calibration_tasks(index_dir: Path, collection_name: str | None,
-                            queries_path: Path | None, samples: int, candidates: int,
-                            seed: int = 0) -> tuple[list[ListwiseTask], str]:
-    """Rerank tasks over a collection, as /rank would build them: ``samples`` queries (from
-    ``queries_path``, or else the collection's own entries standing in as queries), each with its
-    ``candidates`` nearest entries (never the query itself) and the collection's instruction.
-    Returns the tasks and a one-line description of where they came from."""
-    from reranker.config import DEFAULT_INSTRUCTION, DEFAULT_RANK_TEMPLATE
-    from reranker.quantize import QuantizeError, read_queries, sample_queries
-    from retriever import Embedder, load_collection
-    from retriever.encoders import EmbedderVariant
-    from retriever.index import collection_dirs
-
-    available = [d.name for d in collection_dirs(index_dir)]
-    name = collection_name
-    if name is None:
-        if len(available) != 1:
-            raise QuantizeError(
-                f"{len(available)} collections in {index_dir} ({', '.join(available) or 'none'});"
-                " name the one whose texts calibrate with --collection, or build one with "
-                "`rankd index build`"
-            )
-        name = available[0]
-    if name not in available:
-        raise QuantizeError(f"no collection {name!r} in {index_dir} (found: "
-                            f"{', '.join(available) or 'none'}); see --index-dir")
-    collection = load_collection(index_dir / name)
-    if queries_path is not None:
-        pool = read_queries(queries_path)
-        source = f"{len(pool)} queries from {queries_path}, candidates from collection {name!r}"
-    else:
-        pool = [entry.text for entry in collection.entries]
-        source = f"entries of collection {name!r} as queries and as candidates"
-    queries = sample_queries(pool, samples, seed)
-    embedder = Embedder.load(collection.manifest.embedder,
-                             variant=EmbedderVariant.parse(collection.manifest.embedder_variant))
-    # One more than needed, so that an entry standing in as a query can leave itself out.
-    hits = collection.search(embedder.encode(queries), candidates + 1)
-    instruction = (collection.manifest.instruction
-                   or os.environ.get("RANKD_RERANKER_INSTRUCTION", DEFAULT_INSTRUCTION))
-    template = os.environ.get("RANKD_RERANKER_RANK_TEMPLATE", DEFAULT_RANK_TEMPLATE)
-    tasks: list[ListwiseTask] = []
-    for query, row in zip(queries, hits, strict=True):
-        items = [hit.text for hit in row if hit.text != query][:candidates]
-        tasks.append(ListwiseTask.for_query(template, instruction, query, items))
-    return tasks, source
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -71,6 +22,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from reranker.quantize import (
         GROUP_SIZES,
         QuantizeError,
+        build_calibration_tasks,
         calibration_prompts,
         check_destination,
         hide_gpus_for_cpu,

@@ -176,6 +176,52 @@ def read_queries(path: Path) -> list[str]:
     return queries
 
 
+def build_calibration_tasks(index_dir: Path, collection_name: str | None,
+                            queries_path: Path | None, samples: int, candidates: int,
+                            seed: int = 0) -> tuple[list[ListwiseTask], str]:
+    """Rerank tasks over a collection, as /rank would build them: ``samples`` queries (from
+    ``queries_path``, or else the collection's own entries standing in as queries), each with its
+    ``candidates`` nearest entries (never the query itself) and the collection's instruction.
+    Returns the tasks and a one-line description of where they came from."""
+    from reranker.config import RerankerConfig
+    from reranker.ranking import rank_task
+    from retriever import Embedder, load_collection
+    from retriever.encoders import EmbedderVariant
+    from retriever.index import collection_dirs
+
+    available = [d.name for d in collection_dirs(index_dir)]
+    name = collection_name
+    if name is None:
+        if len(available) != 1:
+            raise QuantizeError(
+                f"{len(available)} collections in {index_dir} ({', '.join(available) or 'none'});"
+                " name the one whose texts calibrate with --collection, or build one with "
+                "`rankd index build`"
+            )
+        name = available[0]
+    if name not in available:
+        raise QuantizeError(f"no collection {name!r} in {index_dir} (found: "
+                            f"{', '.join(available) or 'none'}); see --index-dir")
+    collection = load_collection(index_dir / name)
+    if queries_path is not None:
+        pool = read_queries(queries_path)
+        source = f"{len(pool)} queries from {queries_path}, candidates from collection {name!r}"
+    else:
+        pool = [entry.text for entry in collection.entries]
+        source = f"entries of collection {name!r} as queries and as candidates"
+    queries = sample_queries(pool, samples, seed)
+    embedder = Embedder.load(collection.manifest.embedder,
+                             variant=EmbedderVariant.parse(collection.manifest.embedder_variant))
+    # One more than needed, so that an entry standing in as a query can leave itself out.
+    hits = collection.search(embedder.encode(queries), candidates + 1)
+    config = RerankerConfig.from_env()
+    instruction = collection.manifest.instruction or config.instruction
+    tasks = [rank_task(config.rank_template, instruction, query,
+                       [hit for hit in row if hit.text != query][:candidates])
+             for query, row in zip(queries, hits, strict=True)]
+    return tasks, source
+
+
 @contextlib.contextmanager
 def _cpu_calibration() -> Iterator[None]:
     """Let llm-compressor 0.14's AWQ run where no accelerator exists.

@@ -46,11 +46,12 @@ from reranker.backends.transformers_backend import (
     label_log_softmax,
 )
 from reranker.config import POINTWISE_LABELS, RerankerConfig, Scoring
-from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion, fuse
+from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion
 from reranker.labels import POINTWISE_REMEDY, label_token_ids
 from reranker.listwise import ListwiseScorer, ListwiseScores, ListwiseTask, PointwiseReading
 from reranker.precision import DtypeChoice
 from reranker.prompt import PromptRenderer
+from reranker.ranking import fused_order, rank_task
 from retriever.embedder import DEFAULT_EMBEDDER
 from runtime.paths import select_device
 
@@ -187,8 +188,7 @@ class PromptBuilder:
                 remedy=POINTWISE_REMEDY))
 
     def task(self, query: str, hits: Sequence[Hit]) -> ListwiseTask:
-        return ListwiseTask.for_query(self.config.rank_template, self.instruction, query,
-                                      [h.text for h in hits], [h.id for h in hits])
+        return rank_task(self.config.rank_template, self.instruction, query, hits)
 
     def scorer(self, backend: TransformersBackend) -> ListwiseScorer:
         return ListwiseScorer(self.renderer, backend, self.labels, self.label_token_ids,
@@ -339,8 +339,8 @@ def ranked_ids(query: EvalQuery, scored: ListwiseScores, n: int, fusion: Fusion,
                weight: float) -> list[str]:
     """A query's ranking as /rank returns it: the top N reranked and fused, the rest after."""
     head = query.hits[:n]
-    fused = fuse([h.score for h in head], scored, fusion, weight)
-    return [head[i].id for i in fused.order] + [h.id for h in query.hits[n:]]
+    order = fused_order(head, scored, fusion, weight).order
+    return [head[i].id for i in order] + [h.id for h in query.hits[n:]]
 
 
 def mean_average_precision(ranked: dict[str, list[str]], queries: Sequence[EvalQuery],

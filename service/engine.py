@@ -32,7 +32,8 @@ from pathlib import Path
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
-from reranker.fusion import Fusion, fuse
+from reranker.fusion import Fusion
+from reranker.ranking import fused_order, rank_task
 from reranker.windows import balanced_windows, merge_window_scores
 from retriever.search import SearchQuery
 from retriever.vocabulary import Hit, Manifest
@@ -212,13 +213,9 @@ class Engine:
 
     def _rank_task(self, plan: RankPlan, hits: list[Hit]) -> ListwiseTask:
         manifest = self.collections_loaded[plan.collection]
-        top = hits[: plan.rerank_n]
-        task = ListwiseTask.for_query(
-            self.settings.reranker.rank_template,
-            manifest.instruction or self.settings.reranker.instruction, plan.request.query,
-            [h.text for h in top], [h.id for h in top], plan.orders,
-            [f"{plan.prefix}candidates (catalogue entry {h.id})" for h in top])
-        return replace(task, prompt_field=f"{plan.prefix}query")
+        return rank_task(self.settings.reranker.rank_template,
+                         manifest.instruction or self.settings.reranker.instruction,
+                         plan.request.query, hits[: plan.rerank_n], plan.orders, plan.prefix)
 
     def _too_large(self, exc: JobTooLargeError, field: str) -> LimitExceededError:
         return LimitExceededError(
@@ -297,7 +294,7 @@ class Engine:
                        for rank, h in enumerate(hits[:k], 1)]
         else:
             head = hits[: plan.rerank_n]
-            fused = fuse([h.score for h in head], scored, plan.fusion, plan.fusion_weight)
+            fused = fused_order(head, scored, plan.fusion, plan.fusion_weight)
             order, final = fused.order, fused.scores
             report = FusionReport(method=plan.fusion.value, rerank_weight=fused.rerank_weight,
                                   agreement=fused.agreement, moved=fused.moved)

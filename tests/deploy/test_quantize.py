@@ -24,10 +24,9 @@ import pytest
 from rankd.cli import main
 from rankd.devtools.tiny_lm import build_tiny_lm
 from rankd.devtools.venvs import side_venv_python
-from reranker.cli import build_calibration_tasks
 from reranker.labels import LabelAlphabet
 from reranker.prompt import PromptRenderer, load_tokenizer
-from reranker.quantize import calibration_prompts
+from reranker.quantize import build_calibration_tasks, calibration_prompts
 from reranker.vllm_cpu import WNA16_KERNEL, probe_kernels
 from retriever import Embedder, load_collection
 from retriever.data import SAMPLE_COLLECTION, SAMPLE_INSTRUCTION, sample_queries_path
