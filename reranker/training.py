@@ -501,11 +501,19 @@ def retrieve_candidates(entries: Sequence[CatalogEntry], data: TrainingData,
 def _lora(model: Any, config: RerankerTrainingConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    import torch
+
     layers = model.config.num_hidden_layers
     chosen = (list(range(max(0, layers - config.lora_layers), layers)) if config.lora_layers
               else None)
+    # peft takes "all-linear" only for every layer; for some layers, the decoder's own Linear
+    # names (q_proj, ..., down_proj), the output layer left out.
+    output = model.get_output_embeddings()
+    targets: str | list[str] = "all-linear" if chosen is None else sorted({
+        name.rsplit(".", 1)[-1] for name, module in model.get_decoder().named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output})
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      target_modules="all-linear", layers_to_transform=chosen,
+                      target_modules=targets, layers_to_transform=chosen,
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 

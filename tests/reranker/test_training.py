@@ -318,3 +318,14 @@ def test_a_run_without_the_base_evaluation_keeps_a_curve_on_its_subset(
     curve = report["learning_curve"]
     assert len(curve) == 3  # two points during training and the written model, on the subset
     assert all(point["none"]["queries"] == report["split"]["curve_queries"] for point in curve)
+
+
+def test_lora_on_the_last_layers_only(tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
+    config = _config(tmp_path / "lora1", tiny_lm, lora_layers=1, examples=8, epochs=1,
+                     curve_points=0, eval_queries=4)
+    report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi")
+    every = _config(tmp_path / "lora2", tiny_lm, examples=8, epochs=1, curve_points=0,
+                    eval_queries=4)
+    whole = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), every, eedi_csv, "eedi")
+    # The tiny model has two layers: LoRA on one trains half the adapter weights.
+    assert 0 < report["parameters"]["trainable"] < whole["parameters"]["trainable"]
