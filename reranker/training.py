@@ -499,9 +499,8 @@ def retrieve_candidates(entries: Sequence[CatalogEntry], data: TrainingData,
 
 
 def _lora(model: Any, config: RerankerTrainingConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
-
     import torch
+    from peft import LoraConfig, get_peft_model
 
     layers = model.config.num_hidden_layers
     chosen = (list(range(max(0, layers - config.lora_layers), layers)) if config.lora_layers

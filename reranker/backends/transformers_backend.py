@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,10 +144,6 @@ class _InProgress:
     def remaining(self) -> int:
         return len(self.read.prompt_token_ids) - self.done
 
-    @property
-    def cost(self) -> int:
-        """The tokens this read adds to a batch."""
-        return self.remaining - (self.shared if not self.done else 0)
 
 
 @dataclass(frozen=True)
@@ -159,6 +156,29 @@ class LoadedModel:
     dtype: DtypeChoice
 
 
+def attention_span(model: Any) -> float:
+    """How many cached tokens a new token must attend to before attention costs it as much as
+    the rest of its pass: the linear layers' multiply-adds per token over attention's per
+    (token, cached token) pair, from the model's size (about 3,000 for SmolLM2-135M)."""
+    config = model.config
+    embeddings = sum(p.numel() for p in model.get_input_embeddings().parameters())
+    linear = sum(p.numel() for p in model.parameters()) - embeddings
+    return linear / (2 * config.hidden_size * config.num_hidden_layers)
+
+
+def pass_cost(new: int, cached: int, span: float) -> float:
+    """A forward pass over ``new`` tokens after ``cached`` ones, in tokens of a pass with no
+    context: attention grows with the context each new token reads."""
+    return new * (1 + (cached + new / 2) / span)
+
+
+def chunk_for(cached: int, budget: float, span: float) -> int:
+    """The most new tokens whose pass after ``cached`` tokens costs at most ``budget``."""
+    a = 1 / (2 * span)
+    b = 1 + cached / span
+    return max(16, int((-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)))
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -169,6 +189,7 @@ class TransformersBackend:
         self.pad_token_id = loaded.pad_token_id
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.span = attention_span(self.model)
         self.detail = f"{loaded.device} in {loaded.dtype}"
         self.timeout_s = config.timeout_s
         # Concurrent requests share forward passes; the batch runs on the batcher's own thread.
@@ -178,7 +199,7 @@ class TransformersBackend:
         self._batcher: MicroBatcher[_InProgress, list[float]] = MicroBatcher(
             "rerank", self._step, max_batch_size=config.batch_size,
             max_wait_ms=config.batch_wait_ms, max_queue_depth=config.max_queue_depth,
-            cost=lambda item: item.cost, max_batch_cost=config.batch_tokens,
+            cost=self._cost, max_batch_cost=config.batch_tokens,
             observer=observer, memory_release=default_memory_release())
         self.forward_passes = 0  # model calls
         self.batches = 0  # micro-batches scored
@@ -232,6 +253,13 @@ class TransformersBackend:
             last = self.last_logits(reads)
         return [row.tolist() for row in label_log_softmax(last, reads)]
 
+    def _cost(self, item: _InProgress) -> int:
+        """The work a read has left, in context-free tokens: its prefix shared with the read
+        before it counts once, as prefix sharing computes it once when the two run together."""
+        shared = item.shared if not item.done else 0
+        return round(pass_cost(item.remaining, item.done, self.span)
+                     - pass_cost(shared, 0, self.span))
+
     def _step(self, items: list[_InProgress]) -> list[list[float] | Unfinished]:
         """One turn of the batcher: the reads that fit whole are scored together; a read in
         progress (longer than batch_tokens) advances by one chunk, and is scored with its
@@ -242,8 +270,8 @@ class TransformersBackend:
             # Per call, in this worker thread: OpenMP's thread count is a per-thread setting, so
             # the embedder's worker keeps its own.
             torch.set_num_threads(self.threads)
-        whole = [i for i, item in enumerate(items)
-                 if item.cache is None and item.remaining <= self.batch_tokens]
+        whole = [i for i, item in enumerate(items) if item.cache is None
+                 and pass_cost(item.remaining, 0, self.span) <= self.batch_tokens]
         results: list[list[float] | Unfinished] = [UNFINISHED] * len(items)
         if whole:
             for i, row in zip(whole, self.score_batch([items[i].read for i in whole]),
@@ -261,7 +289,8 @@ class TransformersBackend:
         from transformers import DynamicCache
 
         tokens = item.read.prompt_token_ids
-        end = min(len(tokens), item.done + self.batch_tokens)
+        # As many tokens as one pass of batch_tokens affords at this depth of context.
+        end = min(len(tokens), item.done + chunk_for(item.done, self.batch_tokens, self.span))
         chunk = torch.tensor([tokens[item.done:end]], dtype=torch.long, device=self.device)
         if item.cache is None:
             item.cache = DynamicCache()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.apps import app_client
-from tests.support.real_lm import smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,8 @@ async def _timed_rank(client: Any) -> float:
 @pytest.mark.parametrize(("route", "body"), [("/v1/rerank", _maximal_rerank()),
                                              ("/answer", _maximal_answer())])
 async def test_a_normal_rank_answers_within_twice_its_time_beside_a_maximal_request(
-        settings_factory: Any, route: str, body: dict[str, Any]) -> None:
-    settings = settings_factory(reranker_backend="transformers", reranker_model=str(smollm2()),
+        settings_factory: Any, smollm2: Path, route: str, body: dict[str, Any]) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(smollm2),
                                 reranker_timeout_s=600)
     async with app_client(settings) as (app, client):
         backend = app.state.engine.scorer.backend
