@@ -219,3 +219,75 @@ async def test_an_impossible_batch_is_422_at_once(settings_factory: Any, tiny_lm
     assert "RANKD_RERANKER_MAX_QUEUE_DEPTH" in error["message"]
     assert "retry-after" not in response.headers
     assert seconds < 1.0  # refused before any prompt is rendered
+
+
+async def test_items_over_their_token_limit_are_cut_or_refused_as_configured(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    long = "adds the numerators and adds the denominators " * 40
+    body = {"query": "1/2 + 1/3 = 2/5", "documents": ["short one", long, "short two"]}
+    results = {}
+    for policy in ("truncate", "refuse"):
+        settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                    reranker_max_item_tokens=32, reranker_long_items=policy)
+        async with app_client(settings) as (_, client):
+            results[policy] = await client.post("/v1/rerank", json=body)
+    assert results["truncate"].status_code == 200
+    assert {r["index"] for r in results["truncate"].json()["results"]} == {0, 1, 2}
+    refused = results["refuse"]
+    assert refused.status_code == 422
+    error = refused.json()["error"]
+    assert error["field"] == "documents[1]"
+    assert "over the limit of 32 tokens" in error["message"]
+    assert "RANKD_RERANKER_MAX_ITEM_TOKENS" in error["message"]
+
+
+async def test_a_prompt_over_the_model_context_is_refused_naming_the_field(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                reranker_max_prompt_tokens=256)
+    async with app_client(settings) as (_, client):
+        rerank = await client.post("/v1/rerank", json={
+            "query": "q", "documents": ["adds the numerators " * 20] * 3})
+        rank = await client.post("/rank", json={"query": "fractions " * 300})
+        answer = await client.post("/answer", json={
+            "question": "q", "options": ["adds the numerators " * 40, "b"]})
+    for response, field in ((rerank, "documents"), (rank, "query"), (answer, "options")):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == field
+        assert "over the limit of 256 tokens (RANKD_RERANKER_MAX_PROMPT_TOKENS)" in error["message"]
+
+
+async def test_answer_counts_its_markers_and_returns_the_passages_it_used(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    """Issue 26's request: 1,100 one-letter passages once made a 7,184-token prompt."""
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                answer_context_tokens=256)
+    async with app_client(settings) as (app, client):
+        started = time.perf_counter()
+        response = await client.post("/answer", json={
+            "question": "What is 7 to the power 0?", "options": ["0", "1"],
+            "context": ["p"] * 1100, "orders": 1, "collection": "misconceptions"})
+        seconds = time.perf_counter() - started
+        renderer = app.state.engine.scorer.renderer
+    assert response.status_code == 200, response.text
+    body = response.json()
+    used = body["passages"]
+    assert 0 < len(used) < 1100
+    assert [p["id"] for p in used] == [f"context:{i}" for i in range(len(used))]
+    context = "\n".join(f"[{i}] {p['text']}" for i, p in enumerate(used[::-1], 1))
+    assert renderer.count_tokens(context) <= 256
+    assert body["warnings"] == ["collection is ignored: the request gives its own context"]
+    assert seconds < 20
+
+
+async def test_identical_options_are_answered_with_a_warning(settings_factory: Any,
+                                                             tiny_lm: Path) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm))
+    async with app_client(settings) as (_, client):
+        response = await client.post("/answer", json={
+            "question": "q", "options": ["One", "two", " one "], "passages": 0})
+    assert response.status_code == 200
+    assert response.json()["warnings"] == [
+        "options[0] and options[2] are the same text: the model sees them at different places "
+        "and may give them different probabilities"]
