@@ -1,4 +1,5 @@
-"""Registers reranker subcommands (quantize) on the ``rankd`` parser."""
+"""Registers the reranker's subcommands on the ``rankd`` parser: ``quantize`` (4-bit AWQ for
+vLLM) and ``train-reranker``."""
 
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
     from retriever.catalog import CatalogError, read_catalog
     from retriever.eedi import DEFAULT_QUERY_TEMPLATE
     from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
-    from retriever.training import TrainingError, read_pairs
+    from retriever.pairs import TrainingError, read_pairs
 
     try:
         overrides: dict[str, object] = {"model": args.model} if args.model else {}

@@ -53,16 +53,16 @@ from reranker.precision import DtypeChoice
 from reranker.prompt import PromptRenderer
 from reranker.ranking import fused_order, rank_task
 from retriever.embedder import DEFAULT_EMBEDDER
+from retriever.pairs import REPORT_FILE
 from runtime.paths import select_device
 
 if TYPE_CHECKING:
     from retriever.catalog import CatalogEntry
-    from retriever.training import Split, TrainingPair, ValidationSet
+    from retriever.pairs import Split, TrainingPair, ValidationSet
     from retriever.vocabulary import Hit
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "training_report.json"
 CHECKPOINT_DIR = "checkpoints"
 # The rankd settings a trained model needs to be served as it was trained.
 SERVING_FILE = "rankd_reranker.json"
@@ -138,7 +138,7 @@ class RerankerTrainingConfig:
         return self.reranker.scoring
 
     def check(self) -> None:
-        from retriever.training import require_positive
+        from retriever.pairs import require_positive
 
         positive = {"candidates": self.candidates, "epochs": self.epochs,
                     "learning rate": self.learning_rate, "batch size": self.batch_size,
@@ -464,7 +464,7 @@ def split_for_training(pairs: Sequence[TrainingPair],
     """The retriever's split (the same function and seed, so a `rankd train-retriever` run
     with the same options trained on none of these validation questions), the training pairs
     drawn, and the validation questions evaluated."""
-    from retriever.training import split_pairs, validation_set
+    from retriever.pairs import split_pairs, validation_set
 
     split = split_pairs(pairs, config.validation_fraction, seed=config.seed)
     eval_groups = _eval_subset(split, config.eval_queries, config.seed)
@@ -655,7 +655,7 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
 
     from reranker.models import resolve_model
     from reranker.prompt import load_tokenizer
-    from retriever.training import check_positives, prepare_output, write_validation_file
+    from retriever.pairs import check_positives, prepare_output, write_validation_file
     from retriever.training_components import peak_rss_mib
     from retriever.vocabulary import Hit
 

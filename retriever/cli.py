@@ -93,7 +93,7 @@ def register_index(sub: argparse._SubParsersAction) -> None:
     from retriever.vocabulary import IndexSpec
 
     defaults = IndexSpec()
-    index = sub.add_parser("index", help="build and inspect collection indexes")
+    index = sub.add_parser("index", help="build collection indexes")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="embed a catalogue into a collection (FAISS files "
                                                "or Milvus)")
@@ -159,15 +159,13 @@ def _train_retriever(args: argparse.Namespace) -> int:
     from retriever.catalog import CatalogError, read_catalog
     from retriever.eedi import DEFAULT_QUERY_TEMPLATE
     from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.pairs import TrainingError, read_pairs, write_validation_file
     from retriever.training import (
         LossKind,
         NegativeSampling,
         SamplerKind,
-        TrainingError,
         parse_window,
-        read_pairs,
         train_retriever,
-        write_validation_file,
     )
 
     try:

@@ -36,7 +36,7 @@ class Settings(LogSettings):
     embedder_backend: EmbedderBackend = Field(EmbedderBackend.TORCH, description="The embedder's runtime: torch (sentence-transformers), onnx (ONNX Runtime, rankd[onnx]) or openvino (rankd[openvino]). The exported graph is cached under RANKD_EMBEDDER_CACHE_DIR; a collection records the runtime it was built with and must be served with the same.")
     embedder_quantization: EmbedderQuantization = Field(EmbedderQuantization.NONE, description="none, or int8 with RANKD_EMBEDDER_BACKEND=onnx (dynamic, per-channel) or openvino (static, NNCF). int8 vectors differ slightly from float32 ones (docs/benchmarks.md).")
     embedder_cache_dir: Path | None = Field(None, description="Where exported embedder graphs are kept, one directory per model weights; default ~/.cache/rankd/embedders.")
-    device: str = Field("auto", description="Torch device for in-process models: auto, cpu, cuda, cuda:N.")
+    device: str = Field("auto", description="Torch device of the embedder: auto, cpu, cuda, cuda:N (the reranker's is RANKD_RERANKER_DEVICE).")
     milvus_uri: str | None = Field(None, description="Milvus URI for every Milvus collection, instead of the one its manifest recorded at build: a Milvus Lite `.db` file or a server such as http://milvus:19530.")
     milvus_token: SecretStr | None = Field(None, description="Milvus token (`user:password` or an API key) for a server with authentication.")
     on_index_error: OnIndexError = Field(OnIndexError.FAIL, description="A damaged collection at start-up: `fail` refuses to start, `skip` serves the rest and reports it in /ready.")

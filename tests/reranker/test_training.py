@@ -34,7 +34,7 @@ from retriever.data import (
     sample_catalog_path,
     sample_entries,
 )
-from retriever.training import TrainingPair, read_pairs
+from retriever.pairs import TrainingPair, read_pairs
 from retriever.vocabulary import Hit
 from service.settings import Settings
 from tests.retriever.test_training import write_eedi_csv

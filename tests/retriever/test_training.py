@@ -23,17 +23,15 @@ from retriever.data import (
     sample_queries_path,
 )
 from retriever.eedi import eedi_queries
-from retriever.training import (
-    NegativeSampling,
+from retriever.pairs import (
     TrainingError,
     TrainingPair,
     check_positives,
-    mine_hard_negatives,
-    parse_window,
     read_pairs,
     split_pairs,
     validation_set,
 )
+from retriever.training import NegativeSampling, mine_hard_negatives, parse_window
 from service.settings import Settings
 from tests.support.apps import app_client
 
