@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,12 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import numpy as np
 
 from clients.api import RankOptions
 from clients.loadtest import LevelResult, LoadConfig, run_loadtest
 from clients.queries import Query, QueryFileOptions, read_queries, sample_queries
+from rankd.devtools.ports import free_port
+from rankd.devtools.serving import start_child, stop_child
 
 if TYPE_CHECKING:
     from retriever import Embedder
@@ -115,30 +115,6 @@ def raw_pass(embedder: Embedder, texts: list[str], batch_size: int) -> RawResult
     return RawResult(batch_size, seconds, len(texts) / seconds, 1000 * cpu / len(texts))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(process: subprocess.Popen[bytes], url: str, what: str) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited: "
-                               + (process.stderr.read().decode()[-3000:] if process.stderr else ""))
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError(f"{what} did not become ready within 300 s")
-
-
 def start_service(index_dir: Path, port: int, model: str, variant: EmbedderVariant,
                   extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "RANKD_INDEX_DIR": str(index_dir), "RANKD_EMBEDDER_MODEL": model,
@@ -146,11 +122,9 @@ def start_service(index_dir: Path, port: int, model: str, variant: EmbedderVaria
            "RANKD_EMBEDDER_QUANTIZATION": variant.quantization.value,
            "RANKD_DEVICE": "cpu", "RANKD_RERANKER_BACKEND": "none",
            "RANKD_LOG_LEVEL": "warning", **extra_env}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rankd.cli", "serve", "--host", "127.0.0.1", "--port",
-         str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(process, f"{url}/ready", f"rankd serve ({variant})")
+    process = start_child([sys.executable, "-m", "rankd.cli", "serve", "--host", "127.0.0.1",
+                           "--port", str(port)], env, f"{url}/ready", f"rankd serve ({variant})")
     return process, url
 
 
@@ -160,23 +134,13 @@ def start_infinity(python: str, model_dir: str, port: int, batch_size: int,
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     executable = str(Path(python).with_name("infinity_emb"))
-    process = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    process = start_child(
         [executable, "v2", "--model-id", model_dir, "--port", str(port), "--host", "127.0.0.1",
          "--engine", "torch", "--device", "cpu", "--batch-size", str(batch_size),
-         "--no-vector-disk-cache", "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(process, f"{url}/health", "infinity_emb")
+         "--no-vector-disk-cache", "--log-level", "warning"], env, f"{url}/health",
+        "infinity_emb")
     return process, url
-
-
-def stop_service(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def service_level(url: str, server_pid: int, queries: list[Query], concurrency: int,
@@ -351,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for system in systems + ([peer] if peer else []):
                 if system.process is not None:
-                    stop_service(system.process)
+                    stop_child(system.process)
 
     report(args, systems, peer, queries, loads)
     if args.json is not None:

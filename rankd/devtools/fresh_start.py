@@ -28,7 +28,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rankd.devtools.dockerfile import dockerfile_stages, exec_form, stage_env
+from rankd.devtools.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -88,12 +88,6 @@ def image_install_lines(dockerfile: Path = DOCKERFILE) -> list[str]:
 def image_runtime(dockerfile: Path = DOCKERFILE) -> tuple[list[str], dict[str, str]]:
     runtime = dockerfile_stages(dockerfile)[-1]
     return exec_form(runtime.last("CMD")), stage_env(runtime)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pip_cache_dir() -> str:

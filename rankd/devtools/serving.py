@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import socket
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import uvicorn
 
+from rankd.devtools.ports import free_port
 from service.app import create_app
 from service.server import server_config
 from service.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -56,3 +53,34 @@ def _serve(config: uvicorn.Config) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def start_child(command: list[str], env: dict[str, str], ready_url: str, what: str,
+                timeout_s: float = 300.0) -> subprocess.Popen[bytes]:
+    """A server in a child process, once ``ready_url`` answers 200; its stderr is kept for the
+    error when it exits or does not become ready in time."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            error = process.stderr.read().decode()[-3000:] if process.stderr else ""
+            raise RuntimeError(f"{what} exited: {error}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise RuntimeError(f"{what} did not become ready within {timeout_s:.0f} s")
+
+
+def stop_child(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after a minute."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -10,7 +10,7 @@ import pytest
 from pymilvus import MilvusClient
 
 from rankd.cli import main
-from rankd.devtools.serving import free_port
+from rankd.devtools.ports import free_port
 from retriever import (
     CollectionUnavailableError,
     Embedder,

@@ -18,7 +18,7 @@ import ray
 import yaml
 from ray import serve
 
-from rankd.devtools.serving import free_port
+from rankd.devtools.ports import free_port
 from tests.support.apps import app_client
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "serve.yaml"

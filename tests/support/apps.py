@@ -12,7 +12,8 @@ import httpx
 from fastapi import FastAPI
 
 from clients.api import parse_prometheus
-from rankd.devtools.serving import free_port, serve_asgi_in_thread, serve_in_thread
+from rankd.devtools.ports import free_port
+from rankd.devtools.serving import serve_asgi_in_thread, serve_in_thread
 from service.app import create_app
 from service.settings import Settings
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from rankd.devtools.serving import free_port
+from rankd.devtools.ports import free_port
 from rankd.devtools.vllm_server import MAX_LOGPROBS, VllmServer, vllm_python
 
 __all__ = ["MAX_LOGPROBS", "SlowVllm", "VllmServer", "live_vllm", "vllm_python", "vllm_server"]
