@@ -41,7 +41,7 @@ async def probe(rounds: int, count: int, chars: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="rankd-loop-"))
     model = build_tiny_lm(work / "lm")
     build_sample_collection(Embedder.load("sentence-transformers/all-MiniLM-L6-v2"), work / "index")
-    settings = Settings(index_dir=work / "index", device="cpu", max_body_bytes=16 * 2**20,
+    settings = Settings(index_dir=work / "index", embedder_device="cpu", max_body_bytes=16 * 2**20,
                         reranker={"backend": "transformers", "model": str(model)})
     app = create_app(settings)
     body = {"query": QUERY, "documents": documents(count, chars)}

@@ -120,7 +120,7 @@ def start_service(index_dir: Path, port: int, model: str, variant: EmbedderVaria
     env = {**os.environ, "RANKD_INDEX_DIR": str(index_dir), "RANKD_EMBEDDER_MODEL": model,
            "RANKD_EMBEDDER_BACKEND": variant.backend.value,
            "RANKD_EMBEDDER_QUANTIZATION": variant.quantization.value,
-           "RANKD_DEVICE": "cpu", "RANKD_RERANKER_BACKEND": "none",
+           "RANKD_EMBEDDER_DEVICE": "cpu", "RANKD_RERANKER_BACKEND": "none",
            "RANKD_LOG_LEVEL": "warning", **extra_env}
     url = f"http://127.0.0.1:{port}"
     process = start_child([sys.executable, "-m", "rankd.cli", "serve", "--host", "127.0.0.1",

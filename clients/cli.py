@@ -10,12 +10,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from clients.config import ClientSettings
 
 if TYPE_CHECKING:
     from clients.api import RankOptions
@@ -81,8 +82,9 @@ def _add_query_file(parser: argparse.ArgumentParser, required: bool) -> None:
 def _add_rank(parser: argparse.ArgumentParser, timeout: float) -> None:
     group = parser.add_argument_group("service")
     group.add_argument("--url", help="service base URL (default http://127.0.0.1:8000)")
-    group.add_argument("--api-key", default=os.environ.get("RANKD_API_KEY"),
-                       help="sent as 'Authorization: Bearer KEY' (default: $RANKD_API_KEY)")
+    group.add_argument("--api-key",
+                       help="sent as 'Authorization: Bearer KEY' (default: the first key of "
+                            "$RANKD_API_KEY)")
     group.add_argument("--top-k", type=int, default=25, help="results per query (default 25)")
     group.add_argument("--candidates", type=int,
                        help="candidates reranked (default: the service's)")
@@ -135,7 +137,7 @@ def _batch(args: argparse.Namespace) -> int:
         config = BatchConfig(
             url=normalise_url(args.url or DEFAULT_URL), output=args.output,
             rank=_rank_options(args),
-            concurrency=args.concurrency, api_key=args.api_key, timeout_s=args.timeout,
+            concurrency=args.concurrency, api_key=args.api_key or ClientSettings().key(), timeout_s=args.timeout,
             retry=RetryPolicy(retries=args.retries, backoff_s=args.backoff,
                               max_wait_s=args.max_wait),
             batch_size=args.rank_batch, progress=not args.quiet)
@@ -272,7 +274,7 @@ def _loadtest(args: argparse.Namespace) -> int:
             queries = sample_queries()
         config = LoadConfig(url=url, rank=_rank_options(args), concurrency=args.concurrency or (),
                             rates=args.rate or (), duration_s=args.duration,
-                            requests=args.requests, warmup=args.warmup, api_key=args.api_key,
+                            requests=args.requests, warmup=args.warmup, api_key=args.api_key or ClientSettings().key(),
                             timeout_s=args.timeout, max_in_flight=args.max_in_flight)
     except (InputError, UsageError, OSError) as exc:
         _err("loadtest", str(exc))

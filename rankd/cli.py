@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from clients.cli import register as register_client_commands
 from reranker.cli import register as register_reranker_commands
 from retriever.cli import register as register_retriever_commands
-from runtime.logs import LogSettingsError, configure_logging
+from runtime.logs import configure_logging
+from runtime.settings import SettingsError
 from service.cli import register as register_service_commands
 
 Handler = Callable[[argparse.Namespace], int]
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":  # serve configures logging from its own settings
         try:
             configure_logging()
-        except LogSettingsError as exc:
+        except SettingsError as exc:
             print(exc, file=sys.stderr)
             return 2
     handler: Handler = args.handler

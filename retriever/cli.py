@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from retriever.config import RetrieverSettings
+
 # Light: no torch, transformers or datasets until a training run starts.
 from retriever.training import TrainingConfig
-from retriever.vocabulary import DEFAULT_INDEX_DIR
+from runtime.settings import SettingsError, read_settings
 
 
 def _index_build(args: argparse.Namespace) -> int:
@@ -26,15 +27,20 @@ def _index_build(args: argparse.Namespace) -> int:
         read_catalog,
     )
     from retriever.catalog import CatalogError
-    from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.embedder import EmbedderLoadError
     from retriever.encoders import EmbedderBackend, EmbedderQuantization, EmbedderVariant
     from retriever.hygiene import CleaningSpec, DedupMode, KeepRule, clean_catalog
     from retriever.vocabulary import IndexIntegrityError
 
-    index_dir = Path(args.index_dir or os.environ.get("RANKD_INDEX_DIR", DEFAULT_INDEX_DIR))
-    model = args.model or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER)
+    try:
+        settings = read_settings(RetrieverSettings)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    index_dir = Path(args.index_dir or settings.index_dir)
+    model = args.model or settings.embedder_model
     backend = StoreKind(args.backend)
-    uri = args.milvus_uri or os.environ.get("RANKD_MILVUS_URI")
+    uri = args.milvus_uri or settings.milvus_uri
     if backend is StoreKind.MILVUS and not uri:
         print("rankd index build: --backend milvus needs --milvus-uri (a Milvus Lite file such as "
               "./milvus.db, or http://host:19530) or RANKD_MILVUS_URI", file=sys.stderr)
@@ -50,9 +56,11 @@ def _index_build(args: argparse.Namespace) -> int:
                                 min_chars=args.min_chars, max_chars=args.max_chars)
         entries = read_catalog(args.catalog, args.id_column, args.text_column, args.format,
                                allow_empty=cleaning.filter_noise)
-        variant = EmbedderVariant(EmbedderBackend(args.embedder_backend),
-                                  EmbedderQuantization(args.embedder_quantization))
-        embedder = Embedder.load(model, args.device, args.batch_size, variant)
+        variant = EmbedderVariant(
+            EmbedderBackend(args.embedder_backend or settings.embedder_backend),
+            EmbedderQuantization(args.embedder_quantization or settings.embedder_quantization))
+        embedder = Embedder.load(model, args.device or settings.embedder_device,
+                                 args.batch_size, variant)
         vectors, aliases, recorded = None, None, None
         if cleaning.active:
             cleaned = clean_catalog(entries, cleaning,
@@ -65,7 +73,7 @@ def _index_build(args: argparse.Namespace) -> int:
                 raise CatalogError("cleaning left no entries; loosen --min-chars/--max-chars")
         path = build_collection(entries, embedder, index_dir, args.collection,
                                 instruction=args.instruction, spec=spec, backend=backend,
-                                target=StoreTarget(uri, os.environ.get("RANKD_MILVUS_TOKEN")),
+                                target=StoreTarget(uri, settings.store_target.token),
                                 show_progress=not args.quiet, vectors=vectors,
                                 cleaning=recorded, aliases=aliases)
     except (CatalogError, EmbedderLoadError, IndexIntegrityError, ValueError) as exc:
@@ -122,13 +130,11 @@ def register_index(sub: argparse._SubParsersAction) -> None:
                        help="IVF: number of lists (default about 4*sqrt(count))")
     build.add_argument("--nprobe", type=int, default=defaults.nprobe,
                        help="IVF: lists searched per query, recorded in the manifest")
-    build.add_argument("--device", default="auto")
+    build.add_argument("--device", help="default: $RANKD_EMBEDDER_DEVICE or auto")
     build.add_argument("--embedder-backend", choices=["torch", "onnx", "openvino"],
-                       default=os.environ.get("RANKD_EMBEDDER_BACKEND", "torch"),
                        help="the embedder's runtime, recorded in the manifest; serve with the "
                             "same (default $RANKD_EMBEDDER_BACKEND or torch)")
     build.add_argument("--embedder-quantization", choices=["none", "int8"],
-                       default=os.environ.get("RANKD_EMBEDDER_QUANTIZATION", "none"),
                        help="int8 with --embedder-backend onnx or openvino "
                             "(default $RANKD_EMBEDDER_QUANTIZATION or none)")
     build.add_argument("--batch-size", type=int, default=64)
@@ -158,7 +164,7 @@ def register_index(sub: argparse._SubParsersAction) -> None:
 def _train_retriever(args: argparse.Namespace) -> int:
     from retriever.catalog import CatalogError, read_catalog
     from retriever.eedi import DEFAULT_QUERY_TEMPLATE
-    from retriever.embedder import DEFAULT_EMBEDDER, EmbedderLoadError
+    from retriever.embedder import EmbedderLoadError
     from retriever.pairs import TrainingError, read_pairs, write_validation_file
     from retriever.training import (
         LossKind,
@@ -171,7 +177,7 @@ def _train_retriever(args: argparse.Namespace) -> int:
     try:
         config = TrainingConfig(
             output_dir=Path(args.output),
-            model=args.model or os.environ.get("RANKD_EMBEDDER_MODEL", DEFAULT_EMBEDDER),
+            model=args.model or read_settings(RetrieverSettings).embedder_model,
             device=args.device,
             epochs=args.epochs,
             learning_rate=args.lr,
@@ -198,7 +204,7 @@ def _train_retriever(args: argparse.Namespace) -> int:
         report = train_retriever(pairs, entries, config)
         validation_file = write_validation_file(args.train, args.format,
                                                 set(report["validation_groups"]), args.output)
-    except (TrainingError, CatalogError, EmbedderLoadError, OSError) as exc:
+    except (TrainingError, CatalogError, EmbedderLoadError, OSError, SettingsError) as exc:
         print(f"rankd train-retriever: {exc}", file=sys.stderr)
         return 2
     summary = {key: report[key] for key in ("output", "pairs", "validation_queries", "zero_shot",

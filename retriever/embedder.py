@@ -98,7 +98,7 @@ class Embedder:
             if device not in ("auto", "cpu"):
                 raise EmbedderLoadError(
                     f"RANKD_EMBEDDER_BACKEND={variant.backend.value} runs on the CPU, but "
-                    f"RANKD_DEVICE={device}; set RANKD_DEVICE=cpu or RANKD_EMBEDDER_BACKEND=torch")
+                    f"RANKD_EMBEDDER_DEVICE={device}; set RANKD_EMBEDDER_DEVICE=cpu or RANKD_EMBEDDER_BACKEND=torch")
             device = "cpu"
         try:
             model = SentenceTransformer(resolved.location, device=select_device(device))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runtime.settings import read_settings
 
 LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -25,17 +27,9 @@ class LogSettings(BaseSettings):
         return value.lower()
 
 
-class LogSettingsError(SystemExit):
-    """RANKD_LOG_LEVEL is not a level; the message says what to set."""
-
-
 def configure_logging(level: str | None = None) -> None:
-    """Log at ``level``, or at RANKD_LOG_LEVEL; a bad value is one line, not a traceback."""
+    """Log at ``level``, or at RANKD_LOG_LEVEL; a bad value is SettingsError, one line."""
     if level is None:
-        try:
-            level = LogSettings().log_level
-        except ValidationError as exc:
-            raise LogSettingsError(
-                f"rankd: invalid configuration: RANKD_LOG_LEVEL: {exc.errors()[0]['msg']}") from None
+        level = read_settings(LogSettings).log_level
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

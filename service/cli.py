@@ -56,7 +56,8 @@ async def serve(settings: Any, sample: bool = False) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from runtime.logs import configure_logging
-    from service.settings import SettingsError, load_settings
+    from runtime.settings import SettingsError
+    from service.settings import load_settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port,
                                    "index_dir": args.index_dir}.items() if v is not None}

@@ -207,8 +207,8 @@ class Engine:
             rerank_n = request.candidates or s.default_candidates
             self.scorer.check_count(rerank_n, f"{prefix}candidates")
         return RankPlan(request, collection, max(request.top_k, rerank_n), rerank_n,
-                        request.orders, request.fusion or s.rerank_fusion,
-                        s.rerank_fusion_weight if request.fusion_weight is None
+                        request.orders, request.fusion or s.reranker.fusion,
+                        s.reranker.fusion_weight if request.fusion_weight is None
                         else request.fusion_weight, prefix)
 
     def _rank_task(self, plan: RankPlan, hits: list[Hit]) -> ListwiseTask:

@@ -61,8 +61,8 @@ class RankRequest(_Strict):
     candidates: int | None = Field(None, ge=1, description="Retrieved candidates passed to the reranker (default RANKD_DEFAULT_CANDIDATES, at most the labels of RANKD_RERANKER_LABEL_ALPHABET).")
     rerank: bool = Field(True, description="Rerank the candidates with the LLM when a reranker is configured.")
     orders: int | None = Field(None, ge=1, le=MAX_ORDERS, description="Orders each prompt runs in: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations, at most one per candidate); default RANKD_RERANKER_ORDERS.")
-    fusion: Fusion | None = Field(None, strict=False, description="Fuse the rerank scores with the retrieval order: consensus, rrf, linear or none; default RANKD_RERANK_FUSION.")
-    fusion_weight: float | None = Field(None, ge=0, le=1, description="The retrieval's weight in rrf, linear and consensus fusion; default RANKD_RERANK_FUSION_WEIGHT.")
+    fusion: Fusion | None = Field(None, strict=False, description="Fuse the rerank scores with the retrieval order: consensus, rrf, linear or none; default RANKD_RERANKER_FUSION.")
+    fusion_weight: float | None = Field(None, ge=0, le=1, description="The retrieval's weight in rrf, linear and consensus fusion; default RANKD_RERANKER_FUSION_WEIGHT.")
     debug: bool = Field(False, description="Return the exact prompts, label token ids and per-order probabilities.")
 
 

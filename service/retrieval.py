@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from retriever import Collection, Embedder, IndexIntegrityError, Manifest, StoreTarget
+from retriever import Collection, Embedder, IndexIntegrityError, Manifest
 from retriever.index import collection_dirs, load_collection
 from retriever.search import Retriever, SearchQuery
 from retriever.vocabulary import Hit
@@ -50,16 +50,16 @@ class LocalRetrieval:
     @classmethod
     async def start(cls, settings: Settings, observer: BatchObserver | None = None
                     ) -> LocalRetrieval:
-        # The micro-batch (up to RANKD_EMBED_BATCH_SIZE queries) is encoded in length-sorted
+        # The micro-batch (up to RANKD_EMBEDDER_BATCH_SIZE queries) is encoded in length-sorted
         # chunks: one chunk padded to its longest query costs far more per query at high load.
         embedder = await asyncio.to_thread(
-            Embedder.load, settings.embedder_model, settings.device, settings.embed_chunk_size,
+            Embedder.load, settings.embedder_model, settings.embedder_device, settings.embedder_chunk_size,
             settings.embedder_variant, settings.embedder_cache_dir)
         collections, errors = await asyncio.to_thread(load_all, settings, embedder)
         retriever = Retriever(embedder, collections)
         batcher: MicroBatcher[SearchQuery, list[Hit]] = MicroBatcher(
-            "search", retriever.search, max_batch_size=settings.embed_batch_size,
-            max_wait_ms=settings.batch_wait_ms, max_queue_depth=settings.max_queue_depth,
+            "search", retriever.search, max_batch_size=settings.embedder_batch_size,
+            max_wait_ms=settings.embedder_batch_wait_ms, max_queue_depth=settings.embedder_max_queue_depth,
             observer=observer, memory_release=default_memory_release())
         await batcher.start()
         return cls(embedder, collections, errors, batcher)
@@ -79,11 +79,6 @@ class LocalRetrieval:
             collection.close()
 
 
-def store_target(settings: Settings) -> StoreTarget:
-    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
-    return StoreTarget(uri=settings.milvus_uri, token=token)
-
-
 def load_all(settings: Settings, embedder: Embedder) -> tuple[dict[str, Collection], dict[str, str]]:
     """Load every collection; a damaged or unreachable one stops start-up or is skipped, as
     configured."""
@@ -93,7 +88,7 @@ def load_all(settings: Settings, embedder: Embedder) -> tuple[dict[str, Collecti
     if not directories:
         log.error("no collections under RANKD_INDEX_DIR=%s; build one with `rankd index build`",
                   settings.index_dir)
-    target = store_target(settings)
+    target = settings.store_target
     for directory in directories:
         try:
             collection = load_collection(directory, embedder.name, embedder.dimension, target,

@@ -58,7 +58,7 @@ def settings_factory(sample_index: Path) -> Any:
         # float32 everywhere: tests compare probabilities with float32 references (vLLM, a
         # model run by hand); what dtype=auto chooses is tested on its own.
         reranker: dict[str, object] = {"backend": "none", "dtype": "float32"}
-        values: dict[str, object] = {"index_dir": sample_index, "device": "cpu"}
+        values: dict[str, object] = {"index_dir": sample_index, "embedder_device": "cpu"}
         for name, value in overrides.items():
             if name.startswith("reranker_"):
                 reranker[name.removeprefix("reranker_")] = value

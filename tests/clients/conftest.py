@@ -74,7 +74,7 @@ class Server:
 @pytest.fixture(scope="session")
 def server(sample_index: Path) -> Iterator[Server]:
     """The real app on the sample index, on a loopback port, behind a gate that is open."""
-    settings = Settings(index_dir=sample_index, device="cpu", reranker={"backend": "none"},
+    settings = Settings(index_dir=sample_index, embedder_device="cpu", reranker={"backend": "none"},
                         max_query_chars=MAX_QUERY_CHARS)
     gate = Gate(create_app(settings))
     with serve_asgi_in_thread(gate) as url:

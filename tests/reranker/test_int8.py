@@ -14,7 +14,8 @@ from reranker.backends.transformers_backend import TransformersBackend
 from reranker.errors import RerankerConfigError
 from reranker.prompt import load_tokenizer
 from retriever.catalog import CatalogEntry
-from service.settings import SettingsError, load_settings
+from runtime.settings import SettingsError
+from service.settings import load_settings
 from tests.reranker.conftest import make_task, open_scorer
 
 

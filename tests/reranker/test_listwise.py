@@ -123,7 +123,8 @@ async def test_batched_prompts_of_different_lengths_match_one_at_a_time(
 async def test_concurrent_callers_share_forward_passes(tiny_lm: Path,
                                                        catalogue: list[CatalogEntry]) -> None:
     tasks = [make_task(catalogue[i:i + 8], f"query number {i}") for i in range(8)]
-    async with open_scorer("transformers", model=str(tiny_lm)) as scorer:
+    # A token cap that holds every caller's prompts, so that only the batcher decides.
+    async with open_scorer("transformers", model=str(tiny_lm), batch_tokens=8192) as scorer:
         backend = scorer.backend
         assert isinstance(backend, TransformersBackend)
         before = backend.batches

@@ -14,7 +14,8 @@ from reranker import RerankerConfig
 from reranker.backends.transformers_backend import TransformersBackend
 from reranker.precision import choose_dtype, cpu_flags
 from reranker.prompt import load_tokenizer
-from service.settings import SettingsError, load_settings
+from runtime.settings import SettingsError
+from service.settings import load_settings
 from tests.support.apps import app_client
 
 AVX2_HOST = frozenset({"sse4_2", "avx", "avx2", "fma"})

@@ -51,7 +51,7 @@ def _tasks(catalogue: list[CatalogEntry]) -> list[ListwiseTask]:
 async def _scores(model: Path, tasks: list[ListwiseTask], sharing: bool
                   ) -> tuple[list[list[float]], int]:
     async with open_scorer("transformers", model=str(model), prefix_sharing=sharing,
-                           batch_wait_ms=50) as scorer:
+                           batch_wait_ms=50, batch_tokens=65536, timeout_s=600) as scorer:
         backend = scorer.backend
         assert isinstance(backend, TransformersBackend)
         before = backend.batches
@@ -86,7 +86,7 @@ async def test_label_logprobs_equal_for_reads_with_nothing_shared(tiny_lm: Path)
              LabelRead([4], [13, 14])]
     results = []
     for sharing in (True, False):
-        async with open_scorer("transformers", model=str(tiny_lm),
+        async with open_scorer("transformers", model=str(tiny_lm), batch_tokens=8192,
                                prefix_sharing=sharing) as scorer:
             backend = scorer.backend
             assert isinstance(backend, TransformersBackend)
@@ -101,7 +101,10 @@ async def test_sharing_runs_only_where_it_saves_enough(tiny_lm: Path,
     # 26 long items after a short query: the shared part is a small share of each prompt.
     long_items = [f"{e.text}. " * 6 for e in catalogue[:26]]
     long = ListwiseTask(short.template, {"instruction": "Pick.", "query": "q"}, long_items)
-    async with open_scorer("transformers", model=str(tiny_lm), batch_wait_ms=50) as scorer:
+    # A cap that holds both long prompts (the tiny model's attention span is about 640 tokens,
+    # so a long prompt's pass costs several times its length).
+    async with open_scorer("transformers", model=str(tiny_lm), batch_wait_ms=50,
+                           batch_tokens=65536) as scorer:
         backend = scorer.backend
         assert isinstance(backend, TransformersBackend)
         before = backend.forward_passes
@@ -117,7 +120,7 @@ async def test_sharing_runs_only_where_it_saves_enough(tiny_lm: Path,
         mixed = await scorer.score([short, long])
         assert backend.forward_passes - before == 3  # the long pair whole, the short pair shared
     async with open_scorer("transformers", model=str(tiny_lm), prefix_sharing=False,
-                           batch_wait_ms=50) as scorer:
+                           batch_wait_ms=50, batch_tokens=65536) as scorer:
         plain = await scorer.score([short, long])
     for a, b in zip(mixed, plain, strict=True):
         assert max(abs(x - y) for x, y in zip(a.probabilities, b.probabilities,

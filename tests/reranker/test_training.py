@@ -263,10 +263,10 @@ def test_rankd_eval_reproduces_the_reported_map(scoring: Scoring, trained: dict[
     report = run["report"]
     validation = report["validation_file"]
     for fusion in ("none", "consensus"):
-        settings = Settings(index_dir=sample_index, device="cpu", default_candidates=CANDIDATES,
-                            rerank_fusion=fusion,
+        settings = Settings(index_dir=sample_index, embedder_device="cpu",
+                            default_candidates=CANDIDATES,
                             reranker={"backend": "transformers", "scoring": scoring,
-                                      "model": str(run["output"])})
+                                      "fusion": fusion, "model": str(run["output"])})
         with serve_in_thread(settings) as url:
             assert main(["batch", "--url", url, "--quiet", "--input", validation, "--format",
                          "eedi", "--output", str(tmp_path / f"{fusion}.jsonl")]) == 0

@@ -20,7 +20,8 @@ from retriever.encoders import (
 from retriever.index import load_collection
 from retriever.sample import build_sample_collection
 from retriever.vocabulary import IndexIntegrityError
-from service.settings import SettingsError, load_settings
+from runtime.settings import SettingsError
+from service.settings import load_settings
 from tests.support.apps import app_client
 
 ONNX = EmbedderVariant(EmbedderBackend.ONNX)
@@ -122,7 +123,7 @@ def test_a_collection_records_its_embedder_runtime(tmp_path: Path,
 async def test_the_service_serves_an_int8_onnx_collection(
         tmp_path: Path, export_cache: Path, exported: dict[EmbedderVariant, Embedder]) -> None:
     build_sample_collection(exported[ONNX_INT8], tmp_path)
-    settings = load_settings(index_dir=tmp_path, device="cpu", embedder_backend="onnx",
+    settings = load_settings(index_dir=tmp_path, embedder_device="cpu", embedder_backend="onnx",
                              embedder_quantization="int8", embedder_cache_dir=export_cache,
                              reranker={"backend": "none"})
     query = sample_queries()[0]
@@ -144,5 +145,5 @@ def test_torch_int8_is_refused_in_one_line() -> None:
 
 
 def test_a_gpu_device_with_an_exported_runtime_is_a_clear_error() -> None:
-    with pytest.raises(EmbedderLoadError, match=r"runs on the CPU.*RANKD_DEVICE=cpu"):
+    with pytest.raises(EmbedderLoadError, match=r"runs on the CPU.*RANKD_EMBEDDER_DEVICE=cpu"):
         Embedder.load("all-MiniLM-L6-v2", "cuda", variant=ONNX)

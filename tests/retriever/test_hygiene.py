@@ -119,7 +119,7 @@ def test_the_report_and_the_manifest_count_every_rule(cleaned: dict[str, Any],
 async def test_a_merged_id_is_answered_through_its_survivor(
         cleaned: dict[str, Any], dirty_catalog: dict[str, Any], tmp_path: Path) -> None:
     near_of = dirty_catalog["near_of"]
-    settings = Settings(index_dir=cleaned["index_dir"], device="cpu",
+    settings = Settings(index_dir=cleaned["index_dir"], embedder_device="cpu",
                         reranker={"backend": "none"})
     async with app_client(settings) as (_, client):
         response = await client.post("/rank", json={"query": near_of.text + " as well",

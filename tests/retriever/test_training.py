@@ -380,7 +380,7 @@ def trained_index(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFact
     fine_tuned = Embedder.load(str(output), device="cpu")
     collection = load_collection(index_dir / SAMPLE_COLLECTION)
     query = "Work out 2/3 divided by 4/5. Correct answer: 10/12. Incorrect answer: 12/10"
-    return {"settings": Settings(index_dir=index_dir, embedder_model=str(output), device="cpu",
+    return {"settings": Settings(index_dir=index_dir, embedder_model=str(output), embedder_device="cpu",
                                  reranker_backend="none"),
             "name": fine_tuned.name, "output": str(output.resolve()),
             "manifest_embedder": collection.manifest.embedder, "query": query,

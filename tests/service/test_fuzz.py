@@ -39,7 +39,7 @@ STATUSES: Counter[int] = Counter()
 def fuzz_target(sample_index: Path, tiny_lm: Path) -> Iterator[tuple[Any, str]]:
     from service.settings import Settings
 
-    app_settings = Settings(index_dir=sample_index, device="cpu",
+    app_settings = Settings(index_dir=sample_index, embedder_device="cpu",
                             reranker={"backend": "transformers", "model": str(tiny_lm)},
                             max_body_bytes=65536,
                             max_rerank_documents=60)

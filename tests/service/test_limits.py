@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.settings import SettingsError, load_settings
+from runtime.settings import SettingsError
+from service.settings import load_settings
 from tests.support.apps import app_client, metric_value, serve_in_thread
 
 

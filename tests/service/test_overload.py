@@ -10,7 +10,8 @@ from tests.support.apps import app_client, metric_value
 
 
 async def test_full_queue_answers_429_with_retry_after(settings_factory: Any) -> None:
-    settings = settings_factory(max_queue_depth=4, embed_batch_size=2, batch_wait_ms=20)
+    settings = settings_factory(embedder_max_queue_depth=4, embedder_batch_size=2,
+                                embedder_batch_wait_ms=20)
     async with app_client(settings) as (_, client):
         responses = await asyncio.gather(*(
             client.post("/rank", json={"query": f"fractions question {i}", "top_k": 3})

@@ -70,7 +70,7 @@ async def test_batch_endpoint_answers_in_order(settings_factory: Any) -> None:
 async def test_fifty_concurrent_requests_share_encoder_batches(settings_factory: Any) -> None:
     queries = [q["query"] for q in _sample_queries()]
     texts = [queries[i % len(queries)] for i in range(50)]
-    async with app_client(settings_factory(batch_wait_ms=5)) as (_, client):
+    async with app_client(settings_factory(embedder_batch_wait_ms=5)) as (_, client):
         expected = {t: [r["id"] for r in (await client.post(
             "/rank", json={"query": t, "top_k": 5})).json()["results"]] for t in set(texts)}
         before = metric_value((await client.get("/metrics")).text, "rankd_batch_size_count",

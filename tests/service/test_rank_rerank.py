@@ -182,7 +182,9 @@ async def test_more_candidates_than_labels_is_a_422(settings_factory: Any, tiny_
 async def test_concurrent_requests_share_rerank_forward_passes(settings_factory: Any,
                                                                tiny_lm: Path) -> None:
     queries = _queries(8)
-    settings = tf_settings(settings_factory, tiny_lm, batch_wait_ms=20)
+    # A token cap that holds every request's prompts: only the batcher decides.
+    settings = tf_settings(settings_factory, tiny_lm, embedder_batch_wait_ms=20,
+                           reranker_batch_tokens=16384)
     async with app_client(settings) as (_, client):
         before = (await client.get("/metrics")).text
         responses = await asyncio.gather(*(

@@ -22,7 +22,7 @@ async def test_sigterm_during_load_loses_nothing(sample_index: Path, tiny_lm: Pa
     port = free_port()
     env = {**os.environ, "RANKD_INDEX_DIR": str(sample_index), "RANKD_PORT": str(port),
            "RANKD_RERANKER_BACKEND": "transformers", "RANKD_RERANKER_MODEL": str(tiny_lm),
-           "RANKD_DEVICE": "cpu", "RANKD_RERANKER_BATCH_SIZE": "4", "HF_HUB_OFFLINE": "1"}
+           "RANKD_EMBEDDER_DEVICE": "cpu", "RANKD_RERANKER_BATCH_SIZE": "4", "HF_HUB_OFFLINE": "1"}
     log = (tmp_path / "serve.log").open("w")
     rankd = Path(sys.executable).with_name("rankd")
     server = await asyncio.create_subprocess_exec(str(rankd), "serve", env=env, stdout=log,

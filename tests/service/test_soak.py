@@ -110,7 +110,7 @@ async def rankd_serve(index_dir: Path, log_path: Path) -> AsyncIterator[Served]:
     """``rankd serve`` (retrieval only) on a free loopback port, stopped at the end."""
     port = free_port()
     env = {**os.environ, "RANKD_INDEX_DIR": str(index_dir), "RANKD_PORT": str(port),
-           "RANKD_HOST": "127.0.0.1", "RANKD_DEVICE": "cpu", "RANKD_RERANKER_BACKEND": "none",
+           "RANKD_HOST": "127.0.0.1", "RANKD_EMBEDDER_DEVICE": "cpu", "RANKD_RERANKER_BACKEND": "none",
            "RANKD_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}
     rankd = Path(sys.executable).with_name("rankd")
     with log_path.open("wb") as log:

@@ -1,0 +1,18 @@
+"""What the clients (`rankd batch`, `rankd loadtest`) read from the environment: the key they
+send, the service's own RANKD_API_KEY, so that a client beside its service needs no flag."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ClientSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RANKD_", extra="ignore", frozen=True)
+
+    api_key: SecretStr | None = Field(None, description="Comma-separated API keys; when set, every route but /health, /ready and /metrics needs `Authorization: Bearer <key>`. The clients send the first.")
+
+    def key(self) -> str | None:
+        """The first key, as the clients send it."""
+        raw = self.api_key.get_secret_value() if self.api_key else ""
+        return next((k.strip() for k in raw.split(",") if k.strip()), None)
