@@ -15,6 +15,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from reranker.listwise import spearman
 from retriever.data import sample_catalog_path, sample_queries_path
 from tests.support.apps import app_client, metric_value
 from tests.support.vllm_server import SlowVllm, VllmServer
@@ -418,3 +419,38 @@ async def test_vllm_outage_degrades_and_recovers_without_restarting_rankd(
     record_property("rankd_recovery_attempts", attempts)
     print(f"\nvLLM restart {healthy_at - restarted_at:.1f}s; rankd reranked again "
           f"{recovered_at - healthy_at:.3f}s after vLLM was healthy, on request {attempts}")
+
+
+async def test_every_reranked_answer_says_how_much_the_reranker_acted(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    settings = tf_settings(settings_factory, tiny_lm)
+    bodies = []
+    async with app_client(settings) as (_, client):
+        for query in _queries(4):
+            retrieval = await retrieval_order(client, query, 10)
+            response = await client.post("/rank", json={"query": query, "top_k": 10,
+                                                        "candidates": 8, "debug": True})
+            assert response.status_code == 200, response.text
+            bodies.append((response.json(), retrieval))
+        metrics = (await client.get("/metrics")).text
+    weight = settings.reranker.fusion_weight
+    for body, retrieval in bodies:
+        fusion = body["fusion"]
+        assert fusion["method"] == "consensus"
+        orders = body["debug"]["orders"]
+        forward = {i: p for i, p in zip(orders[0]["candidate_ids"], orders[0]["probabilities"],
+                                        strict=True)}
+        reverse = {i: p for i, p in zip(orders[1]["candidate_ids"], orders[1]["probabilities"],
+                                        strict=True)}
+        ids = list(forward)
+        assert fusion["agreement"] == pytest.approx(
+            spearman([forward[i] for i in ids], [reverse[i] for i in ids]))
+        assert fusion["rerank_weight"] == pytest.approx((1 - weight) * max(0.0,
+                                                                           fusion["agreement"]))
+        head = [r["id"] for r in body["results"][:8]]
+        assert fusion["moved"] == sum(a != b for a, b in zip(head, retrieval[:8], strict=True))
+    assert metric_value(metrics, "rankd_rerank_weight_count") == 4
+    assert metric_value(metrics, "rankd_rerank_agreement_count") == 4
+    moved = sum(body["fusion"]["moved"] > 0 for body, _ in bodies)
+    assert metric_value(metrics, "rankd_rerank_moved_total", moved="true") == moved
+    assert metric_value(metrics, "rankd_rerank_moved_total", moved="false") == 4 - moved
