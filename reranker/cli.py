@@ -143,6 +143,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
     from reranker.errors import BackendError, RerankerConfigError
     from reranker.training import (
         CandidateOrder,
+        ExampleOrders,
         MissingPositive,
         RerankerTrainingConfig,
         RerankerTrainingError,
@@ -164,7 +165,8 @@ def _train_reranker(args: argparse.Namespace) -> int:
             retriever=args.retriever or read_settings(RetrieverSettings).embedder_model,
             device=args.device, candidates=args.candidates, min_candidates=args.min_candidates,
             examples=args.examples, candidate_order=CandidateOrder(args.candidate_order),
-            both_orders=args.both_orders, missing_positive=MissingPositive(args.missing_positive),
+            example_orders=ExampleOrders(args.example_orders),
+            missing_positive=MissingPositive(args.missing_positive),
             max_tokens=args.max_tokens, epochs=args.epochs, learning_rate=args.lr,
             warmup_ratio=args.warmup, batch_size=args.batch_size,
             gradient_accumulation=args.gradient_accumulation, method=TuningMethod(args.method),
@@ -198,7 +200,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
 
 def register_train(sub: argparse._SubParsersAction) -> None:
     """Add `rankd train-reranker`."""
-    from reranker.training import CandidateOrder, RerankerTrainingConfig
+    from reranker.training import CandidateOrder, ExampleOrders, RerankerTrainingConfig
     from retriever.cli import add_training_data_options
 
     defaults = RerankerTrainingConfig(output_dir=Path("."))
@@ -238,10 +240,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                             default=defaults.missing_positive.value,
                             help="when the positive is not in the top N: put it in the last "
                                  "candidate's place, or leave the query out")
-    candidates.add_argument("--both-orders", action=argparse.BooleanOptionalAction,
-                            default=defaults.both_orders,
-                            help="listwise: each example in its order and reversed, the two "
-                                 "orders served")
+    candidates.add_argument("--example-orders", choices=[o.value for o in ExampleOrders],
+                            default=defaults.example_orders.value,
+                            help="listwise: each example in its order and reversed (both, as "
+                                 "served), in its order only, or in one of the two, taking turns "
+                                 "(alternate: half the prompts)")
     candidates.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
                             help="prompts longer than this are left out (and counted)")
     candidates.add_argument("--examples", type=int, default=defaults.examples,

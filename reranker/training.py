@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 # The rankd settings a trained model needs to be served as it was trained.
 SERVING_FILE = "rankd_reranker.json"
+# The written model's scores of the evaluated validation queries (bench/fusion_sweep.py).
+SCORES_FILE = "validation_scores.jsonl"
 # Fusions reported: the reranker's own order, and the service's default.
 REPORTED_FUSIONS = (Fusion.NONE, DEFAULT_FUSION)
 
@@ -82,6 +84,14 @@ class MissingPositive(StrEnum):
 class TuningMethod(StrEnum):
     LORA = "lora"
     FULL = "full"
+
+
+class ExampleOrders(StrEnum):
+    """Listwise: the orders each example is shown in (the candidate order, then reversed)."""
+
+    BOTH = "both"  # both, as served: twice the prompts
+    FORWARD = "forward"  # the candidate order only
+    ALTERNATE = "alternate"  # one of the two per example, taking turns: half the prompts
 
 
 class CandidateOrder(StrEnum):
@@ -103,7 +113,7 @@ class RerankerTrainingConfig:
     min_candidates: int = 0  # >= 2: each example draws its N from [min_candidates, candidates]
     examples: int = 0  # training pairs used (seeded draw); 0: all of them
     candidate_order: CandidateOrder = CandidateOrder.RETRIEVAL
-    both_orders: bool = True  # listwise: each example also in reverse, as served
+    example_orders: ExampleOrders = ExampleOrders.BOTH
     missing_positive: MissingPositive = MissingPositive.INSERT
     max_tokens: int = 1024  # longer prompts are left out, and counted
     epochs: float = 1.0
@@ -287,7 +297,10 @@ def build_examples(pairs: Sequence[TrainingPair], hits: Sequence[Sequence[Hit]],
             targets = [positive]
         else:
             forward = list(range(len(ordered)))
-            orders = [forward, forward[::-1]] if config.both_orders else [forward]
+            orders = {ExampleOrders.BOTH: [forward, forward[::-1]],
+                      ExampleOrders.FORWARD: [forward],
+                      ExampleOrders.ALTERNATE: [forward[::-1] if stats.pairs % 2 else forward],
+                      }[config.example_orders]
             reads = [builder.listwise_read(task, order) for order in orders]
             targets = [order.index(positive) for order in orders]
         if max(len(r.prompt_token_ids) for r in reads) > config.max_tokens:
@@ -367,11 +380,28 @@ class RerankEvaluator:
         self.seconds: list[float] = []
         # The last call's ranking of each query, by fusion: figures on a subset need no rerun.
         self.ranked: dict[str, dict[str, list[str]]] = {}
+        self.scores: list[ListwiseScores] = []  # the last call's, in query order
 
     def subset(self, limit: int) -> RerankEvaluator:
         """The first ``limit`` queries (already in a seeded order), for the learning curve."""
         return RerankEvaluator(self.queries[:limit] if limit else self.queries, self.builder,
                                self.config)
+
+    def write_scores(self, path: Path, header: dict[str, Any]) -> None:
+        """The last call's scores, one query a line after a header, in the form
+        bench/rerank_quality.py --dump writes: bench/fusion_sweep.py judges every fusion on
+        them without running the model again."""
+        n = self.config.candidates
+        with path.open("w", encoding="utf-8") as out:
+            out.write(json.dumps({"header": header}) + "\n")
+            for query, scored in zip(self.queries, self.scores, strict=True):
+                head = query.hits[:n]
+                out.write(json.dumps({
+                    "id": query.key, "relevant": sorted(query.relevant),
+                    "head": [h.id for h in head], "retrieval_scores": [h.score for h in head],
+                    "tail": [h.id for h in query.hits[n:]],
+                    "orders": [{"positions": o.positions, "probabilities": o.probabilities}
+                               for o in scored.orders]}) + "\n")
 
     def last_figures_on(self, queries: Sequence[EvalQuery]) -> dict[str, Any]:
         """The last call's figures on ``queries``, a subset of this evaluator's."""
@@ -407,6 +437,7 @@ class RerankEvaluator:
         n = self.config.candidates
         tasks = [self.builder.task(q.text, q.hits[:n]) for q in self.queries]
         scores = asyncio.run(_rank_all(scorer, tasks))
+        self.scores = scores
         figures: dict[str, Any] = {}
         for fusion in REPORTED_FUSIONS:
             self.ranked[fusion.value] = {
@@ -744,6 +775,10 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     served = config.reranker.model_copy(update={"model": str(output), "backend": "transformers",
                                                 "device": device})
     fine_tuned = evaluator(TransformersBackend.load(served, tokenizer))
+    evaluator.write_scores(output / SCORES_FILE, {
+        "command": "rankd train-reranker", "queries": len(evaluator.queries),
+        "candidates": config.candidates, "reranker": f"{config.scoring} {output}",
+        "embedder": config.retriever})
     seconds["evaluate_fine_tuned"] = round(time.perf_counter() - stage, 1)
     curve = ([{"step": 0, "examples": 0, **base_on_curve}] if base_on_curve else []) \
         + fitted.curve

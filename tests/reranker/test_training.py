@@ -19,6 +19,7 @@ from reranker.prompt import load_tokenizer
 from reranker.training import (
     SERVING_FILE,
     CandidateOrder,
+    ExampleOrders,
     PromptBuilder,
     RerankerTrainingConfig,
     RerankerTrainingError,
@@ -222,6 +223,11 @@ def test_candidates_keep_retrieval_order_or_are_shuffled_and_n_can_vary(
     assert len({e.targets[0] for e in shuffled}) > 2
     assert all(e.targets[1] == len(e.reads[0].label_token_ids) - 1 - e.targets[0]
                for e in shuffled)
+    alternate, _ = build_examples(pairs, rows, {}, builder,
+                                  _config(tmp_path, tiny_lm,
+                                          example_orders=ExampleOrders.ALTERNATE))
+    # One order per example, taking turns: the positive is label C, then third from the end.
+    assert [e.targets for e in alternate[:4]] == [[2], [CANDIDATES - 3], [2], [CANDIDATES - 3]]
     varied, _ = build_examples(pairs, rows, {}, builder,
                                _config(tmp_path, tiny_lm, min_candidates=3, candidates=8))
     sizes = {len(e.reads[0].label_token_ids) for e in varied}
@@ -329,3 +335,20 @@ def test_lora_on_the_last_layers_only(tmp_path: Path, tiny_lm: Path, eedi_csv: P
     whole = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), every, eedi_csv, "eedi")
     # The tiny model has two layers: LoRA on one trains half the adapter weights.
     assert 0 < report["parameters"]["trainable"] < whole["parameters"]["trainable"]
+
+
+def test_the_written_scores_reproduce_the_report_through_the_fusion_sweep(
+        trained: dict[str, Any]) -> None:
+    from bench.fusion_sweep import read_dump, sweep
+    from reranker.training import SCORES_FILE
+
+    report = trained["report"]
+    header, queries = read_dump(trained["output"] / SCORES_FILE)
+    assert header["queries"] == len(queries) == report["fine_tuned"]["none"]["queries"]
+    rows = sweep(queries, [0.5])
+    assert rows["retrieval only"]["MAP@25"] == pytest.approx(report["retrieval_only"]["map"],
+                                                             abs=1e-4)
+    assert rows["consensus[spearman] w=0.5"]["MAP@25"] == pytest.approx(
+        report["fine_tuned"]["consensus"]["map"], abs=1e-4)
+    assert rows["reranker alone (mean over orders)"]["MAP@25"] == pytest.approx(
+        report["fine_tuned"]["none"]["map"], abs=1e-4)
