@@ -22,7 +22,7 @@ index_dir=${RANKD_INDEX_DIR:-/data/index}
 
 if [ -z "${RANKD_CATALOG_FILE:-}" ]; then
   echo "rankd-index-init: RANKD_CATALOG_FILE is not set; indexing the embedded sample catalogue"
-  exec python -c 'import os, pathlib; from retriever.data import ensure_sample_collection; from service.settings import load_settings; s = load_settings(); ensure_sample_collection(pathlib.Path(os.environ.get("RANKD_INDEX_DIR", "/data/index")), s.embedder_model, s.embedder_variant, s.embedder_cache_dir); print("rankd-index-init: sample collection ready")'
+  exec python -c 'import pathlib, sys; from retriever.sample import ensure_sample_collection; from service.settings import load_settings; s = load_settings(); ensure_sample_collection(pathlib.Path(sys.argv[1]), s.embedder_model, s.embedder_variant, s.embedder_cache_dir); print("rankd-index-init: sample collection ready")' "$index_dir"
 fi
 
 catalog=$RANKD_CATALOG_FILE
