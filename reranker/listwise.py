@@ -317,12 +317,16 @@ class ListwiseScorer:
             pointwise = PointwiseReading(config.pointwise_template, labels_yn, label_token_ids(
                 tokenizer, labels_yn, renderer.item_answer_context(config.pointwise_template),
                 remedy=POINTWISE_REMEDY))
-        limits = PromptLimits(config.max_prompt_tokens or await asyncio.to_thread(
-            context_length, location), config.max_item_tokens, config.long_items,
-            "RANKD_RERANKER_MAX_PROMPT_TOKENS" if config.max_prompt_tokens
-            else "the model's context length; RANKD_RERANKER_MAX_PROMPT_TOKENS")
         if backend is None:
             backend = await start_backend(config, tokenizer, observer)
+        if config.max_prompt_tokens:
+            limits = PromptLimits(config.max_prompt_tokens, config.max_item_tokens,
+                                  config.long_items, "RANKD_RERANKER_MAX_PROMPT_TOKENS")
+        else:
+            served = backend.context_length
+            limits = PromptLimits(served or await asyncio.to_thread(context_length, location),
+                                  config.max_item_tokens, config.long_items,
+                                  "the model's context length; RANKD_RERANKER_MAX_PROMPT_TOKENS")
         log.info("reranker ready: backend %s, model %s; %s; %s scoring, %d labels, %d orders",
                  backend.name, config.model, backend.detail, config.scoring, len(labels),
                  config.orders)

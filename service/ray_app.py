@@ -138,6 +138,7 @@ class RemoteBackend:
         self.handle = handle
         self.name = f"ray-serve ({runs})"
         self.detail = "the Ray Serve reranker deployment"
+        self.context_length: int | None = None  # the deployment loads the same model's config
 
     async def start(self) -> None:
         problem = await self.health()

@@ -33,11 +33,13 @@ def vllm_python() -> str:
 class VllmServer:
     """One vLLM OpenAI-compatible server process (group) on a fixed loopback port."""
 
-    def __init__(self, python: str, model: Path, port: int, log_path: Path) -> None:
+    def __init__(self, python: str, model: Path, port: int, log_path: Path,
+                 max_model_len: int | None = None) -> None:
         self.python = python
         self.model = model
         self.port = port
         self.log_path = log_path
+        self.max_model_len = max_model_len  # None: the model's own context length
         self.process: subprocess.Popen[bytes] | None = None
         self.last_start_s: float | None = None
 
@@ -55,7 +57,8 @@ class VllmServer:
                 "--model", str(self.model), "--enforce-eager",
                 "--max-logprobs", str(MAX_LOGPROBS), "--enable-prefix-caching",
                 "--generation-config", "vllm", "--dtype", "float32",
-                "--host", "127.0.0.1", "--port", str(self.port)]
+                "--host", "127.0.0.1", "--port", str(self.port),
+                *(["--max-model-len", str(self.max_model_len)] if self.max_model_len else [])]
 
     def extra_env(self) -> dict[str, str]:
         """Variables the command needs besides the process's own."""

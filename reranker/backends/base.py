@@ -23,6 +23,9 @@ class LabelLogprobBackend(Protocol):
     # Where and how it computes, for /ready and the start-up log: the device and dtype that
     # were chosen, or the server it asks.
     detail: str
+    # The longest prompt, in tokens, that the backend takes, where it knows better than the
+    # model's config (a vLLM server's max_model_len); None: read the model's config.
+    context_length: int | None
 
     async def start(self) -> None: ...
 

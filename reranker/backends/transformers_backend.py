@@ -191,6 +191,8 @@ class TransformersBackend:
         self.dtype = loaded.dtype
         self.span = attention_span(self.model)
         self.detail = f"{loaded.device} in {loaded.dtype}"
+        length = getattr(self.model.config, "max_position_embeddings", None)
+        self.context_length = length if isinstance(length, int) and length >= 16 else None
         self.timeout_s = config.timeout_s
         # Concurrent requests share forward passes; the batch runs on the batcher's own thread.
         # Batches hold at most batch_tokens prompt tokens, shortest request first, and a longer

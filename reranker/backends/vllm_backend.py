@@ -59,6 +59,7 @@ class VllmBackend:
             timeout=httpx.Timeout(config.timeout_s, connect=min(5.0, config.timeout_s)),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
+        self.context_length: int | None = None  # the server's max_model_len, once asked
         self._checked = False  # the served model and the label tokens have been cross-checked
         self._mismatch: str | None = None  # why the labels cannot be trusted, once found
         self._check_lock = asyncio.Lock()
@@ -93,6 +94,11 @@ class VllmBackend:
             log.error("vLLM at %s serves %s, not %r: set RANKD_RERANKER_VLLM_MODEL_NAME", self.url,
                       served, self.model_name)
             return False
+        assert isinstance(data, list)
+        length = next((m.get("max_model_len") for m in data
+                       if isinstance(m, dict) and m.get("id") == self.model_name), None)
+        if isinstance(length, int) and length >= 16:
+            self.context_length = length
         renderer = PromptRenderer(self.tokenizer, self.use_chat_template)
         checks = [(renderer.answer_context(self.rank_template), self.labels)]
         if self.pointwise_template is not None:

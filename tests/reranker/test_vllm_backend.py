@@ -11,7 +11,7 @@ from reranker import BackendError, LabelAlphabet, LabelTokenError, ListwiseScore
 from retriever.catalog import CatalogEntry
 from tests.reranker.conftest import make_task, open_scorer
 from tests.support.tcp_gate import TcpGate
-from tests.support.vllm_server import VllmServer
+from tests.support.vllm_server import SERVED_CONTEXT, VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -62,6 +62,15 @@ async def test_vllm_label_probabilities_match_transformers(
             < TOLERANCE
 
 
+async def test_prompts_are_held_to_the_served_context_length(live_vllm: VllmServer,
+                                                             tiny_lm: Path) -> None:
+    """The server's max_model_len (3072 here), not the model config's 4096, bounds prompts."""
+    async with open_scorer("vllm", model=str(tiny_lm), vllm_url=live_vllm.url) as remote:
+        assert remote.limits.max_prompt_tokens == SERVED_CONTEXT
+    async with open_scorer("transformers", model=str(tiny_lm)) as local:
+        assert local.limits.max_prompt_tokens == 4096
+
+
 async def test_a_server_with_another_tokenizer_is_refused(live_vllm: VllmServer,
                                                           tmp_path: Path) -> None:
     build_tokenizer(tmp_path, vocab_size=600)  # same kind, other merges: other token ids
@@ -80,8 +89,10 @@ async def test_a_server_down_at_start_up_is_checked_once_it_is_up(
     build_tokenizer(tmp_path, vocab_size=600)  # same kind, other merges: other token ids
     task = make_task(catalogue[:5], "1/2 + 1/3 = 2/5")
     async with TcpGate(int(live_vllm.port)) as gate:
+        # A tokenizer alone names no context length, and the server is not there to say it.
         async with open_scorer("vllm", model=str(tmp_path), vllm_url=gate.url,
-                               vllm_model_name=live_vllm.model_name) as wrong:
+                               vllm_model_name=live_vllm.model_name,
+                               max_prompt_tokens=2048) as wrong:
             assert "unreachable" in (await wrong.health() or "")
             await gate.open()
             for _ in range(2):  # found once, then kept: no rerank trusts those labels

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
+from scipy.stats import spearmanr
 
 from reranker.listwise import spearman
 from retriever.data import sample_catalog_path, sample_queries_path
@@ -107,10 +108,20 @@ def fused_by_hand(debug: dict[str, Any], head: list[str], retrieval_scores: dict
     fusion, w = debug["fusion"], debug["fusion_weight"]
     if fusion == "none":
         return dict(means)
-    if fusion == "rrf":
-        by_rerank = sorted(head, key=lambda c: -means[c])
-        return {c: w / (60 + head.index(c) + 1) + (1 - w) / (60 + by_rerank.index(c) + 1)
-                for c in head}
+    if fusion in ("rrf", "consensus"):
+        rerank_weight, by = 1 - w, means
+        if fusion == "consensus":  # the least probability over the orders, weighed by agreement
+            per_order = [{c: p for c, p in zip(o["candidate_ids"], o["probabilities"],
+                                               strict=True)} for o in debug["orders"]]
+            by = {c: min(o[c] for o in per_order) for c in head}
+            pairs = [(a, b) for i, a in enumerate(per_order) for b in per_order[i + 1:]]
+            if pairs:
+                agreement = sum(float(spearmanr([a[c] for c in head], [b[c] for c in head])[0])
+                                for a, b in pairs) / len(pairs)
+                rerank_weight *= max(0.0, agreement)
+        by_rerank = sorted(head, key=lambda c: -by[c])
+        return {c: (1 - rerank_weight) / (60 + head.index(c) + 1)
+                + rerank_weight / (60 + by_rerank.index(c) + 1) for c in head}
     assert fusion == "linear"
 
     def z(values: dict[str, float]) -> dict[str, float]:

@@ -63,9 +63,13 @@ async def test_rank_reranks_with_the_embedded_model(settings_factory: Any, smoll
                                                     "candidates": 6, "debug": True})
         assert response.status_code == 200, response.text
         body = response.json()
-        check_reranked(body, retrieval, 6)  # the default scheme: 2 orders, rrf fusion
-        assert body["debug"]["fusion"] == "rrf"
-        assert body["debug"]["fusion_weight"] == 0.9
+        check_reranked(body, retrieval, 6)  # the default scheme: 2 orders, consensus fusion
+        assert body["debug"]["fusion"] == "consensus"
+        assert body["debug"]["fusion_weight"] == 0.5
+        report = body["fusion"]
+        assert report["method"] == "consensus"
+        assert report["rerank_weight"] == pytest.approx(
+            0.5 * max(0.0, report["agreement"]), abs=1e-12)
         # Each order's label probabilities are the model's own, recomputed here.
         for order in body["debug"]["orders"]:
             ids = tokenizer(order["prompt"], add_special_tokens=False, return_tensors="pt")

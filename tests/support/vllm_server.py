@@ -25,7 +25,10 @@ import pytest
 from rankd.devtools.ports import free_port
 from rankd.devtools.vllm_server import MAX_LOGPROBS, VllmServer, vllm_python
 
-__all__ = ["MAX_LOGPROBS", "SlowVllm", "VllmServer", "live_vllm", "vllm_python", "vllm_server"]
+SERVED_CONTEXT = 3072
+
+__all__ = ["MAX_LOGPROBS", "SERVED_CONTEXT", "SlowVllm", "VllmServer", "live_vllm", "vllm_python",
+           "vllm_server"]
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +39,8 @@ def vllm_server(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         python = vllm_python()
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    server = VllmServer(python, tiny_lm, free_port(), log_path)
+    # Shorter than the tiny LM's own 4096, so that a test can tell whose limit rankd applies.
+    server = VllmServer(python, tiny_lm, free_port(), log_path, max_model_len=SERVED_CONTEXT)
     server.start()
     try:
         yield server
