@@ -324,7 +324,9 @@ class ListwiseScorer:
                                   config.long_items, "RANKD_RERANKER_MAX_PROMPT_TOKENS")
         else:
             served = backend.context_length
-            limits = PromptLimits(served or await asyncio.to_thread(context_length, location),
+            if served is None:
+                served = await asyncio.to_thread(context_length, location)
+            limits = PromptLimits(served,
                                   config.max_item_tokens, config.long_items,
                                   "the model's context length; RANKD_RERANKER_MAX_PROMPT_TOKENS")
         log.info("reranker ready: backend %s, model %s; %s; %s scoring, %d labels, %d orders",
