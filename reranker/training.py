@@ -111,13 +111,13 @@ class RerankerTrainingConfig:
     device: str = "auto"
     candidates: int = 10  # N; with min_candidates, the largest N
     min_candidates: int = 0  # >= 2: each example draws its N from [min_candidates, candidates]
-    examples: int = 0  # training pairs used (seeded draw); 0: all of them
+    examples: int = 1600  # training pairs used (seeded draw); 0: all of them
     candidate_order: CandidateOrder = CandidateOrder.RETRIEVAL
-    example_orders: ExampleOrders = ExampleOrders.BOTH
-    missing_positive: MissingPositive = MissingPositive.INSERT
+    example_orders: ExampleOrders = ExampleOrders.ALTERNATE
+    missing_positive: MissingPositive = MissingPositive.SKIP
     max_tokens: int = 1024  # longer prompts are left out, and counted
     epochs: float = 1.0
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     warmup_ratio: float = 0.05
     batch_size: int = 1  # examples per forward pass
     gradient_accumulation: int = 8
@@ -127,14 +127,14 @@ class RerankerTrainingConfig:
     lora_layers: int = 0  # LoRA on the last N decoder layers only; 0: all of them
     # Full fine-tuning of the last N decoder layers and the final norm only (0: every weight).
     # The layers below run forward alone: no gradients flow through them.
-    train_layers: int = 0
+    train_layers: int = 8
     validation_fraction: float = 0.2
-    eval_queries: int = 0  # validation queries evaluated (whole questions, seeded); 0: all
+    eval_queries: int = 300  # validation queries evaluated (whole questions, seeded); 0: all
     curve_points: int = 3  # evaluations during training, for the learning curve
-    curve_queries: int = 0  # queries of the evaluations during training; 0: eval_queries'
+    curve_queries: int = 100  # queries of the evaluations during training; 0: eval_queries'
     # Evaluate the model before training (the learning curve's first point). Runs that compare
     # options of one model and scoring mode can take it from one of them.
-    base_eval: bool = True
+    base_eval: bool = False
     k: int = 25
     fusion_weight: float = DEFAULT_FUSION_WEIGHT  # the service's default
     seed: int = 42

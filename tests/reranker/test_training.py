@@ -20,6 +20,7 @@ from reranker.training import (
     SERVING_FILE,
     CandidateOrder,
     ExampleOrders,
+    MissingPositive,
     PromptBuilder,
     RerankerTrainingConfig,
     RerankerTrainingError,
@@ -59,7 +60,9 @@ def _config(output: Path, tiny_lm: Path, **overrides: Any) -> RerankerTrainingCo
         output_dir=output, reranker=RerankerConfig(model=str(tiny_lm), scoring=scoring),
         device="cpu", candidates=CANDIDATES, examples=200, epochs=3, learning_rate=1e-2,
         gradient_accumulation=2, method=TuningMethod.LORA, lora_rank=8,
-        validation_fraction=0.25, eval_queries=0, curve_points=1, progress=False)
+        validation_fraction=0.25, eval_queries=0, curve_points=1, curve_queries=0,
+        example_orders=ExampleOrders.BOTH, missing_positive=MissingPositive.INSERT,
+        train_layers=0, base_eval=True, progress=False)
     values.update(overrides)
     return RerankerTrainingConfig(**values)
 
@@ -306,7 +309,11 @@ def test_the_cli_names_a_bad_setting_in_one_line(tmp_path: Path, eedi_csv: Path,
 
 
 def test_full_fine_tuning_is_the_default(tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
-    assert RerankerTrainingConfig(output_dir=tmp_path).method is TuningMethod.FULL
+    recipe = RerankerTrainingConfig(output_dir=tmp_path)  # docs/fine-tuning.md's budget recipe
+    assert (recipe.method, recipe.train_layers, recipe.example_orders) == (
+        TuningMethod.FULL, 8, ExampleOrders.ALTERNATE)
+    assert (recipe.candidate_order, recipe.missing_positive) == (
+        CandidateOrder.RETRIEVAL, MissingPositive.SKIP)
     config = _config(tmp_path / "full", tiny_lm, method=TuningMethod.FULL, examples=8, epochs=1,
                      curve_points=0, eval_queries=4)
     report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi")
