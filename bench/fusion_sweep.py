@@ -2,7 +2,7 @@
 
 Reads the per-query dumps that bench/rerank_quality.py writes (``--dump``: each query's
 retrieval order and its two orders' label probabilities, from the real app) and ranks each query
-with the service's own ``combine_orders``, ``order_consensus`` and ``fuse``, so a scheme here
+with the service's own ``order_evidence`` and ``fuse``, so a scheme here
 is exactly what /rank would answer with that fusion and weight. No model runs: one dump per
 model and retriever is scored once, and the sweep takes seconds.
 
@@ -42,14 +42,13 @@ def evidence(query: dict[str, Any], measure: str = "spearman") -> Any:
     service's), least-sum (the rejected one), or spearman-mean (the service's agreement, the
     mean probability ranking instead of the least)."""
     from reranker.fusion import Scores
-    from reranker.listwise import combine_orders, order_consensus, rank_agreement
+    from reranker.listwise import order_consensus, order_evidence
 
     n = len(query["head"])
     perms = [o["positions"] for o in query["orders"]]
     probs = [o["probabilities"] for o in query["orders"]]
-    means = combine_orders(n, perms, probs)[0]
-    least, least_sum = order_consensus(n, perms, probs)
-    rho = rank_agreement(n, perms, probs)
+    means, _, least, rho = order_evidence(n, perms, probs)
+    least_sum = order_consensus(n, perms, probs)[1]
     if measure == "least-sum":
         return Scores(means, least, least_sum)
     return Scores(means, means if measure == "spearman-mean" else least, rho)

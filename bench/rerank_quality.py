@@ -4,7 +4,7 @@ The real app (create_app, its lifespan, the ASGI routes) serves the Eedi catalog
 embedder and the reranker that the settings name (default: MiniLM and the embedded SmolLM2, in
 process). Every query goes through ``POST /rank`` with ``debug: true``; the scored orders it
 returns (their label positions and probabilities) are combined into each scheme with the
-reranker's own functions (``combine_orders``, ``fuse``), so every scheme is judged on the same
+reranker's own functions (``order_evidence``, ``fuse``), so every scheme is judged on the same
 queries and the same top-N candidates:
 
 - retrieval only; forward order only; reverse order only; the two orders averaged;
@@ -83,7 +83,7 @@ def _order_by(head: Sequence[str], scores: Sequence[float]) -> list[str]:
 def schemes_of(body: dict[str, Any], n: int) -> dict[str, list[str]]:
     """Every scheme's ranking of one /rank answer (debug on, retrieval order recoverable)."""
     from reranker.fusion import Fusion, Scores, fuse
-    from reranker.listwise import combine_orders, order_consensus
+    from reranker.listwise import order_evidence
 
     results = body["results"]
     orders = body["debug"]["orders"]
@@ -99,8 +99,8 @@ def schemes_of(body: dict[str, Any], n: int) -> dict[str, list[str]]:
 
     def evidence_of(which: Sequence[int]) -> Scores:
         chosen_perms, chosen_probs = [perms[i] for i in which], [probs[i] for i in which]
-        least, agreement = order_consensus(n, chosen_perms, chosen_probs)
-        return Scores(combine_orders(n, chosen_perms, chosen_probs)[0], least, agreement)
+        means, _, least, agreement = order_evidence(n, chosen_perms, chosen_probs)
+        return Scores(means, least, agreement)
 
     out = {"retrieval only": ids}
     if len(orders) == 2:

@@ -123,7 +123,8 @@ class ListwiseScores:
 
 __all__ = ["MAX_ORDERS", "ListwiseScorer", "ListwiseScores", "ListwiseTask", "OrderTrace",
            "PointwiseReading", "combine_orders", "load_model_tokenizer", "order_consensus",
-           "order_permutations", "render_order", "renormalise", "start_backend"]
+           "order_evidence", "order_permutations", "render_order", "renormalise",
+           "start_backend"]
 
 T = TypeVar("T")
 
@@ -173,6 +174,17 @@ def order_consensus(n: int, permutations: Sequence[Sequence[int]],
         for item, p in zip(positions, probs, strict=True):
             least[item] = min(least[item], p)
     return least, (sum(least) if len(permutations) > 1 else None)
+
+
+def order_evidence(n: int, permutations: Sequence[Sequence[int]],
+                   probabilities: Sequence[Sequence[float]]
+                   ) -> tuple[list[float], list[float], list[float], float | None]:
+    """What the orders of one task say about its items, as the scorer reports it: each item's
+    mean probability, its spread and its least probability over the orders, and the orders'
+    agreement (``rank_agreement``). The benches read stored orders through this too."""
+    means, spreads = combine_orders(n, permutations, probabilities)
+    least, _ = order_consensus(n, permutations, probabilities)
+    return means, spreads, least, rank_agreement(n, permutations, probabilities)
 
 
 def _average_ranks(values: Sequence[float]) -> list[float]:
@@ -468,10 +480,8 @@ class ListwiseScorer:
                 ))
             permutations = [t.positions for t in traces]
             per_order = [t.probabilities for t in traces]
-            means, spreads = combine_orders(n, permutations, per_order)
-            least, _ = order_consensus(n, permutations, per_order)
-            results.append(ListwiseScores(means, spreads, traces, least,
-                                          rank_agreement(n, permutations, per_order)))
+            means, spreads, least, agreement = order_evidence(n, permutations, per_order)
+            results.append(ListwiseScores(means, spreads, traces, least, agreement))
         return results
 
     async def health(self) -> str | None:
