@@ -107,10 +107,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=float, nargs="*", default=list(WEIGHTS),
                         help="retrieval weights to try")
     parser.add_argument("--json", help="write every table here")
+    parser.add_argument("--common", action="store_true",
+                        help="score only the queries every dump holds (before/after runs of "
+                             "different sizes)")
     args = parser.parse_args(argv)
+    dumps = {path: read_dump(Path(path)) for path in args.dumps}
+    if args.common:
+        shared = set.intersection(*({q["id"] for q in queries} for _, queries in dumps.values()))
+        dumps = {path: (header, [q for q in queries if q["id"] in shared])
+                 for path, (header, queries) in dumps.items()}
     tables = {}
-    for path in args.dumps:
-        header, queries = read_dump(Path(path))
+    for path, (header, queries) in dumps.items():
         rows = sweep(queries, args.weights)
         tables[path] = {"header": header, "rows": rows}
         print(f"\n{path}: {len(queries)} queries, {header['candidates']} candidates, reranker "
