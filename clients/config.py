@@ -6,6 +6,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runtime.settings import comma_separated
+
 
 class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RANKD_", extra="ignore", frozen=True)
@@ -14,5 +16,5 @@ class ClientSettings(BaseSettings):
 
     def key(self) -> str | None:
         """The first key, as the clients send it."""
-        raw = self.api_key.get_secret_value() if self.api_key else ""
-        return next((k.strip() for k in raw.split(",") if k.strip()), None)
+        keys = comma_separated(self.api_key.get_secret_value() if self.api_key else "")
+        return keys[0] if keys else None

@@ -29,7 +29,7 @@ from reranker.errors import (
     TooManyItemsError,
 )
 from reranker.labels import POINTWISE_REMEDY, label_token_ids
-from reranker.models import resolve_model
+from reranker.models import declared_context_length, resolve_model
 from reranker.prompt import PromptRenderer, RenderedPrompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def context_length(location: str) -> int:
         raise RerankerConfigError(
             f"cannot read the context length of {location!r} ({exc}); set "
             "RANKD_RERANKER_MAX_PROMPT_TOKENS") from exc
-    length = getattr(config, "max_position_embeddings", None)
-    if not isinstance(length, int) or length < 16:
+    length = declared_context_length(config)
+    if length is None:
         raise RerankerConfigError(f"the config of {location!r} names no context length; set "
                                   "RANKD_RERANKER_MAX_PROMPT_TOKENS")
     return length
@@ -332,15 +332,13 @@ class ListwiseScorer:
         if backend is None:
             backend = await start_backend(config, tokenizer, observer)
         if config.max_prompt_tokens:
-            limits = PromptLimits(config.max_prompt_tokens, config.max_item_tokens,
-                                  config.long_items, "RANKD_RERANKER_MAX_PROMPT_TOKENS")
+            limit, setting = config.max_prompt_tokens, "RANKD_RERANKER_MAX_PROMPT_TOKENS"
         else:
             served = backend.context_length
-            if served is None:
-                served = await asyncio.to_thread(context_length, location)
-            limits = PromptLimits(served,
-                                  config.max_item_tokens, config.long_items,
-                                  "the model's context length; RANKD_RERANKER_MAX_PROMPT_TOKENS")
+            limit = served if served is not None else await asyncio.to_thread(context_length,
+                                                                              location)
+            setting = "the model's context length; RANKD_RERANKER_MAX_PROMPT_TOKENS"
+        limits = PromptLimits(limit, config.max_item_tokens, config.long_items, setting)
         log.info("reranker ready: backend %s, model %s; %s; %s scoring, %d labels, %d orders",
                  backend.name, config.model, backend.detail, config.scoring, len(labels),
                  config.orders)

@@ -141,3 +141,9 @@ def _write_model(path: Path, directory: Path) -> None:
     fresh.eval()
     fresh.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+
+
+def declared_context_length(model_config: Any) -> int | None:
+    """The context length a model's config declares (max_position_embeddings), or None."""
+    length = getattr(model_config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length >= 16 else None

@@ -16,6 +16,11 @@ class SettingsError(SystemExit):
     """Start-up refused because of bad configuration; the message says what to set."""
 
 
+def comma_separated(raw: str) -> list[str]:
+    """The non-blank items of a comma-separated setting (API keys, CORS origins), stripped."""
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
 def describe(exc: ValidationError, prefix: str = "RANKD_") -> str:
     """The lines of a validation error, one per bad variable."""
     lines = ["rankd: invalid configuration:"]

@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 from reranker.config import RerankerConfig
 from retriever.config import RetrieverSettings
 from runtime.logs import LogSettings
-from runtime.settings import read_settings
+from runtime.settings import comma_separated, read_settings
 
 
 class OnIndexError(StrEnum):
@@ -63,12 +63,11 @@ class Settings(LogSettings, RetrieverSettings):
 
     @property
     def api_keys(self) -> list[str]:
-        raw = self.api_key.get_secret_value() if self.api_key else ""
-        return [key.strip() for key in raw.split(",") if key.strip()]
+        return comma_separated(self.api_key.get_secret_value() if self.api_key else "")
 
     @property
     def cors_origin_list(self) -> list[str]:
-        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+        return comma_separated(self.cors_origins)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -14,6 +14,7 @@ from typing import Any
 from reranker.backends.base import LabelRead
 from reranker.config import RerankerConfig
 from reranker.errors import BackendError, RerankerConfigError
+from reranker.models import declared_context_length
 from reranker.precision import DtypeChoice, choose_dtype
 from runtime.batching import (
     UNFINISHED,
@@ -191,8 +192,7 @@ class TransformersBackend:
         self.dtype = loaded.dtype
         self.span = attention_span(self.model)
         self.detail = f"{loaded.device} in {loaded.dtype}"
-        length = getattr(self.model.config, "max_position_embeddings", None)
-        self.context_length = length if isinstance(length, int) and length >= 16 else None
+        self.context_length = declared_context_length(self.model.config)
         self.timeout_s = config.timeout_s
         # Concurrent requests share forward passes; the batch runs on the batcher's own thread.
         # Batches hold at most batch_tokens prompt tokens, shortest request first, and a longer
