@@ -26,7 +26,10 @@ def make_task(entries: Sequence[CatalogEntry], query: str) -> ListwiseTask:
 
 @contextlib.asynccontextmanager
 async def open_scorer(backend: str, **config: Any) -> AsyncIterator[ListwiseScorer]:
-    """A started ListwiseScorer; an in-process backend runs its own micro-batcher."""
+    """A started ListwiseScorer; an in-process backend runs its own micro-batcher. float32
+    unless a test says otherwise, so figures compared across backends do not depend on whether
+    this CPU has native bf16 (what dtype=auto chooses is tested on its own)."""
+    config.setdefault("dtype", "float32")
     scorer = await ListwiseScorer.create(RerankerConfig(backend=backend, **config))
     try:
         yield scorer

@@ -57,7 +57,9 @@ def eedi_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _config(output: Path, tiny_lm: Path, **overrides: Any) -> RerankerTrainingConfig:
     scoring = overrides.pop("scoring", Scoring.LISTWISE)
     values: dict[str, Any] = dict(
-        output_dir=output, reranker=RerankerConfig(model=str(tiny_lm), scoring=scoring),
+        # float32 as the served app of settings_factory is, on any CPU (auto: bf16 on AMX).
+        output_dir=output, reranker=RerankerConfig(model=str(tiny_lm), scoring=scoring,
+                                                   dtype="float32"),
         device="cpu", candidates=CANDIDATES, examples=200, epochs=3, learning_rate=1e-2,
         gradient_accumulation=2, method=TuningMethod.LORA, lora_rank=8,
         validation_fraction=0.25, eval_queries=0, curve_points=1, curve_queries=0,
