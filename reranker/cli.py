@@ -142,6 +142,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
     from reranker.config import RerankerConfig
     from reranker.errors import BackendError, RerankerConfigError
     from reranker.training import (
+        RECIPE_SCORING,
         CandidateOrder,
         ExampleOrders,
         MissingPositive,
@@ -160,9 +161,12 @@ def _train_reranker(args: argparse.Namespace) -> int:
         if args.scoring:
             overrides["scoring"] = args.scoring
         reranker = RerankerConfig.from_env(**overrides)
+        if "scoring" not in reranker.model_fields_set:
+            reranker = reranker.model_copy(update={"scoring": RECIPE_SCORING})
+        retrieval = read_settings(RetrieverSettings)
         config = RerankerTrainingConfig(
             output_dir=Path(args.output), reranker=reranker,
-            retriever=args.retriever or read_settings(RetrieverSettings).embedder_model,
+            retriever=args.retriever or retrieval.embedder_model, retrieval=retrieval,
             device=args.device, candidates=args.candidates, min_candidates=args.min_candidates,
             examples=args.examples, candidate_order=CandidateOrder(args.candidate_order),
             example_orders=ExampleOrders(args.example_orders),
@@ -172,7 +176,8 @@ def _train_reranker(args: argparse.Namespace) -> int:
             gradient_accumulation=args.gradient_accumulation, method=TuningMethod(args.method),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_layers=args.lora_layers,
             train_layers=args.train_layers,
-            validation_fraction=args.validation_fraction, eval_queries=args.eval_queries,
+            validation_fraction=args.validation_fraction, fusion_queries=args.fusion_queries,
+            eval_queries=args.eval_queries,
             curve_points=args.curve_points, curve_queries=args.curve_queries,
             base_eval=args.base_eval, k=args.k,
             seed=args.seed, threads=args.threads,
@@ -183,17 +188,20 @@ def _train_reranker(args: argparse.Namespace) -> int:
         report = train_reranker(pairs, entries, config, Path(args.train), args.format,
                                 instruction=args.instruction)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = "_".join(str(p) for p in first["loc"]).upper()
-        print(f"rankd train-reranker: RANKD_RERANKER_{field}: {first['msg']}", file=sys.stderr)
+        print(f"rankd train-reranker: {describe(exc, 'RANKD_RERANKER_')}", file=sys.stderr)
         return 2
-    except (RerankerTrainingError, TrainingError, RerankerConfigError, CatalogError,
-            EmbedderLoadError, BackendError, OSError, SettingsError) as exc:
+    except SettingsError as exc:
         print(f"rankd train-reranker: {exc}", file=sys.stderr)
         return 2
-    summary = {key: report[key] for key in ("output", "validation_file", "scoring", "retriever",
-                                            "examples", "retrieval_only", "ceiling", "base",
-                                            "fine_tuned", "seconds", "peak_rss_mib")}
+    except (RerankerTrainingError, TrainingError, RerankerConfigError, CatalogError,
+            EmbedderLoadError, BackendError, OSError) as exc:
+        print(f"rankd train-reranker: {exc}", file=sys.stderr)
+        return 2
+    summary = {key: report[key] for key in ("output", "validation_file", "scoring", "precision",
+                                            "retriever", "examples", "retrieval_only",
+                                            "ceiling", "fusion", "base", "fine_tuned",
+                                            "seconds", "peak_rss_mib")}
+    summary["fusion"] = {k: v for k, v in summary["fusion"].items() if k != "table"}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -213,9 +221,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                     "cross-entropy of the positive among the query's candidates). --output "
                     "becomes a model directory for RANKD_RERANKER_MODEL, vLLM and `rankd "
                     "quantize`; it also holds checkpoints/, validation.* (for `rankd batch` and "
-                    "`rankd eval`), rankd_reranker.json (the scoring settings to serve it with) "
-                    "and training_report.json. The templates, instruction, labels and chat "
-                    "template are the service's (RANKD_RERANKER_*).")
+                    "`rankd eval`), rankd_reranker.json (the prompt settings and the fusion chosen "
+                    "on validation, which `rankd serve` reads) and training_report.json. The "
+                    "templates, instruction, labels and chat template are the service's "
+                    "(RANKD_RERANKER_*), and so are the embedder's runtime settings "
+                    "(RANKD_EMBEDDER_*).")
     data = add_training_data_options(train)
     data.add_argument("--instruction", help="the rerank instruction; give the collection's "
                                             "(rankd index build --instruction) if it has one "
@@ -226,8 +236,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                                                 "default, or a `rankd train-retriever` output "
                                                 "(default: $RANKD_EMBEDDER_MODEL)")
     candidates.add_argument("--scoring", choices=["listwise", "pointwise"],
-                            help="the scoring mode to train, and to serve with "
-                                 "(default: $RANKD_RERANKER_SCORING or listwise)")
+                            help="the scoring mode to train, and to serve with (default: "
+                                 "$RANKD_RERANKER_SCORING when set, else pointwise, the recipe)")
     candidates.add_argument("--candidates", type=int, default=defaults.candidates,
                             help="N, candidates per example (the most, with --min-candidates)")
     candidates.add_argument("--min-candidates", type=int, default=defaults.min_candidates,
@@ -254,7 +264,10 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--model", help="base reranker (default: $RANKD_RERANKER_MODEL or the "
                                        "embedded SmolLM2-135M-Instruct)")
     model.add_argument("--device", default="auto",
-                       help="auto (CUDA when present, bf16 where supported), cpu, cuda, cuda:N")
+                       help="auto (CUDA when present), cpu, cuda, cuda:N; training runs in "
+                            "bfloat16 autocast where serving would choose bfloat16 "
+                            "(RANKD_RERANKER_DTYPE, auto: a GPU with bf16, a CPU with AMX-BF16 "
+                            "or AVX512-BF16)")
     model.add_argument("--method", choices=["lora", "full"], default=defaults.method.value)
     model.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
     model.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
@@ -280,8 +293,13 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     validation.add_argument("--validation-fraction", type=float,
                             default=defaults.validation_fraction,
                             help="share of the questions (groups) held out; never split by row")
+    validation.add_argument("--fusion-queries", type=int, default=defaults.fusion_queries,
+                            help="validation queries (whole questions) the fusion method and "
+                                 "weight are chosen on and written to rankd_reranker.json; "
+                                 "never reported")
     validation.add_argument("--eval-queries", type=int, default=defaults.eval_queries,
-                            help="validation queries evaluated (whole questions; 0: all)")
+                            help="validation queries reported, from the questions left (whole "
+                                 "questions; 0: all of them)")
     validation.add_argument("--curve-points", type=int, default=defaults.curve_points,
                             help="evaluations during training, for the learning curve")
     validation.add_argument("--curve-queries", type=int, default=defaults.curve_queries,

@@ -8,11 +8,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion
 from reranker.labels import MAX_LABELS, LabelAlphabet
 from reranker.models import EMBEDDED_RERANKER
 from reranker.precision import DTYPES
+from runtime.settings import read_settings
 
 NO_RERANKER = "none"
 QUANTIZATIONS = ("none", "int8")
@@ -173,11 +175,19 @@ class RerankerConfig(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides: object) -> RerankerConfig:
-        """The config the service would read from ``RANKD_RERANKER_<FIELD>``, for commands
-        that run without the service (training), with ``overrides`` on top."""
-        import os
+        """The config the service would read from ``RANKD_RERANKER_<FIELD>`` (read by
+        pydantic-settings exactly as the service's settings read it: the same case rules, every
+        bad value reported at once as ``SettingsError``), for commands that run without the
+        service (training, quantization), with ``overrides`` on top. The fields set by either
+        stay in ``model_fields_set``, as in the service."""
+        read = read_settings(RerankerEnvironment).reranker
+        return cls.model_validate({**read.model_dump(exclude_unset=True), **overrides})
 
-        values: dict[str, object] = {
-            name: os.environ[f"RANKD_RERANKER_{name.upper()}"] for name in cls.model_fields
-            if f"RANKD_RERANKER_{name.upper()}" in os.environ}
-        return cls.model_validate({**values, **overrides})
+
+class RerankerEnvironment(BaseSettings):
+    """``RANKD_RERANKER_*`` alone, nested as the service's settings nest them."""
+
+    model_config = SettingsConfigDict(env_prefix="RANKD_", extra="ignore", frozen=True,
+                                      env_nested_delimiter="_", env_nested_max_split=1)
+
+    reranker: RerankerConfig = Field(default_factory=RerankerConfig)

@@ -415,6 +415,25 @@ class ListwiseScorer:
             return await self.score_items(tasks, self.pointwise)
         return await self.score(tasks)
 
+    async def rank_in_pieces(self, tasks: Sequence[ListwiseTask],
+                             max_prompts: int) -> list[ListwiseScores]:
+        """``rank`` for bulk callers (training's evaluation, the benches): consecutive pieces of
+        the tasks, each of at most ``max_prompts`` prompts (a task larger than that alone), one
+        call after another, so that no call asks the backend's queue for more than it holds."""
+        results: list[ListwiseScores] = []
+        piece: list[ListwiseTask] = []
+        prompts = 0
+        for task in tasks:
+            needed = self.prompts_for(len(task.items), task.orders)
+            if piece and prompts + needed > max_prompts:
+                results += await self.rank(piece)
+                piece, prompts = [], 0
+            piece.append(task)
+            prompts += needed
+        if piece:
+            results += await self.rank(piece)
+        return results
+
     async def score_items(self, tasks: Sequence[ListwiseTask],
                           reading: PointwiseReading) -> list[ListwiseScores]:
         """Score every item of every task on its own prompt: its probability of yes against

@@ -12,12 +12,15 @@ Metrics, for one query with ranked ids ``p`` and relevant ids ``R``:
   ids in the top 10, divided by the DCG of an ideal row.
 
 ``summarize`` gives the mean figures of many queries, overall and split into *seen* queries (one
-of whose relevant ids was a training positive) and *unseen* ones.
+of whose relevant ids was a training positive) and *unseen* ones. ``paired_bootstrap`` says how
+sure a gain of one ranking over another is, resampling whole questions (a question's queries
+share its text and are not independent).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Collection, Mapping, Sequence
 
 NDCG_K = 10
@@ -80,4 +83,36 @@ def summarize(ranked: Mapping[str, Ranking], relevant: Mapping[str, Collection[s
     return {"map": map_of(list(rows)), "map_seen": map_of(seen_keys),
             "map_unseen": map_of(unseen_keys),
             "recall": _mean([recall(*rows[key], k) for key in rows]),
+            "recall_at_1": _mean([recall(*rows[key], 1) for key in rows]),
             "queries": len(rows), "seen": len(seen_keys), "unseen": len(unseen_keys)}
+
+
+def average_precisions(ranked: Mapping[str, Ranking], relevant: Mapping[str, Collection[str]],
+                       k: int) -> dict[str, float]:
+    """AP@k of each query of ``relevant`` (a missing ranking scores 0)."""
+    return {key: average_precision(ranked.get(key, ()), sorted(ids), k)
+            for key, ids in relevant.items()}
+
+
+def paired_bootstrap(after: Mapping[str, float], before: Mapping[str, float],
+                     groups: Mapping[str, str], samples: int = 2000, seed: int = 0,
+                     ) -> dict[str, float | int]:
+    """The mean per-query gain ``after - before`` and its 95% interval, by a paired bootstrap
+    over groups (questions): each sample draws as many groups as there are, with replacement,
+    and takes the mean gain of their queries."""
+    by_group: dict[str, list[float]] = {}
+    for key, value in after.items():
+        by_group.setdefault(groups[key], []).append(value - before[key])
+    if not by_group:
+        return {"gain": 0.0, "low": 0.0, "high": 0.0, "groups": 0, "samples": 0}
+    sums = [(sum(gains), len(gains)) for gains in by_group.values()]
+    total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
+    rng = random.Random(seed)
+    means = []
+    for _ in range(samples):
+        drawn = [sums[rng.randrange(len(sums))] for _ in sums]
+        means.append(sum(s for s, _ in drawn) / sum(n for _, n in drawn))
+    means.sort()
+    return {"gain": total / count, "low": means[int(0.025 * samples)],
+            "high": means[min(samples - 1, int(0.975 * samples))], "groups": len(sums),
+            "samples": samples}

@@ -13,7 +13,7 @@ import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -204,23 +204,27 @@ class ValidationSet:
     queries: dict[str, str]  # query key -> text
     relevant: dict[str, set[str]]  # query key -> relevant catalogue ids
     seen: set[str]  # keys of queries with a relevant id among the training positives
+    groups: dict[str, str] = field(default_factory=dict)  # query key -> its question (group)
 
 
 def validation_set(split: Split) -> ValidationSet:
     """Validation queries (pairs sharing a query text are one query with several relevant ids)."""
     keys: dict[str, str] = {}  # query text -> key
     relevant: dict[str, set[str]] = defaultdict(set)
+    groups: dict[str, str] = {}
     for pair in split.validation:
         if pair.query not in keys:
             key = pair.query_id if pair.query_id not in relevant else f"{pair.query_id}#{len(keys)}"
             keys[pair.query] = key
             relevant[key] = set()
+            groups[key] = pair.group
         relevant[keys[pair.query]].add(pair.positive_id)
     trained = split.trained_ids
     return ValidationSet(
         queries={key: text for text, key in keys.items()},
         relevant=dict(relevant),
         seen={key for key, ids in relevant.items() if ids & trained},
+        groups=groups,
     )
 
 

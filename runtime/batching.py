@@ -119,6 +119,7 @@ class MicroBatcher(Generic[T, R]):
         max_wait_ms: float = 2.0,
         max_queue_depth: int = 4096,
         cost: Callable[[T], int] | None = None,
+        shared_cost: Callable[[T], int] | None = None,
         max_batch_cost: int = 0,
         observer: BatchObserver | None = None,
         memory_release: MemoryRelease | None = None,
@@ -132,6 +133,10 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue_depth = max_queue_depth
         # The work of one item (a prompt's tokens still to run); 0 for max_batch_cost: no cap.
         self._cost = cost or (lambda item: 1)
+        # The part of an item's work it shares with the item before it in its job (a prompt's
+        # prefix shared with the other order of its query): saved when both run in one batch,
+        # and only then, so it counts against the cap unless its partner is in the batch too.
+        self._shared_cost = shared_cost or (lambda item: 0)
         self.max_batch_cost = max_batch_cost
         self._observer = observer
         self._jobs: list[_Job[T, R]] = []
@@ -203,16 +208,19 @@ class MicroBatcher(Generic[T, R]):
         """The next batch: items of the jobs with the least work left first, in their order,
         up to the size and cost caps (the first item always goes, whatever its cost)."""
         self._prune()
-        jobs = sorted(self._jobs, key=lambda job: sum(self._cost(p.item) for p in job.waiting))
+        jobs = sorted(self._jobs, key=self._work_left)
         batch: list[_Pending[T, R]] = []
         cost = 0
         for job in jobs:
+            follows = False  # whether the job's item before this one is in the batch
             while job.waiting and len(batch) < self.max_batch_size:
-                item_cost = self._cost(job.waiting[0].item)
+                item = job.waiting[0].item
+                item_cost = self._cost(item) - (self._shared_cost(item) if follows else 0)
                 if batch and self.max_batch_cost and cost + item_cost > self.max_batch_cost:
                     break
                 batch.append(job.waiting.popleft())
                 cost += item_cost
+                follows = True
             if len(batch) >= self.max_batch_size or (self.max_batch_cost
                                                      and cost >= self.max_batch_cost):
                 break
@@ -220,6 +228,11 @@ class MicroBatcher(Generic[T, R]):
         self._jobs = [job for job in self._jobs if job.waiting]
         self._report_depth()
         return batch
+
+    def _work_left(self, job: _Job[T, R]) -> int:
+        """A job's work, its items run in order, each sharing with the one before it."""
+        return sum(self._cost(p.item) - (self._shared_cost(p.item) if i else 0)
+                   for i, p in enumerate(job.waiting))
 
     async def _collect(self) -> list[_Pending[T, R]]:
         while True:

@@ -21,6 +21,7 @@ the candidates in each order on its tokenizer thread, reads the label logprobs f
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -34,6 +35,7 @@ from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
 from reranker.fusion import Fusion
 from reranker.ranking import fused_order, rank_task
+from reranker.trained import TrainedSettings, with_trained_settings
 from reranker.windows import balanced_windows, merge_window_scores
 from retriever.search import SearchQuery
 from retriever.vocabulary import Hit, Manifest
@@ -104,6 +106,7 @@ class Engine:
         self.metrics = metrics
         self.retrieval = retrieval
         self.scorer = scorer
+        self.trained = TrainedSettings()  # what the reranker model's directory set
 
     @property
     def collections_loaded(self) -> dict[str, Manifest]:
@@ -121,6 +124,12 @@ class Engine:
         the engine loads its own."""
         metrics = metrics or Metrics()
         observer: BatchObserver = metrics
+        # A trained model's directory says how it is served (reranker/trained.py); a setting
+        # that would change its prompts refuses the start before anything loads.
+        reranker, trained = await asyncio.to_thread(with_trained_settings, settings.reranker)
+        settings = settings.model_copy(update={"reranker": reranker})
+        if trained.describe():
+            log.info("reranker %s", trained.describe())
         if retrieval is None:
             retrieval = await LocalRetrieval.start(settings, observer)
         scorer = None
@@ -139,7 +148,9 @@ class Engine:
         # lands on some request as a 0.3 s pause of the event loop (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
-        return cls(settings, metrics, retrieval, scorer)
+        engine = cls(settings, metrics, retrieval, scorer)
+        engine.trained = trained
+        return engine
 
     async def close(self) -> None:
         await self.retrieval.close()
@@ -470,9 +481,10 @@ class Engine:
             problem = await self.scorer.health()
             statuses["reranker"] = ComponentStatus(
                 status="degraded" if problem else "ok",
-                detail=problem or f"backend {self.scorer.backend_name}, model "
-                                  f"{public_name(self.scorer.model)}; "
-                                  f"{self.scorer.backend.detail}")
+                detail=problem or "; ".join(filter(None, [
+                    f"backend {self.scorer.backend_name}, model "
+                    f"{public_name(self.scorer.model)}", self.scorer.backend.detail,
+                    self.trained.describe()])))
         if not self.collections_loaded:
             statuses["collections"] = ComponentStatus(
                 status="error", detail=f"no collection loaded from {self.settings.index_dir}")

@@ -90,8 +90,10 @@ def shared_prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[int, li
     """Groups of prompts that begin alike: (prefix length, member indices) each.
 
     Prompts are sorted, so those with a common beginning sit side by side; a run whose common
-    prefix is at least MIN_SHARED_TOKENS long is one group. Every prompt keeps at least its last
-    token out of the prefix, because its logits come from the suffix pass.
+    prefix is at least MIN_SHARED_TOKENS long is one group, unless a prompt would cut the
+    group's prefix by more than its joining saves (then it starts the next group). Every prompt
+    keeps at least its last token out of the prefix, because its logits come from the suffix
+    pass.
     """
     order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
     groups: list[tuple[int, list[int]]] = []
@@ -101,7 +103,12 @@ def shared_prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[int, li
             head = prompts[members[0]]
             shared = _common_prefix(head, prompts[i], length)
             shared = min(shared, len(prompts[i]) - 1)
-            if shared >= MIN_SHARED_TOKENS:
+            # Joining cuts the group's prefix to what the newcomer shares: worth it only while
+            # the group saves no fewer tokens. A query's prompts share its instruction and query;
+            # a prompt of the next query shares the instruction alone, and joining would cost
+            # every prompt of the first its query, so it starts a group of its own.
+            saved_before = length * (len(members) - 1) if len(members) > 1 else 0
+            if shared >= MIN_SHARED_TOKENS and shared * len(members) >= saved_before:
                 groups[-1] = (shared, [*members, i])
                 continue
         groups.append((len(prompts[i]) - 1, [i]))
@@ -201,7 +208,7 @@ class TransformersBackend:
         self._batcher: MicroBatcher[_InProgress, list[float]] = MicroBatcher(
             "rerank", self._step, max_batch_size=config.batch_size,
             max_wait_ms=config.batch_wait_ms, max_queue_depth=config.max_queue_depth,
-            cost=self._cost, max_batch_cost=config.batch_tokens,
+            cost=self._cost, shared_cost=self._shared_cost, max_batch_cost=config.batch_tokens,
             observer=observer, memory_release=default_memory_release())
         self.forward_passes = 0  # model calls
         self.batches = 0  # micro-batches scored
@@ -256,11 +263,14 @@ class TransformersBackend:
         return [row.tolist() for row in label_log_softmax(last, reads)]
 
     def _cost(self, item: _InProgress) -> int:
-        """The work a read has left, in context-free tokens: its prefix shared with the read
-        before it counts once, as prefix sharing computes it once when the two run together."""
-        shared = item.shared if not item.done else 0
-        return round(pass_cost(item.remaining, item.done, self.span)
-                     - pass_cost(shared, 0, self.span))
+        """The work a read has left, in context-free tokens."""
+        return round(pass_cost(item.remaining, item.done, self.span))
+
+    def _shared_cost(self, item: _InProgress) -> int:
+        """The part of it that prefix sharing computes once when the read runs in one batch
+        with the read before it in its request (the other order of its query, or the query's
+        previous pointwise prompt)."""
+        return round(pass_cost(item.shared, 0, self.span)) if not item.done else 0
 
     def _step(self, items: list[_InProgress]) -> list[list[float] | Unfinished]:
         """One turn of the batcher: the reads that fit whole are scored together; a read in

@@ -36,6 +36,19 @@ def test_groups_are_runs_of_a_common_prefix() -> None:
     assert length == len(longer) - 1
 
 
+def test_two_queries_in_one_batch_keep_their_own_prefixes() -> None:
+    # Pointwise prompts of two queries: the instruction alone is common to all six, each
+    # query's own text to its three. One group of six sharing the instruction would run both
+    # queries' text six times; two groups run each once.
+    instruction = list(range(100, 100 + MIN_SHARED_TOKENS))
+    first = [*instruction, *range(500, 540)]
+    second = [*instruction, *range(600, 640)]
+    prompts = [[*first, 1, 2], [*first, 3], [*first, 4, 5], [*second, 6], [*second, 7, 8],
+               [*second, 9]]
+    groups = {tuple(sorted(m)): length for length, m in shared_prefix_groups(prompts)}
+    assert groups == {(0, 1, 2): len(first), (3, 4, 5): len(second)}
+
+
 def _tasks(catalogue: list[CatalogEntry]) -> list[ListwiseTask]:
     query = "Calculate 1/2 + 1/3. Incorrect answer: 2/5"
     tasks = [make_task(catalogue[:10], query),  # the default two orders

@@ -15,6 +15,7 @@ import torch
 from rankd.cli import main
 from reranker.backends.transformers_backend import TransformersBackend
 from reranker.config import RerankerConfig, Scoring
+from reranker.fusion import DEFAULT_FUSION_WEIGHT
 from reranker.prompt import load_tokenizer
 from reranker.training import (
     SERVING_FILE,
@@ -62,7 +63,8 @@ def _config(output: Path, tiny_lm: Path, **overrides: Any) -> RerankerTrainingCo
                                                    dtype="float32"),
         device="cpu", candidates=CANDIDATES, examples=200, epochs=3, learning_rate=1e-2,
         gradient_accumulation=2, method=TuningMethod.LORA, lora_rank=8,
-        validation_fraction=0.25, eval_queries=0, curve_points=1, curve_queries=0,
+        validation_fraction=0.25, fusion_queries=8, eval_queries=0, curve_points=1,
+        curve_queries=0,
         example_orders=ExampleOrders.BOTH, missing_positive=MissingPositive.INSERT,
         train_layers=0, base_eval=True, progress=False)
     values.update(overrides)
@@ -74,7 +76,12 @@ def _train(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path, eedi_csv: Pa
     output = tmp_path_factory.mktemp(f"reranker-{scoring}") / "model"
     # Shuffled: a tiny model trained on the served orders learns their positions, and its two
     # orders then average to near-ties that batch composition can break either way.
-    config = _config(output, tiny_lm, scoring=scoring, candidate_order=CandidateOrder.SHUFFLED)
+    # Pointwise, LoRA at this rate collapses the tiny model's yes/no scores to ties 1e-7 apart,
+    # which float noise between batch compositions reorders; full fine-tuning keeps them apart.
+    tuning: dict[str, Any] = ({"method": TuningMethod.FULL, "train_layers": 0,
+                               "learning_rate": 1e-3} if scoring is Scoring.POINTWISE else {})
+    config = _config(output, tiny_lm, scoring=scoring, candidate_order=CandidateOrder.SHUFFLED,
+                     **tuning)
     report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi",
                             instruction=SAMPLE_INSTRUCTION)
     return {"report": report, "output": output, "config": config}
@@ -154,6 +161,24 @@ def test_the_report_has_every_stage(trained: dict[str, Any]) -> None:
     assert report["parameters"]["trainable"] < report["parameters"]["total"]  # LoRA
     written = json.loads((trained["output"] / SERVING_FILE).read_text())
     assert written["scoring"] == "listwise"
+    # The fusion was chosen on questions of its own, written for serving, and its figures are
+    # reported on the others with an interval for the gain.
+    fusion = report["fusion"]
+    assert (written["fusion"], written["fusion_weight"]) == (fusion["chosen"], fusion["weight"])
+    assert written["chosen_on"]["queries"] == fusion["on"]["queries"] \
+        == report["split"]["fusion_queries"] > 0
+    assert fusion["on"]["map"] == max(v for row in fusion["table"].values()
+                                      for v in row.values())
+    assert report["split"]["fusion_queries"] + report["fine_tuned"]["none"]["queries"] == \
+        report["split"]["fusion_queries"] + report["split"]["evaluated_queries"]
+    served = report["fine_tuned"]["served"]
+    assert served["fusion"] == fusion["chosen"]
+    assert 0 <= served["recall_at_1"] <= 1
+    gain = report["fine_tuned"]["gain"]
+    assert gain["low"] <= gain["gain"] <= gain["high"]
+    assert gain["gain"] == pytest.approx(served["map"] - report["retrieval_only"]["map"],
+                                         abs=2e-4)
+    assert report["precision"]["serving"].startswith(report["fine_tuned"]["dtype"])
 
 
 def test_no_validation_question_is_trained_on(trained: dict[str, Any]) -> None:
@@ -249,20 +274,28 @@ async def test_the_trained_model_serves_rank(scoring: Scoring, trained: dict[str
                                              trained_pointwise: dict[str, Any],
                                              settings_factory: Any) -> None:
     run = trained if scoring is Scoring.LISTWISE else trained_pointwise
+    # Only the model: the scoring mode and the fusion come from its rankd_reranker.json.
     settings: Settings = settings_factory(reranker_backend="transformers",
                                           reranker_model=str(run["output"]),
-                                          reranker_scoring=scoring,
                                           default_candidates=CANDIDATES)
+    written = json.loads((run["output"] / SERVING_FILE).read_text())
     async with app_client(settings) as (_, client):
         response = await client.post("/rank", json={"query": "one half plus one third",
-                                                     "collection": SAMPLE_COLLECTION})
+                                                     "collection": SAMPLE_COLLECTION,
+                                                     "debug": True})
+        ready = (await client.get("/ready")).json()
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["reranked"] is True
-    assert body["fusion"]["method"] == "consensus"
+    assert body["fusion"]["method"] == written["fusion"] == run["report"]["fusion"]["chosen"]
+    if written["fusion"] != "consensus":
+        assert body["fusion"]["rerank_weight"] == pytest.approx(1 - written["fusion_weight"])
     if scoring is Scoring.POINTWISE:
         assert body["fusion"]["agreement"] is None  # no positions to disagree over
-        assert body["fusion"]["rerank_weight"] == pytest.approx(0.5)
+        assert all(o["labels"] == ["yes", "no"] for o in body["debug"]["orders"])
+    detail = ready["components"]["reranker"]["detail"]
+    assert f"served as trained ({SERVING_FILE}: {scoring} scoring, fusion {written['fusion']}" \
+        in detail
 
 
 @pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
@@ -273,11 +306,18 @@ def test_rankd_eval_reproduces_the_reported_map(scoring: Scoring, trained: dict[
     run = trained if scoring is Scoring.LISTWISE else trained_pointwise
     report = run["report"]
     validation = report["validation_file"]
-    for fusion in ("none", "consensus"):
+    # The server computes in the dtype the trainer evaluated in: the training config's, float32
+    # here on any CPU (bf16 sums depend on the batch, and the tiny model's scores are near-ties
+    # that such differences reorder). The trained fusion ("served") is read from the model's
+    # rankd_reranker.json; the other two are set explicitly, over it.
+    dtype = run["config"].reranker.dtype
+    for fusion in ("none", "consensus", "served"):
+        chosen = {} if fusion == "served" else {"fusion": fusion,
+                                                 "fusion_weight": DEFAULT_FUSION_WEIGHT}
         settings = Settings(index_dir=sample_index, embedder_device="cpu",
                             default_candidates=CANDIDATES,
-                            reranker={"backend": "transformers", "scoring": scoring,
-                                      "fusion": fusion, "model": str(run["output"])})
+                            reranker={"backend": "transformers", "dtype": dtype,
+                                      "model": str(run["output"]), **chosen})
         with serve_in_thread(settings) as url:
             assert main(["batch", "--url", url, "--quiet", "--input", validation, "--format",
                          "eedi", "--output", str(tmp_path / f"{fusion}.jsonl")]) == 0
@@ -301,13 +341,16 @@ def test_bad_options_are_refused_before_anything_loads(tmp_path: Path, tiny_lm: 
 def test_the_cli_names_a_bad_setting_in_one_line(tmp_path: Path, eedi_csv: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Every bad value at once, one line each, read as the service reads them (any case).
     monkeypatch.setenv("RANKD_RERANKER_ORDERS", "0")
+    monkeypatch.setenv("rankd_reranker_dtype", "float8")
     code = main(["train-reranker", "--train", str(eedi_csv), "--format", "eedi", "--catalog",
                  str(sample_catalog_path()), "--output", str(tmp_path / "out")])
     assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("rankd train-reranker: RANKD_RERANKER_ORDERS:")
-    assert "\n" not in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "rankd train-reranker: rankd: invalid configuration:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "RANKD_RERANKER_DTYPE", "RANKD_RERANKER_ORDERS"]
 
 
 def test_full_fine_tuning_is_the_default(tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
@@ -361,3 +404,57 @@ def test_the_written_scores_reproduce_the_report_through_the_fusion_sweep(
         report["fine_tuned"]["consensus"]["map"], abs=1e-4)
     assert rows["reranker alone (mean over orders)"]["MAP@25"] == pytest.approx(
         report["fine_tuned"]["none"]["map"], abs=1e-4)
+
+
+@pytest.mark.parametrize("scoring", [None, "listwise"])
+def test_the_shipped_defaults_run_end_to_end(scoring: str | None, tmp_path: Path,
+                                             tiny_lm: Path, eedi_csv: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`rankd train-reranker` with every option at its default (the pointwise recipe, or
+    listwise by --scoring) but the model, on a queue far smaller than the evaluation's prompts:
+    it finishes, writes the full report and the settings `rankd serve` reads."""
+    monkeypatch.setenv("RANKD_RERANKER_MODEL", str(tiny_lm))
+    monkeypatch.setenv("RANKD_RERANKER_MAX_QUEUE_DEPTH", "16")
+    output = tmp_path / "out"
+    args = ["train-reranker", "--train", str(eedi_csv), "--format", "eedi", "--catalog",
+            str(sample_catalog_path()), "--output", str(output), "--quiet"]
+    assert main([*args, *(["--scoring", scoring] if scoring else [])]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    report = json.loads((output / "training_report.json").read_text())
+    assert report["status"] == "complete"
+    assert summary["scoring"] == report["scoring"] == (scoring or "pointwise")
+    prompts_per_query = 10 if report["scoring"] == "pointwise" else 2
+    evaluated = report["split"]["fusion_queries"] + report["split"]["evaluated_queries"]
+    assert evaluated * prompts_per_query > 16  # more than the queue holds at once
+    assert report["config"]["examples"] == 0
+    assert report["config"]["train_layers"] == 8
+    assert len(report["learning_curve"]) == 4  # three points during training, then the end
+    assert report["precision"]["training"].split()[0] == (
+        "bfloat16" if report["precision"]["serving"].startswith("bfloat16") else "float32")
+    written = json.loads((output / SERVING_FILE).read_text())
+    assert written["scoring"] == report["scoring"]
+    assert written["fusion"] == report["fusion"]["chosen"]
+    assert (output / "validation_scores.jsonl").is_file()
+    assert (output / "fusion_scores.jsonl").is_file()
+
+
+def test_the_model_is_written_before_evaluation_and_a_partial_report_with_it(
+        tmp_path: Path, tiny_lm: Path, eedi_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reranker.training as training
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(training.RerankEvaluator, "score", fail)
+    config = _config(tmp_path / "out", tiny_lm, examples=8, epochs=1, curve_points=0,
+                     base_eval=False)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi")
+    output = tmp_path / "out"
+    assert (output / "model.safetensors").is_file()
+    assert json.loads((output / SERVING_FILE).read_text())["scoring"] == "listwise"
+    partial = json.loads((output / "training_report.json").read_text())
+    assert partial["status"] == "trained; evaluating"
+    assert partial["train_loss"]
+    assert partial["retrieval_only"]["queries"] > 0

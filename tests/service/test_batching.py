@@ -261,6 +261,22 @@ async def test_a_cost_cap_bounds_each_batch_and_an_expensive_item_runs_alone() -
     assert ["x" * 25] in journal.batches
 
 
+async def test_shared_work_is_saved_only_beside_its_partner() -> None:
+    # Each item of a job shares all but its last letter with the item before it: 4 of its 5.
+    # Beside its partner an item costs 1, so a job of one 5 and four 1s fills a cap of 9
+    # exactly; the item that opens the next batch pays its full 5 again.
+    journal = Journal()
+    batcher = MicroBatcher("t", journal.run, max_batch_size=16, max_wait_ms=20, cost=len,
+                           shared_cost=lambda item: 4, max_batch_cost=9)
+    await batcher.start()
+    try:
+        results = await batcher.submit_many([f"aaaa{c}" for c in "bcdefgh"])
+    finally:
+        await batcher.close()
+    assert results == [f"AAAA{c}" for c in "BCDEFGH"]
+    assert journal.batches == [[f"aaaa{c}" for c in "bcdef"], ["aaaag", "aaaah"]]
+
+
 async def test_unfinished_items_come_back_and_others_run_between_their_turns() -> None:
     @dataclass
     class Work:

@@ -1,0 +1,141 @@
+"""The settings a trained reranker is served with, written beside its weights.
+
+`rankd train-reranker` writes ``rankd_reranker.json`` into the model directory: the prompt
+settings it trained on (scoring mode, chat template, templates, labels, instruction) and the
+fusion it chose on validation (method and weight, with the figures behind the choice). Whoever
+serves the directory (``rankd serve``, the Ray Serve app) reads it through
+``with_trained_settings``:
+
+- a setting the file holds and the operator did not set is taken from the file;
+- one the operator set explicitly (``RANKD_RERANKER_<FIELD>``) wins, with a warning, where it
+  only changes how scores are fused;
+- one that changes the prompts themselves refuses the start, naming both values: the model was
+  never trained to read those prompts, and its scores would be read silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from reranker.config import RerankerConfig, Scoring
+from reranker.errors import RerankerConfigError
+
+log = logging.getLogger(__name__)
+
+SERVING_FILE = "rankd_reranker.json"
+
+# Settings that shape the prompt the model reads: an override refuses the start.
+PROMPT_FIELDS = ("scoring", "chat_template", "rank_template", "pointwise_template",
+                 "label_alphabet", "instruction")
+# Settings that only fuse the scores with retrieval: an override wins with a warning.
+FUSION_FIELDS = ("fusion", "fusion_weight")
+
+
+def served_settings(config: RerankerConfig, instruction: str,
+                    fusion: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``SERVING_FILE`` holds for a model trained with ``config`` and ``instruction``;
+    ``fusion`` is the choice made on validation ({"fusion", "fusion_weight", "chosen_on"})."""
+    settings: dict[str, Any] = {"scoring": config.scoring.value,
+                                "chat_template": config.chat_template,
+                                "instruction": instruction,
+                                "label_alphabet": config.label_alphabet.value}
+    if config.scoring is Scoring.POINTWISE:
+        settings["pointwise_template"] = config.pointwise_template
+    else:
+        settings["rank_template"] = config.rank_template
+    if fusion:
+        settings.update(fusion)
+    return settings
+
+
+def write_served_settings(directory: Path, settings: dict[str, Any]) -> None:
+    (directory / SERVING_FILE).write_text(json.dumps(settings, indent=2) + "\n",
+                                          encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class TrainedSettings:
+    """What a model directory's ``SERVING_FILE`` changed in the configuration, for the start-up
+    log and /ready."""
+
+    taken: dict[str, Any] = field(default_factory=dict)  # from the file
+    overridden: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # (set, trained)
+
+    def describe(self) -> str:
+        if not self.taken and not self.overridden:
+            return ""
+        parts = []
+        scoring = self.taken.get("scoring")
+        if scoring:
+            parts.append(f"{scoring} scoring")
+        if "fusion" in self.taken:
+            weight = self.taken.get("fusion_weight")
+            parts.append(f"fusion {self.taken['fusion']}"
+                         + (f" w {weight:g}" if weight is not None else "")
+                         + " (chosen on validation)")
+        for name, (value, trained) in self.overridden.items():
+            parts.append(f"RANKD_RERANKER_{name.upper()}={_shown(value)} over the trained "
+                         f"{_shown(trained)}")
+        return f"served as trained ({SERVING_FILE}: {', '.join(parts) or 'prompt settings'})"
+
+
+def read_served_settings(model: str | None) -> dict[str, Any] | None:
+    """The contents of ``model``'s ``SERVING_FILE`` when ``model`` is a directory holding one."""
+    if not model:
+        return None
+    path = Path(model).expanduser() / SERVING_FILE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RerankerConfigError(f"the reranker model's {SERVING_FILE} cannot be read ({exc}); "
+                                  "write it again with `rankd train-reranker` or remove it"
+                                  ) from None
+    if not isinstance(values, dict):
+        raise RerankerConfigError(f"the reranker model's {SERVING_FILE} is not a JSON object")
+    return values
+
+
+def with_trained_settings(config: RerankerConfig) -> tuple[RerankerConfig, TrainedSettings]:
+    """``config`` with its model directory's trained settings applied (see the module's rule)."""
+    values = read_served_settings(config.model) if config.enabled else None
+    if values is None:
+        return config, TrainedSettings()
+    known = {k: v for k, v in values.items() if k in (*PROMPT_FIELDS, *FUSION_FIELDS)}
+    try:
+        trained = RerankerConfig.model_validate({**config.model_dump(), **known})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise RerankerConfigError(
+            f"the reranker model's {SERVING_FILE} holds a bad {error['loc'][0]}: "
+            f"{error['msg']}") from None
+    taken: dict[str, Any] = {}
+    overridden: dict[str, tuple[Any, Any]] = {}
+    for name in known:
+        mine, theirs = getattr(config, name), getattr(trained, name)
+        if name not in config.model_fields_set:
+            taken[name] = theirs
+        elif mine != theirs:
+            if name in PROMPT_FIELDS:
+                raise RerankerConfigError(
+                    f"RANKD_RERANKER_{name.upper()}={_shown(mine)} changes the prompts the model "
+                    f"was trained on ({SERVING_FILE} says {name}={_shown(theirs)}); unset it to "
+                    "serve the model as trained, or train a model with that setting")
+            overridden[name] = (mine, theirs)
+            log.warning("RANKD_RERANKER_%s=%s overrides the trained %s=%s (%s)", name.upper(),
+                        _shown(mine), name, _shown(theirs), SERVING_FILE)
+    merged = config.model_copy(update=taken)
+    return merged, TrainedSettings(taken, overridden)
+
+
+def _shown(value: Any) -> str:
+    text = value.value if hasattr(value, "value") else value
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "...'"

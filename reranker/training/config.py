@@ -1,0 +1,136 @@
+"""The options of one `rankd train-reranker` run, and its vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from reranker.config import RerankerConfig, Scoring
+from retriever.config import RetrieverSettings
+from retriever.embedder import DEFAULT_EMBEDDER
+
+CHECKPOINT_DIR = "checkpoints"
+# The written model's scores of the reported validation queries (bench/fusion_sweep.py).
+SCORES_FILE = "validation_scores.jsonl"
+# The scores of the validation queries the fusion was chosen on, in the same form.
+FUSION_SCORES_FILE = "fusion_scores.jsonl"
+
+
+class RerankerTrainingError(ValueError):
+    """The data or options cannot be used as given."""
+
+
+class MissingPositive(StrEnum):
+    INSERT = "insert"  # the positive takes the last candidate's place
+    SKIP = "skip"  # the example is left out
+
+
+class TuningMethod(StrEnum):
+    LORA = "lora"
+    FULL = "full"
+
+
+class ExampleOrders(StrEnum):
+    """Listwise: the orders each example is shown in (the candidate order, then reversed)."""
+
+    BOTH = "both"  # both, as served: twice the prompts
+    FORWARD = "forward"  # the candidate order only
+    ALTERNATE = "alternate"  # one of the two per example, taking turns: half the prompts
+
+
+class CandidateOrder(StrEnum):
+    RETRIEVAL = "retrieval"  # as the retriever ranked them, as serving shows them
+    SHUFFLED = "shuffled"  # a seeded random order per example
+
+
+# The recipe's scoring mode: pointwise beat listwise under the fusion each is served with
+# (docs/fine-tuning.md).
+RECIPE_SCORING = Scoring.POINTWISE
+
+
+def _recipe_reranker() -> RerankerConfig:
+    return RerankerConfig(scoring=RECIPE_SCORING)
+
+
+@dataclass(frozen=True)
+class RerankerTrainingConfig:
+    """Options of one run; the scoring mode is the served one, ``reranker.scoring``, and the
+    dtype the served one, ``reranker.dtype`` (auto: bfloat16 where the CPU or GPU computes it
+    natively). The defaults are the recipe measured in docs/fine-tuning.md: pointwise, every
+    training pair, the top 8 layers, which finishes on Eedi's train.csv on 2 CPU cores within
+    90 minutes, evaluation included."""
+
+    output_dir: Path
+    reranker: RerankerConfig = field(default_factory=_recipe_reranker)
+    retriever: str = DEFAULT_EMBEDDER
+    # The embedder's runtime, as the service reads it (RANKD_EMBEDDER_BACKEND, _QUANTIZATION,
+    # _DEVICE, _CACHE_DIR): the candidates are those the service will retrieve.
+    retrieval: RetrieverSettings = field(default_factory=RetrieverSettings)
+    device: str = "auto"
+    candidates: int = 10  # N; with min_candidates, the largest N
+    min_candidates: int = 0  # >= 2: each example draws its N from [min_candidates, candidates]
+    examples: int = 0  # training pairs used (seeded draw); 0: all of them
+    candidate_order: CandidateOrder = CandidateOrder.RETRIEVAL
+    example_orders: ExampleOrders = ExampleOrders.ALTERNATE
+    missing_positive: MissingPositive = MissingPositive.SKIP
+    max_tokens: int = 1024  # longer prompts are left out, and counted
+    epochs: float = 1.0
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    batch_size: int = 1  # examples per forward pass
+    gradient_accumulation: int = 8
+    method: TuningMethod = TuningMethod.FULL
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_layers: int = 0  # LoRA on the last N decoder layers only; 0: all of them
+    # Full fine-tuning of the last N decoder layers and the final norm only (0: every weight).
+    # The layers below run forward alone: no gradients flow through them.
+    train_layers: int = 8
+    validation_fraction: float = 0.2
+    # Validation queries (whole questions, seeded) the fusion is chosen on, at most half of
+    # them; never reported.
+    fusion_queries: int = 300
+    eval_queries: int = 0  # validation queries reported, from those left; 0: all of them
+    curve_points: int = 3  # evaluations during training, for the learning curve
+    curve_queries: int = 100  # reported queries of those evaluations; 0: eval_queries'
+    # Evaluate the model before training (the learning curve's first point). Runs that compare
+    # options of one model and scoring mode can take it from one of them.
+    base_eval: bool = False
+    k: int = 25
+    seed: int = 42
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's choice
+    save_total_limit: int = 1
+    progress: bool = True
+    overwrite: bool = False
+
+    @property
+    def scoring(self) -> Scoring:
+        return self.reranker.scoring
+
+    def check(self) -> None:
+        from retriever.pairs import require_positive
+
+        positive = {"candidates": self.candidates, "epochs": self.epochs,
+                    "learning rate": self.learning_rate, "batch size": self.batch_size,
+                    "gradient accumulation": self.gradient_accumulation,
+                    "LoRA rank": self.lora_rank, "k": self.k, "max tokens": self.max_tokens,
+                    "fusion queries": self.fusion_queries}
+        require_positive(positive, RerankerTrainingError)
+        if self.candidates < 2:
+            raise RerankerTrainingError("candidates must be at least 2: the loss picks one of N")
+        if self.min_candidates and not 2 <= self.min_candidates <= self.candidates:
+            raise RerankerTrainingError(
+                f"min candidates must be 0 (a fixed N) or between 2 and candidates "
+                f"({self.candidates}), got {self.min_candidates}")
+        labels = len(self.reranker.label_alphabet.labels())
+        if self.candidates > labels:
+            raise RerankerTrainingError(
+                f"candidates ({self.candidates}) exceeds the {labels} labels of "
+                f"RANKD_RERANKER_LABEL_ALPHABET={self.reranker.label_alphabet}")
+        for name, value in {"curve points": self.curve_points, "LoRA layers": self.lora_layers,
+                            "train layers": self.train_layers, "examples": self.examples,
+                            "eval queries": self.eval_queries,
+                            "curve queries": self.curve_queries}.items():
+            if value < 0:
+                raise RerankerTrainingError(f"{name} must not be negative, got {value}")

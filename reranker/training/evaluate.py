@@ -1,0 +1,227 @@
+"""Evaluation of a reranker on validation queries, as /rank orders them, and the fusion choice.
+
+Scores come from ``ListwiseScorer.rank`` over a ``TransformersBackend``, in pieces the
+backend's queue holds (``rank_in_pieces``), and rankings from ``fused_order``: exactly the
+/rank path, so `rankd serve` with the written model and `rankd eval` on ``validation.csv``
+reproduce the reported figures. The fusion is chosen on validation queries of its own
+(``choose_fusion``), never on the reported ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reranker.backends.transformers_backend import LoadedModel, TransformersBackend
+from reranker.config import Scoring
+from reranker.fusion import Fusion
+from reranker.listwise import ListwiseScores
+from reranker.ranking import fused_order
+from reranker.training.config import RerankerTrainingConfig
+from reranker.training.examples import PromptBuilder
+from retriever.evaluation import average_precisions, paired_bootstrap, summarize
+
+if TYPE_CHECKING:
+    from retriever.vocabulary import Hit
+
+# Retrieval weights tried for each fusion method (1.0: retrieval order alone).
+FUSION_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    key: str
+    text: str
+    relevant: frozenset[str]
+    hits: list[Hit]  # the top-k retrieval, best first
+    seen: bool
+    group: str = ""  # the question: queries of one question are resampled together
+
+
+def ranked_ids(query: EvalQuery, scored: ListwiseScores, n: int, fusion: Fusion,
+               weight: float) -> list[str]:
+    """A query's ranking as /rank returns it: the top N reranked and fused, the rest after."""
+    head = query.hits[:n]
+    order = fused_order(head, scored, fusion, weight).order
+    return [head[i].id for i in order] + [h.id for h in query.hits[n:]]
+
+
+def _rounded(figures: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: round(value, 4) if isinstance(value, float) else value
+            for key, value in figures.items()}
+
+
+def mean_average_precision(ranked: Mapping[str, list[str]], queries: Sequence[EvalQuery],
+                           k: int) -> dict[str, Any]:
+    """MAP@k, recall@k and recall@1 of ``queries``, overall, seen and unseen."""
+    return _rounded(summarize(ranked, {q.key: q.relevant for q in queries}, k,
+                              {q.key for q in queries if q.seen}))
+
+
+def fusions_for(scoring: Scoring, orders: int) -> list[Fusion]:
+    """The fusion methods a model can be served with: consensus only where several orders can
+    agree or not (listwise, two or more orders); it equals rrf otherwise."""
+    methods = [Fusion.RRF, Fusion.LINEAR]
+    if scoring is Scoring.LISTWISE and orders > 1:
+        methods.append(Fusion.CONSENSUS)
+    return methods
+
+
+@dataclass(frozen=True)
+class FusionChoice:
+    """The fusion method and retrieval weight that served the choice queries best, and every
+    figure behind it."""
+
+    fusion: Fusion
+    weight: float
+    map: float
+    retrieval_map: float
+    reranker_alone_map: float
+    queries: int
+    table: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> weight -> MAP
+
+    def served(self) -> dict[str, Any]:
+        """The fusion as rankd_reranker.json holds it."""
+        return {"fusion": self.fusion.value, "fusion_weight": self.weight,
+                "chosen_on": {"queries": self.queries, "map": self.map,
+                              "retrieval_map": self.retrieval_map,
+                              "reranker_alone_map": self.reranker_alone_map,
+                              "best_by_method": {
+                                  method: max(row.items(), key=lambda kv: kv[1])
+                                  for method, row in self.table.items()}}}
+
+
+def choose_fusion(queries: Sequence[EvalQuery], scores: Sequence[ListwiseScores], n: int,
+                  k: int, methods: Iterable[Fusion]) -> FusionChoice:
+    """The method and weight of the best MAP@k on ``queries``; a tie goes to the larger
+    retrieval weight, then to the method listed first."""
+    relevant = {q.key: q.relevant for q in queries}
+
+    def map_of(fusion: Fusion, weight: float) -> float:
+        ranked = {q.key: ranked_ids(q, s, n, fusion, weight)
+                  for q, s in zip(queries, scores, strict=True)}
+        values = average_precisions(ranked, relevant, k)
+        return sum(values.values()) / max(len(values), 1)
+
+    table = {method.value: {f"{w:.2f}": round(map_of(method, w), 4) for w in FUSION_WEIGHTS}
+             for method in methods}
+    best = max(((method, float(w), value) for method, row in table.items()
+                for w, value in row.items()),
+               key=lambda t: (t[2], t[1], -list(table).index(t[0])))
+    retrieval = {q.key: [h.id for h in q.hits] for q in queries}
+    retrieval_map = sum(average_precisions(retrieval, relevant, k).values()) / max(len(queries),
+                                                                                   1)
+    return FusionChoice(Fusion(best[0]), best[1], best[2], round(retrieval_map, 4),
+                        round(map_of(Fusion.NONE, 0.0), 4), len(queries), table)
+
+
+class RerankEvaluator:
+    """Validation queries scored in the served mode (listwise in the configured orders, or
+    pointwise), and their figures under any fusion: the top N fused with the retrieval order,
+    the rest in retrieval order."""
+
+    def __init__(self, queries: Sequence[EvalQuery], builder: PromptBuilder,
+                 config: RerankerTrainingConfig) -> None:
+        self.queries = list(queries)
+        self.builder = builder
+        self.config = config
+        self.seconds: list[float] = []
+
+    def subset(self, limit: int) -> RerankEvaluator:
+        """The first ``limit`` queries (already in a seeded order), for the learning curve."""
+        return RerankEvaluator(self.queries[:limit] if limit else self.queries, self.builder,
+                               self.config)
+
+    def score(self, loaded: LoadedModel) -> list[ListwiseScores]:
+        """Every query's scores, read as serving reads them, in pieces the queue holds."""
+        started = time.perf_counter()
+        # The per-call timeout is serving's; one piece of a bulk evaluation may take longer.
+        reranker = self.config.reranker.model_copy(update={"backend": "transformers",
+                                                           "timeout_s": 7 * 24 * 3600.0})
+        scorer = self.builder.scorer(TransformersBackend(loaded, reranker))
+        n = self.config.candidates
+        tasks = [self.builder.task(q.text, q.hits[:n]) for q in self.queries]
+
+        async def run() -> list[ListwiseScores]:
+            await scorer.backend.start()
+            try:
+                return await scorer.rank_in_pieces(tasks, reranker.max_queue_depth)
+            finally:
+                await scorer.close()
+
+        scores = asyncio.run(run())
+        self.seconds.append(time.perf_counter() - started)
+        return scores
+
+    def ranked(self, scores: Sequence[ListwiseScores], fusion: Fusion,
+               weight: float) -> dict[str, list[str]]:
+        n = self.config.candidates
+        return {q.key: ranked_ids(q, s, n, fusion, weight)
+                for q, s in zip(self.queries, scores, strict=True)}
+
+    def figures(self, scores: Sequence[ListwiseScores], fusion: Fusion,
+                weight: float) -> dict[str, Any]:
+        figures = mean_average_precision(self.ranked(scores, fusion, weight), self.queries,
+                                         self.config.k)
+        if fusion is not Fusion.NONE:
+            figures["fusion_weight"] = weight
+        return figures
+
+    def gain(self, scores: Sequence[ListwiseScores], fusion: Fusion,
+             weight: float) -> dict[str, Any]:
+        """The fused ranking's MAP@k gain over retrieval alone, with its 95% interval by a
+        paired bootstrap over questions."""
+        relevant = {q.key: q.relevant for q in self.queries}
+        after = average_precisions(self.ranked(scores, fusion, weight), relevant,
+                                   self.config.k)
+        before = average_precisions(self.retrieval_ranked(), relevant, self.config.k)
+        return _rounded(paired_bootstrap(after, before, {q.key: q.group for q in self.queries},
+                                         seed=self.config.seed))
+
+    def agreement(self, scores: Sequence[ListwiseScores]) -> float | None:
+        agreements = [s.agreement for s in scores if s.agreement is not None]
+        return round(sum(agreements) / len(agreements), 4) if agreements else None
+
+    def retrieval_ranked(self) -> dict[str, list[str]]:
+        return {q.key: [h.id for h in q.hits] for q in self.queries}
+
+    def retrieval_only(self) -> dict[str, Any]:
+        return mean_average_precision(self.retrieval_ranked(), self.queries, self.config.k)
+
+    def ceiling(self) -> dict[str, Any]:
+        """What a perfect reranker of the top N would reach: the positive first wherever it is
+        among the candidates, the rest unchanged."""
+        n = self.config.candidates
+        ranked = {}
+        for q in self.queries:
+            head = [h.id for h in q.hits[:n]]
+            found = [i for i in head if i in q.relevant]
+            ranked[q.key] = found + [i for i in head if i not in q.relevant] + \
+                [h.id for h in q.hits[n:]]
+        figures = mean_average_precision(ranked, self.queries, self.config.k)
+        figures["positive_in_head_share"] = round(
+            sum(any(h.id in q.relevant for h in q.hits[:n]) for q in self.queries)
+            / max(len(self.queries), 1), 4)
+        return figures
+
+    def write_scores(self, path: Path, header: dict[str, Any],
+                     scores: Sequence[ListwiseScores]) -> None:
+        """``scores``, one query a line after a header, in the form bench/rerank_quality.py
+        --dump writes: bench/fusion_sweep.py judges every fusion on them without running the
+        model again."""
+        n = self.config.candidates
+        with path.open("w", encoding="utf-8") as out:
+            out.write(json.dumps({"header": header}) + "\n")
+            for query, scored in zip(self.queries, scores, strict=True):
+                head = query.hits[:n]
+                out.write(json.dumps({
+                    "id": query.key, "group": query.group, "relevant": sorted(query.relevant),
+                    "head": [h.id for h in head], "retrieval_scores": [h.score for h in head],
+                    "tail": [h.id for h in query.hits[n:]],
+                    "orders": [{"positions": o.positions, "probabilities": o.probabilities}
+                               for o in scored.orders]}) + "\n")
