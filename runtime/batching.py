@@ -6,13 +6,22 @@ concurrent requests share forward passes. While a batch runs, new items queue up
 next batch, which is where most of the batching under load comes from. Between batches the same
 thread can hand freed memory back to the OS (``MemoryRelease``).
 
-Fairness between requests: each ``submit_many`` is a job, and a batch is filled from the job
-with the least work left first (shortest job first, work measured by ``cost``), up to
-``max_batch_cost``. A small request that arrives while a large one runs therefore waits for the
-batch in flight, not for the large request. The batch function may answer ``UNFINISHED`` for an
-item it advanced but did not finish (a long prompt filled in chunks); the item goes back to its
-job for another turn, so other jobs' batches run between its turns. Work of a caller that went
-away (a timeout, a client that disconnected) is dropped before its next turn.
+Fairness between requests: each ``submit_many`` is a job, with work measured by ``cost``, and
+each batch (up to ``max_batch_cost``, or ``max_batch_size`` items) is filled in two halves:
+
+- the first half by the earliest *virtual deadline*: the job's arrival plus the time its work
+  takes alone at the rate the batcher has been running (an exponential average of work per
+  second over its batches). A job's place in this order never worsens as others arrive, so a
+  long job that short ones keep overtaking still reaches the front, and then gets at least half
+  of every batch: no job waits without bound (shortest-first alone starves it);
+- the second half, and whatever the first leaves, by the least work left (shortest job first):
+  a small request that arrives beside a large one waits for the batch in flight, and then
+  shares the next, rather than waiting for the large request.
+
+The batch function may answer ``UNFINISHED`` for an item it advanced but did not finish (a long
+prompt filled in chunks); the item goes back to its job for another turn, keeping the job's
+arrival, so other jobs' batches run between its turns. Work of a caller that went away (a
+timeout, a client that disconnected) is dropped before its next turn.
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ def default_memory_release() -> MemoryRelease:
 class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
+    arrived: float  # when its submission came (loop time)
 
 
 @dataclass
@@ -107,6 +117,14 @@ class _Job(Generic[T, R]):
     """One submission's items that have not run yet (or are unfinished), in order."""
 
     waiting: deque[_Pending[T, R]]
+
+    @property
+    def arrived(self) -> float:
+        return min(p.arrived for p in self.waiting)
+
+
+# How much each batch moves the batcher's measured rate (work per second).
+RATE_SMOOTHING = 0.2
 
 
 class MicroBatcher(Generic[T, R]):
@@ -149,6 +167,9 @@ class MicroBatcher(Generic[T, R]):
         self._memory_release = memory_release
         self._batches_since_release = 0
         self.memory_releases = 0
+        self.rate = 0.0  # work (cost) per second over recent batches; 0 until one has run
+        self._taken_cost = 0  # the work of the batch last taken
+        self._batches_taken = 0
 
     async def start(self) -> None:
         if self._task is None:
@@ -185,7 +206,8 @@ class MicroBatcher(Generic[T, R]):
                 self._observer.rejected(self.stage)
             raise QueueFullError(self.stage, self._depth, self.max_queue_depth)
         loop = asyncio.get_running_loop()
-        pending = [_Pending[T, R](item, loop.create_future()) for item in items]
+        now = loop.time()
+        pending = [_Pending[T, R](item, loop.create_future(), now) for item in items]
         self._jobs.append(_Job(deque(pending)))
         self._depth += len(pending)
         self._idle.clear()
@@ -205,26 +227,42 @@ class MicroBatcher(Generic[T, R]):
         self._jobs = [job for job in self._jobs if job.waiting]
 
     def _take(self) -> list[_Pending[T, R]]:
-        """The next batch: items of the jobs with the least work left first, in their order,
-        up to the size and cost caps (the first item always goes, whatever its cost)."""
+        """The next batch: its first half from the jobs with the earliest virtual deadline,
+        the rest from the jobs with the least work left, each job's items in their order, up to
+        the size and cost caps (the first item always goes, whatever its cost)."""
         self._prune()
-        jobs = sorted(self._jobs, key=self._work_left)
+        rate = self.rate
+
+        def deadline(job: _Job[T, R]) -> float:
+            return job.arrived + (self._work_left(job) / rate if rate else 0.0)
+
         batch: list[_Pending[T, R]] = []
         cost = 0
-        for job in jobs:
-            follows = False  # whether the job's item before this one is in the batch
-            while job.waiting and len(batch) < self.max_batch_size:
-                item = job.waiting[0].item
-                item_cost = self._cost(item) - (self._shared_cost(item) if follows else 0)
-                if batch and self.max_batch_cost and cost + item_cost > self.max_batch_cost:
-                    break
-                batch.append(job.waiting.popleft())
-                cost += item_cost
-                follows = True
-            if len(batch) >= self.max_batch_size or (self.max_batch_cost
-                                                     and cost >= self.max_batch_cost):
-                break
+        in_batch: set[int] = set()  # jobs with an item in the batch: their next one follows it
+
+        def fill(jobs: list[_Job[T, R]], size: int, budget: int) -> None:
+            nonlocal cost
+            for job in jobs:
+                while job.waiting and len(batch) < size:
+                    item = job.waiting[0].item
+                    follows = id(job) in in_batch
+                    item_cost = self._cost(item) - (self._shared_cost(item) if follows else 0)
+                    if batch and budget and cost + item_cost > budget:
+                        return
+                    batch.append(job.waiting.popleft())
+                    in_batch.add(id(job))
+                    cost += item_cost
+                if len(batch) >= size or (budget and cost >= budget):
+                    return
+
+        # A batch of one item cannot be halved: its batches take turns between the two orders.
+        half = self.max_batch_size // 2 or self._batches_taken % 2
+        self._batches_taken += 1
+        if half:
+            fill(sorted(self._jobs, key=deadline), half, self.max_batch_cost // 2)
+        fill(sorted(self._jobs, key=self._work_left), self.max_batch_size, self.max_batch_cost)
         self._depth -= len(batch)
+        self._taken_cost = cost
         self._jobs = [job for job in self._jobs if job.waiting]
         self._report_depth()
         return batch
@@ -306,8 +344,13 @@ class MicroBatcher(Generic[T, R]):
                         p.future.set_exception(exc)
                 return
             finally:
+                seconds = loop.time() - started
                 if self._observer is not None:
-                    self._observer.batch_ran(self.stage, len(live), loop.time() - started)
+                    self._observer.batch_ran(self.stage, len(live), seconds)
+            if seconds > 0:
+                measured = self._taken_cost / seconds
+                self.rate = measured if not self.rate else (
+                    (1 - RATE_SMOOTHING) * self.rate + RATE_SMOOTHING * measured)
             unfinished: list[_Pending[T, R]] = []
             for p, result in zip(live, results, strict=True):
                 if isinstance(result, Unfinished):
@@ -315,7 +358,7 @@ class MicroBatcher(Generic[T, R]):
                 elif not p.future.done():
                     p.future.set_result(result)
             if unfinished:
-                # Back for another turn, as a job of their own, after whatever is shorter.
+                # Back for another turn, as a job of their own that keeps their arrival.
                 self._jobs.append(_Job(deque(unfinished)))
                 self._depth += len(unfinished)
                 self._report_depth()

@@ -261,6 +261,37 @@ async def test_a_cost_cap_bounds_each_batch_and_an_expensive_item_runs_alone() -
     assert ["x" * 25] in journal.batches
 
 
+async def test_a_long_job_is_not_starved_by_a_steady_stream_of_short_ones() -> None:
+    # Short jobs arrive as fast as the batcher can serve them, for longer than the long job
+    # needs alone many times over. Shortest-first alone would serve only them; the
+    # virtual-deadline half of each batch finishes the long job while they still arrive.
+    def step(items: list[str]) -> list[str]:
+        threading.Event().wait(0.01)
+        return [item.upper() for item in items]
+
+    batcher = MicroBatcher("t", step, max_batch_size=4, max_wait_ms=0)
+    await batcher.start()
+    finished: list[float] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def stream() -> None:
+        while loop.time() - started < 1.5:
+            await batcher.submit_many(["s1", "s2", "s3", "s4"])
+
+    try:
+        streams = [asyncio.create_task(stream()) for _ in range(3)]
+        await asyncio.sleep(0.05)  # the stream is flowing before the long job comes
+        long = await batcher.submit_many([f"l{i}" for i in range(40)])
+        finished.append(loop.time() - started)
+        await asyncio.gather(*streams)
+    finally:
+        await batcher.close()
+    assert long == [f"L{i}" for i in range(40)]
+    # Alone, 40 items take 10 batches (0.1 s); sharing half of each batch, about 20 (0.2 s).
+    assert finished[0] < 1.0, finished
+
+
 async def test_shared_work_is_saved_only_beside_its_partner() -> None:
     # Each item of a job shares all but its last letter with the item before it: 4 of its 5.
     # Beside its partner an item costs 1, so a job of one 5 and four 1s fills a cap of 9

@@ -72,8 +72,11 @@ async def _rank_all(client: httpx.AsyncClient) -> list[dict[str, Any]]:
 async def test_ray_serve_answers_as_the_single_process_app(tmp_path: Path, sample_index: Path,
                                                            tiny_lm: Path,
                                                            settings_factory: Any) -> None:
-    settings = {"index_dir": str(sample_index), "device": "cpu",
-                "reranker": {"backend": "transformers", "model": str(tiny_lm)}}
+    # float32 on both sides, as settings_factory pins it: with dtype auto a bf16 CPU would
+    # compute the replicas' scores in bf16, whose sums depend on how requests are batched.
+    settings = {"index_dir": str(sample_index), "embedder_device": "cpu",
+                "reranker": {"backend": "transformers", "model": str(tiny_lm),
+                             "dtype": "float32"}}
     async with app_client(settings_factory(reranker_backend="transformers",
                                            reranker_model=str(tiny_lm))) as (_, client):
         expected = await _rank_all(client)
