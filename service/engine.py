@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -95,6 +96,16 @@ def public_name(name: str) -> str:
     return name
 
 
+# An absolute filesystem path inside a message: a slash-led run of path characters.
+_PATH = re.compile(r"(?<![\w.:/])/[\w.~+-]+(?:/[\w.~+-]+)*/?")
+
+
+def public_detail(message: str) -> str:
+    """A message as /ready shows it: every absolute path replaced by its last component (the
+    whole message stays in the log)."""
+    return _PATH.sub(lambda m: Path(m.group(0)).name or "/", message)
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -164,8 +175,8 @@ class Engine:
         loaded = self.collections_loaded
         if not loaded:
             raise NotReadyError(
-                f"no collection is loaded from {self.settings.index_dir}; build one with "
-                "`rankd index build` and restart")
+                "no collection is loaded from RANKD_INDEX_DIR; build one with `rankd index "
+                "build` and restart")
         if name is None:
             if len(loaded) == 1:
                 return next(iter(loaded))
@@ -471,9 +482,11 @@ class Engine:
             problem = problems.get(name)
             statuses[f"collection:{name}"] = ComponentStatus(
                 status="error" if problem else "ok",
-                detail=problem or f"{manifest.count} entries, {manifest.backend}")
+                detail=public_detail(problem) if problem
+                else f"{manifest.count} entries, {manifest.backend}")
         for name, error in self.retrieval.errors.items():
-            statuses[f"collection:{name}"] = ComponentStatus(status="error", detail=error)
+            statuses[f"collection:{name}"] = ComponentStatus(status="error",
+                                                             detail=public_detail(error))
         if self.scorer is None:
             statuses["reranker"] = ComponentStatus(
                 status="disabled", detail="RANKD_RERANKER_BACKEND=none: retrieval order only")
@@ -481,13 +494,14 @@ class Engine:
             problem = await self.scorer.health()
             statuses["reranker"] = ComponentStatus(
                 status="degraded" if problem else "ok",
-                detail=problem or "; ".join(filter(None, [
+                detail=public_detail(problem) if problem else "; ".join(filter(None, [
                     f"backend {self.scorer.backend_name}, model "
                     f"{public_name(self.scorer.model)}", self.scorer.backend.detail,
                     self.trained.describe()])))
         if not self.collections_loaded:
             statuses["collections"] = ComponentStatus(
-                status="error", detail=f"no collection loaded from {self.settings.index_dir}")
+                status="error", detail="no collection loaded from RANKD_INDEX_DIR (the start-up "
+                                       "log names the directory)")
             overall = "not_ready"
         elif all(problems.get(name) for name in self.collections_loaded):
             overall = "not_ready"  # every store is down: nothing can be retrieved

@@ -186,6 +186,9 @@ async def test_ready_and_health(settings_factory: Any, tmp_path: Path) -> None:
     assert not_ready.json()["status"] == "not_ready"
     assert rank.status_code == 503
     assert "rankd index build" in rank.json()["error"]["message"]
+    # Neither answer shows the server's paths; the start-up log names the directory.
+    assert str(tmp_path) not in not_ready.text
+    assert str(tmp_path) not in rank.text
 
 
 async def test_damaged_collection_fails_or_is_skipped_as_configured(
@@ -204,7 +207,9 @@ async def test_damaged_collection_fails_or_is_skipped_as_configured(
         rank = await c.post("/rank", json={"query": "fractions", "collection": "good"})
     assert ready["status"] == "degraded"
     assert ready["components"]["collection:bad"]["status"] == "error"
-    assert "sha256" in ready["components"]["collection:bad"]["detail"]
+    detail = ready["components"]["collection:bad"]["detail"]
+    assert "sha256" in detail
+    assert str(tmp_path) not in detail  # the log has the path, /ready its last component
     assert rank.status_code == 200
 
 
@@ -220,3 +225,16 @@ async def test_metrics_expose_stages_and_routes(settings_factory: Any) -> None:
     assert metric_value(text, "rankd_stage_seconds_count", stage="retrieve") == 1
     assert "rankd_queue_depth" in text
     assert metric_value(text, "rankd_request_seconds_count", route="/rank") == 2
+
+
+@pytest.mark.parametrize(("message", "shown"), [
+    ("index.faiss of /srv/rankd/index/eedi is damaged", "index.faiss of eedi is damaged"),
+    ("rebuild /tmp/a/b/ with `rankd index build`", "rebuild b with `rankd index build`"),
+    ("Milvus at http://milvus:19530/x does not answer",
+     "Milvus at http://milvus:19530/x does not answer"),
+    ("relative ./rankd-index stays", "relative ./rankd-index stays"),
+])
+def test_ready_details_show_no_server_path(message: str, shown: str) -> None:
+    from service.engine import public_detail
+
+    assert public_detail(message) == shown
