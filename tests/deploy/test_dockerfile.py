@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from reranker.precision import choose_dtype
 from tests.deploy.files import (
     DOCKERFILE,
     DOCKERIGNORE,
@@ -123,5 +124,6 @@ def test_the_vllm_cpu_entrypoint_chooses_the_dtype_as_rankd_does(
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["-m", "vllm.entrypoints.openai.api_server", "--dtype",
                                    expected, "--model=m", "--port=8000"]
-    want = "bfloat16" if "amx_bf16" in flags or "avx512_bf16" in flags else "float32"
-    assert expected == (setting if setting not in ("", "auto") else want)
+    # The entrypoint's rule is rankd's own, reranker/precision.py, on the same flags.
+    want = choose_dtype(setting or "auto", "cpu", frozenset(flags.split())).name
+    assert expected == want

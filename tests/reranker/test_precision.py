@@ -4,6 +4,7 @@ choice and its reason reach the start-up log and /ready."""
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 from reranker import RerankerConfig
 from reranker.backends.transformers_backend import TransformersBackend
-from reranker.precision import choose_dtype, cpu_flags
+from reranker.precision import choose_dtype
 from reranker.prompt import load_tokenizer
 from runtime.settings import SettingsError
 from service.settings import load_settings
@@ -55,7 +56,13 @@ def test_an_unknown_dtype_is_a_one_line_settings_error(monkeypatch: pytest.Monke
 def test_this_machine_loads_the_dtype_auto_chooses(tiny_lm: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     chosen = choose_dtype("auto", "cpu")
-    assert chosen == choose_dtype("auto", "cpu", cpu_flags())
+    # The host's flags as lscpu reads them, not through cpu_flags(): a parser that misread
+    # /proc/cpuinfo (or read none) would choose float32 on a bf16 host, and fail here.
+    listed = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    flags = next((line.split(":", 1)[1].split() for line in listed.splitlines()
+                  if line.startswith("Flags:")), [])
+    assert chosen.name == ("bfloat16" if {"amx_bf16", "avx512_bf16"} & set(flags)
+                           else "float32"), (chosen, flags)
     config = RerankerConfig(model=str(tiny_lm), device="cpu")
     with caplog.at_level(logging.INFO, logger="reranker.backends.transformers_backend"):
         loaded = TransformersBackend.load(config, load_tokenizer(str(tiny_lm)))

@@ -270,19 +270,33 @@ async def test_answer_counts_its_markers_and_returns_the_passages_it_used(
     settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
                                 answer_context_tokens=256)
     async with app_client(settings) as (app, client):
+        scorer = app.state.engine.scorer
+        read = scorer.backend.label_logprobs
+        prompts: list[list[int]] = []
+
+        async def recorded(reads: Any) -> Any:  # the prompts the model is given, as given
+            prompts.extend(r.prompt_token_ids for r in reads)
+            return await read(reads)
+
+        scorer.backend.label_logprobs = recorded
         started = time.perf_counter()
         response = await client.post("/answer", json={
             "question": "What is 7 to the power 0?", "options": ["0", "1"],
             "context": ["p"] * 1100, "orders": 1, "collection": "misconceptions"})
         seconds = time.perf_counter() - started
-        renderer = app.state.engine.scorer.renderer
+        renderer = scorer.renderer
     assert response.status_code == 200, response.text
     body = response.json()
     used = body["passages"]
     assert 0 < len(used) < 1100
     assert [p["id"] for p in used] == [f"context:{i}" for i in range(len(used))]
-    context = "\n".join(f"[{i}] {p['text']}" for i, p in enumerate(used[::-1], 1))
+    (prompt,) = prompts  # one order
+    text = renderer.tokenizer.decode(prompt)
+    context = text.split("Context:\n", 1)[1].split("\n\nQuestion:", 1)[0]
     assert renderer.count_tokens(context) <= 256
+    # Every returned passage, and nothing else, numbered best last as the template says.
+    assert context.splitlines() == [f"[{i}] {p['text']}"
+                                    for i, p in enumerate(used[::-1], 1)]
     assert body["warnings"] == ["collection is ignored: the request gives its own context"]
     assert seconds < 20
 
