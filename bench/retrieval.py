@@ -48,7 +48,8 @@ from clients.api import RankOptions
 from clients.loadtest import LevelResult, LoadConfig, run_loadtest
 from clients.queries import Query, QueryFileOptions, read_queries, sample_queries
 from rankd.devtools.ports import free_port
-from rankd.devtools.serving import start_child, stop_child
+from rankd.devtools.processes import stop_process
+from rankd.devtools.serving import start_child
 
 if TYPE_CHECKING:
     from retriever import Embedder
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for system in systems + ([peer] if peer else []):
                 if system.process is not None:
-                    stop_child(system.process)
+                    stop_process(system.process)
 
     report(args, systems, peer, queries, loads)
     if args.json is not None:

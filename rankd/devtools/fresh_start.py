@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 from rankd.devtools.dockerfile import dockerfile_stages, exec_form, stage_env
 from rankd.devtools.ports import free_port
+from rankd.devtools.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -173,19 +173,6 @@ def check_service(url: str) -> dict[str, Any]:
             "rank_top": {"id": top["id"], "rerank_score": top.get("rerank_score")}}
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def run_until_serving(command: list[str], cwd: Path, env: dict[str, str], log: Path,
                       timeout_s: float) -> dict[str, Any]:
     """Start ``command``, wait for "serving on", check the service, stop it. Raises with the
@@ -212,7 +199,7 @@ def run_until_serving(command: list[str], cwd: Path, env: dict[str, str], log: P
         raise FreshStartError(f"{shlex.join(command)}: {exc}\n--- its output, last lines:\n"
                               f"{tail}") from None
     finally:
-        _stop(process)
+        stop_process(process, grace_s=40)
 
 
 def check_readme(timeout_s: float) -> dict[str, Any]:

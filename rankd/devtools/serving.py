@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import threading
 import time
@@ -75,12 +74,3 @@ def start_child(command: list[str], env: dict[str, str], ready_url: str, what: s
     process.terminate()
     raise RuntimeError(f"{what} did not become ready within {timeout_s:.0f} s")
 
-
-def stop_child(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after a minute."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

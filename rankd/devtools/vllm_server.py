@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
+from rankd.devtools.processes import stop_process
 from rankd.devtools.venvs import side_venv_python
 
 HEALTH_TIMEOUT_S = 180.0
@@ -100,14 +100,7 @@ class VllmServer:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process(process, grace_s=30)
         # The engine core may outlive the API process briefly; wait until the port is free.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
