@@ -46,6 +46,10 @@ class ListwiseTask:
     # (default items[i]).
     prompt_field: str = "query"
     item_fields: list[str] = field(default_factory=list)
+    # Cut the items, rather than refuse the task, when its prompt is longer than the model
+    # reads (Cohere's truncation): each item at most this many tokens, then every item of a
+    # prompt a fair share of what is left. None: refuse a prompt that is too long.
+    fit_items_within: int | None = None
 
     def item_field(self, index: int) -> str:
         return self.item_fields[index] if self.item_fields else f"items[{index}]"
@@ -119,6 +123,8 @@ class ListwiseScores:
     # content, near 0 for noise, negative for one that reads positions; None with a single
     # order (or pointwise), which cannot tell content from position.
     agreement: float | None = None
+    # Items cut to fit (``ListwiseTask.fit_items_within``): item index -> (tokens, kept tokens).
+    truncated: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 __all__ = ["MAX_ORDERS", "ListwiseScorer", "ListwiseScores", "ListwiseTask", "OrderTrace",
@@ -234,6 +240,23 @@ def render_order(renderer: PromptRenderer, labels: Sequence[str], task: Listwise
     label on: what the model reads when serving, and what it is trained on."""
     return renderer.render(task.template, task.fields, [task.items[p] for p in positions],
                            list(labels[: len(positions)]))
+
+
+def _water_fill(lengths: Sequence[int], room: int) -> list[int]:
+    """The largest lengths, each at most its own, that add up to at most ``room``: one level
+    for all that are longer, the room shorter ones leave given to them."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    kept = list(lengths)
+    left = room
+    for position, i in enumerate(order):
+        share = left // (len(order) - position)
+        if lengths[i] <= share:
+            left -= lengths[i]
+            continue
+        for j in order[position:]:
+            kept[j] = share
+        break
+    return kept
 
 
 def renormalise(logprobs: Sequence[float]) -> list[float]:
@@ -368,6 +391,37 @@ class ListwiseScorer:
             items.append(self.renderer.truncate(item, limit) if tokens > limit else item)
         return replace(task, items=items)
 
+    def _fitted(self, task: ListwiseTask, render: Callable[[list[str]], RenderedPrompt],
+                ) -> tuple[ListwiseTask, dict[int, tuple[int, int]]]:
+        """``task`` with its items cut so that ``render(items)`` (one prompt of them) fits the
+        prompt limit: each item first to ``task.fit_items_within`` tokens, then, where the
+        prompt is still too long, to a fair share of the room the rest of the prompt leaves.
+        The share is water-filled: items shorter than it keep their length, and what they
+        leave unused is shared among the longer ones. Cuts are reported as index -> (tokens,
+        kept tokens). A prompt that no cut can fit (its query alone too long) is refused."""
+        cap = task.fit_items_within
+        assert cap is not None
+        items = [self.renderer.clean_item(item) for item in task.items]
+        tokens = [self.renderer.count_tokens(item) for item in items]
+        limit = self.limits.max_prompt_tokens - 1  # one position for the answer
+        kept = [min(t, cap) for t in tokens]
+        for _ in range(4):  # tokens can merge at a cut's edges; a pass or two settles it
+            cut = [self.renderer.truncate(item, k) if k < t else item
+                   for item, t, k in zip(items, tokens, kept, strict=True)]
+            over = len(render(cut).token_ids) - limit
+            if over <= 0:
+                return replace(task, items=cut), {
+                    i: (t, k) for i, (t, k) in enumerate(zip(tokens, kept, strict=True))
+                    if k < t}
+            room = sum(kept) - over
+            if room < len(items):  # not one token per item: the query alone is too long
+                raise PromptTooLongError(over + limit + 1 - sum(kept) + len(items),
+                                         self.limits.max_prompt_tokens, "query",
+                                         self.limits.prompt_setting)
+            kept = _water_fill(kept, room)
+        raise PromptTooLongError(over + limit + 1, self.limits.max_prompt_tokens,
+                                 task.prompt_field, self.limits.prompt_setting)
+
     def _checked(self, prompt: RenderedPrompt, task: ListwiseTask) -> RenderedPrompt:
         # One position is left for the label the model writes.
         if len(prompt.token_ids) + 1 > self.limits.max_prompt_tokens:
@@ -375,16 +429,25 @@ class ListwiseScorer:
                                      task.prompt_field, self.limits.prompt_setting)
         return prompt
 
-    def _orders(self, task: ListwiseTask, orders: int) -> list[tuple[list[int], RenderedPrompt]]:
+    def _orders(self, task: ListwiseTask, orders: int,
+                ) -> tuple[list[tuple[list[int], RenderedPrompt]], dict[int, tuple[int, int]]]:
         task = self._fit_items(task)
+        permutations = order_permutations(len(task.items), orders)
+        truncated: dict[int, tuple[int, int]] = {}
+        if task.fit_items_within is not None:
+            # Every order holds the same items, so one fit serves them all.
+            fields, template, labels = task.fields, task.template, self.labels[:len(task.items)]
+            task, truncated = self._fitted(task, lambda items: self.renderer.render(
+                template, fields, items, labels))
         return [(positions,
                  self._checked(render_order(self.renderer, self.labels, task, positions), task))
-                for positions in order_permutations(len(task.items), orders)]
+                for positions in permutations], truncated
 
     def _render_all(self, tasks: Sequence[ListwiseTask],
-                    ) -> list[list[tuple[list[int], RenderedPrompt]]]:
-        return [self._orders(task, task.orders or self.default_orders) if task.items else []
-                for task in tasks]
+                    ) -> list[tuple[list[tuple[list[int], RenderedPrompt]],
+                                    dict[int, tuple[int, int]]]]:
+        return [self._orders(task, task.orders or self.default_orders) if task.items
+                else ([], {}) for task in tasks]
 
     def prompts_for(self, items: int, orders: int | None, listwise: bool = False) -> int:
         """How many prompts a rank task of ``items`` reads (``listwise``: an /answer task,
@@ -443,26 +506,47 @@ class ListwiseScorer:
             self.check_count(len(task.items))
         rendered = await self.off_loop(self._render_items, tasks, reading.template)
         reads = [LabelRead(prompt.token_ids, reading.token_ids)
-                 for prompts in rendered for prompt in prompts]
+                 for prompts, _ in rendered for prompt in prompts]
         if not reads:
             return [ListwiseScores([], [], []) for _ in tasks]
         logprobs = iter(await self._read(reads))
         results = []
-        for task, prompts in zip(tasks, rendered, strict=True):
+        for task, (prompts, truncated) in zip(tasks, rendered, strict=True):
             traces = [OrderTrace(positions=[i], prompt=prompt.text, labels=reading.labels,
                                  label_token_ids=reading.token_ids,
                                  item_ids=[task.item_ids[i] if task.item_ids else str(i)],
                                  probabilities=renormalise(next(logprobs)))
                       for i, prompt in enumerate(prompts)]
             yes = [t.probabilities[0] for t in traces]
-            results.append(ListwiseScores(yes, [0.0] * len(yes), traces, consensus=yes))
+            results.append(ListwiseScores(yes, [0.0] * len(yes), traces, consensus=yes,
+                                          truncated=truncated))
         return results
 
+    def _render_one(self, template: str, fields: dict[str, str],
+                    items: list[str]) -> RenderedPrompt:
+        (item,) = items
+        return self.renderer.render_item(template, fields, item)
+
     def _render_items(self, tasks: Sequence[ListwiseTask], template: str,
-                      ) -> list[list[RenderedPrompt]]:
-        fitted = [self._fit_items(task) for task in tasks]
-        return [[self._checked(self.renderer.render_item(template, task.fields, item), task)
-                 for item in task.items] for task in fitted]
+                      ) -> list[tuple[list[RenderedPrompt], dict[int, tuple[int, int]]]]:
+        rendered = []
+        for task in tasks:
+            task = self._fit_items(task)
+            truncated: dict[int, tuple[int, int]] = {}
+            if task.fit_items_within is not None:
+                # Each item is a prompt of its own: it has that prompt's room to itself.
+                items = []
+                render = functools.partial(self._render_one, template, task.fields)
+                for i, item in enumerate(task.items):
+                    alone, cut = self._fitted(replace(task, items=[item]), render)
+                    items += alone.items
+                    if cut:
+                        truncated[i] = cut[0]
+                task = replace(task, items=items)
+            rendered.append(([self._checked(self.renderer.render_item(template, task.fields,
+                                                                      item), task)
+                              for item in task.items], truncated))
+        return rendered
 
     async def score(self, tasks: Sequence[ListwiseTask]) -> list[ListwiseScores]:
         """Score every task listwise in its order scheme; all prompts of all tasks go to the
@@ -473,7 +557,7 @@ class ListwiseScorer:
         rendered = await self.off_loop(self._render_all, tasks)
         reads = [
             LabelRead(prompt.token_ids, self.label_token_ids[: len(task.items)])
-            for task, orders in zip(tasks, rendered, strict=True)
+            for task, (orders, _) in zip(tasks, rendered, strict=True)
             for _, prompt in orders
         ]
         if not reads:
@@ -481,7 +565,7 @@ class ListwiseScorer:
         logprobs = await self._read(reads)
         results = []
         cursor = 0
-        for task, task_orders in zip(tasks, rendered, strict=True):
+        for task, (task_orders, truncated) in zip(tasks, rendered, strict=True):
             n = len(task.items)
             traces = []
             for positions, prompt in task_orders:
@@ -498,7 +582,7 @@ class ListwiseScorer:
             permutations = [t.positions for t in traces]
             per_order = [t.probabilities for t in traces]
             means, spreads, least, agreement = order_evidence(n, permutations, per_order)
-            results.append(ListwiseScores(means, spreads, traces, least, agreement))
+            results.append(ListwiseScores(means, spreads, traces, least, agreement, truncated))
         return results
 
     async def health(self) -> str | None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
+from reranker.config import LongItems
 from reranker.fusion import Fusion
 from reranker.ranking import fused_order, rank_task
 from reranker.trained import TrainedSettings, with_trained_settings
@@ -104,6 +105,16 @@ def public_detail(message: str) -> str:
     """A message as /ready shows it: every absolute path replaced by its last component (the
     whole message stays in the log)."""
     return _PATH.sub(lambda m: Path(m.group(0)).name or "/", message)
+
+
+def _truncation_warning(truncated: dict[int, tuple[int, int]], per_doc: int) -> str:
+    """One line for the documents cut to fit, the first few named."""
+    shown = ", ".join(f"documents[{i}] {t:,} -> {k:,}"
+                      for i, (t, k) in sorted(truncated.items())[:5])
+    more = f" and {len(truncated) - 5} more" if len(truncated) > 5 else ""
+    return (f"{len(truncated)} document(s) were cut to fit the model's context "
+            f"(max_tokens_per_doc {per_doc}, then a fair share of each prompt), in tokens: "
+            f"{shown}{more}; meta.truncated_documents lists them all")
 
 
 def _ms(seconds: float) -> float:
@@ -364,10 +375,14 @@ class Engine:
         self._check_documents(texts, "documents")
         windows = balanced_windows(len(texts), scorer.max_items)
         config = self.settings.reranker
+        # Cohere cuts long documents rather than refusing them; an operator who wants refusals
+        # sets RANKD_RERANKER_LONG_ITEMS=refuse.
+        fit = (request.max_tokens_per_doc if config.long_items is LongItems.TRUNCATE else None)
         tasks = [replace(ListwiseTask.for_query(
                      config.rank_template, config.instruction, request.query,
                      [texts[i] for i in window], [str(i) for i in window], request.orders,
-                     [f"documents[{i}]" for i in window]), prompt_field="documents")
+                     [f"documents[{i}]" for i in window]), prompt_field="documents",
+                     fit_items_within=fit)
                  for window in windows]
         try:
             scored = await scorer.rank(tasks)
@@ -382,6 +397,15 @@ class Engine:
         order = sorted(range(len(texts)), key=lambda i: -scores[i])
         if request.top_n is not None:
             order = order[: request.top_n]
+        truncated = {window[i]: cut for window, s in zip(windows, scored, strict=True)
+                     for i, cut in s.truncated.items()}
+        meta: dict[str, object] = {"api_version": {"version": "2"},
+                                   "billed_units": {"search_units": 1}}
+        if truncated:
+            self.metrics.truncated_documents.inc(len(truncated))
+            meta["warnings"] = [_truncation_warning(truncated, request.max_tokens_per_doc)]
+            meta["truncated_documents"] = [{"index": i, "tokens": t, "kept_tokens": k}
+                                           for i, (t, k) in sorted(truncated.items())]
         self.metrics.stage_latency.labels("rerank").observe(time.perf_counter() - started)
         return RerankResponse(
             id=str(uuid.uuid4()),
@@ -390,8 +414,9 @@ class Engine:
                                   document=(RerankDocument(text=texts[i])
                                             if request.return_documents else None))
                      for i in order],
-            meta={"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
-            usage={"search_units": 1, "documents": len(texts), "windows": len(windows)},
+            meta=meta,
+            usage={"search_units": 1, "documents": len(texts), "windows": len(windows),
+                   "truncated_documents": len(truncated)},
         )
 
     # ------------------------------------------------------------------ /answer

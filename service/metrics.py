@@ -54,6 +54,10 @@ class Metrics:
         self.rerank_moved = Counter(
             "rankd_rerank_moved", "Reranked /rank queries by whether the reranker changed the retrieval order",
             ["moved"], registry=self.registry)
+        self.truncated_documents = Counter(
+            "rankd_truncated_documents",
+            "/v1/rerank documents cut to fit the model's context (max_tokens_per_doc, then a fair share of the prompt)",
+            registry=self.registry)
         self.overload_rejections = Counter("rankd_overload_rejections", "Submissions refused because a stage's queue was full (the request got 429), by stage",
                                 ["stage"], registry=self.registry)
 

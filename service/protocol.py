@@ -130,6 +130,10 @@ class TextDocument(BaseModel):
     text: Text
 
 
+# Cohere's default for max_tokens_per_doc.
+COHERE_MAX_TOKENS_PER_DOC = 4096
+
+
 class RerankRequest(BaseModel):
     # Extra fields are accepted and ignored: SDKs send options (rank_fields, max_chunks_per_doc,
     # ...) that have no meaning here. `model` is never loaded: the reranker is fixed at start-up.
@@ -141,6 +145,8 @@ class RerankRequest(BaseModel):
     return_documents: bool = Field(False, strict=True)
     orders: int | None = Field(None, ge=1, le=MAX_ORDERS, strict=True,
                                description="Orders each window's prompt runs in (see /rank); default RANKD_RERANKER_ORDERS.")
+    max_tokens_per_doc: int = Field(COHERE_MAX_TOKENS_PER_DOC, ge=1, strict=True,
+                                    description="As Cohere's: each document is cut to at most this many tokens, then, where a prompt is still longer than the model reads, each document of the prompt to a fair share of the room (a shorter one's unused share goes to the longer ones). `meta.warnings` and `usage.truncated_documents` say what was cut. With RANKD_RERANKER_LONG_ITEMS=refuse nothing is cut and a prompt that is too long gets 422.")
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]

@@ -252,12 +252,13 @@ async def test_a_prompt_over_the_model_context_is_refused_naming_the_field(
     settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
                                 reranker_max_prompt_tokens=256)
     async with app_client(settings) as (_, client):
+        # /v1/rerank cuts long documents as Cohere does; a query no cut can fit is refused.
         rerank = await client.post("/v1/rerank", json={
-            "query": "q", "documents": ["adds the numerators " * 20] * 3})
+            "query": "fractions " * 300, "documents": ["adds the numerators " * 20] * 3})
         rank = await client.post("/rank", json={"query": "fractions " * 300})
         answer = await client.post("/answer", json={
             "question": "q", "options": ["adds the numerators " * 40, "b"]})
-    for response, field in ((rerank, "documents"), (rank, "query"), (answer, "options")):
+    for response, field in ((rerank, "query"), (rank, "query"), (answer, "options")):
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["field"] == field
@@ -311,3 +312,58 @@ async def test_identical_options_are_answered_with_a_warning(settings_factory: A
     assert response.json()["warnings"] == [
         "options[0] and options[2] are the same text: the model sees them at different places "
         "and may give them different probabilities"]
+
+
+@pytest.mark.parametrize("scoring", ["listwise", "pointwise"])
+async def test_long_documents_are_cut_to_a_fair_share_as_cohere_cuts_them(
+        scoring: str, settings_factory: Any, tiny_lm: Path) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                reranker_max_prompt_tokens=256, reranker_scoring=scoring)
+    short = "adds the numerators"
+    documents = [short, "adds the numerators and the denominators " * 40, short + " twice",
+                 "multiplies both sides " * 60]
+    async with app_client(settings) as (app, client):
+        scorer = app.state.engine.scorer
+        read = scorer.backend.label_logprobs
+        prompts: list[list[int]] = []
+
+        async def recorded(reads: Any) -> Any:  # the prompts the model is given
+            prompts.extend(r.prompt_token_ids for r in reads)
+            return await read(reads)
+
+        scorer.backend.label_logprobs = recorded
+        cut = await client.post("/v1/rerank", json={"query": "q", "documents": documents})
+        capped = await client.post("/v1/rerank", json={"query": "q", "documents": [short] * 2
+                                                       + documents[1:2],
+                                                       "max_tokens_per_doc": 8})
+        metrics = (await client.get("/metrics")).text
+    assert cut.status_code == 200, cut.text
+    body = cut.json()
+    assert {r["index"] for r in body["results"]} == {0, 1, 2, 3}
+    assert body["usage"]["truncated_documents"] == 2
+    truncated = {d["index"]: d for d in body["meta"]["truncated_documents"]}
+    assert set(truncated) == {1, 3}  # the short ones keep every token
+    assert all(d["kept_tokens"] < d["tokens"] for d in truncated.values())
+    assert body["meta"]["warnings"][0].startswith("2 document(s) were cut to fit")
+    assert all(len(p) + 1 <= 256 for p in prompts)
+    if scoring == "listwise":
+        # One prompt holds all four: the long two share what the short two leave, alike.
+        assert abs(truncated[1]["kept_tokens"] - truncated[3]["kept_tokens"]) <= 2
+        assert max(len(p) for p in prompts) + 1 >= 256 - 8  # the room is used, not wasted
+    capped_body = capped.json()
+    assert capped_body["meta"]["truncated_documents"] == [
+        {"index": 2, "tokens": truncated[1]["tokens"], "kept_tokens": 8}]
+    assert 'rankd_truncated_documents_total 3.0' in metrics
+
+
+async def test_an_operator_who_wants_refusals_keeps_them(settings_factory: Any,
+                                                         tiny_lm: Path) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                reranker_max_prompt_tokens=256, reranker_long_items="refuse")
+    async with app_client(settings) as (_, client):
+        response = await client.post("/v1/rerank", json={
+            "query": "q", "documents": ["adds the numerators " * 20] * 3})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "documents"
+    assert "over the limit of 256 tokens" in error["message"]

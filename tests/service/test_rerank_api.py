@@ -119,6 +119,33 @@ def test_the_cohere_sdk_talks_to_rankd(settings_factory: Any, tiny_lm: Path) -> 
     assert legacy.results[0].document.text == DOCUMENTS[legacy.results[0].index]
 
 
+def test_the_cohere_sdk_gets_long_documents_ranked_and_told_what_was_cut(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    """A RAG pipeline's pages, longer together than the model reads: Cohere cuts them, and so
+    does rankd, with and without the SDK's max_tokens_per_doc."""
+    import cohere
+
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                reranker_max_prompt_tokens=512)
+    pages = [f"Page {i}: " + "negative numbers multiplied give a positive product " * 60
+             for i in range(5)]
+    with serve_in_thread(settings) as url:
+        client = cohere.ClientV2(base_url=url, api_key="none", timeout=60)
+        fitted = client.rerank(model="rankd", query="negative numbers", documents=pages)
+        capped = client.rerank(model="rankd", query="negative numbers", documents=pages,
+                               max_tokens_per_doc=16, top_n=2)
+    assert sorted(r.index for r in fitted.results) == list(range(5))
+    assert fitted.meta is not None
+    assert fitted.meta.warnings
+    assert fitted.meta.warnings[0].startswith("5 document(s) were cut to fit")
+    assert "max_tokens_per_doc 4096" in fitted.meta.warnings[0]
+    assert len(capped.results) == 2
+    assert capped.meta is not None
+    assert capped.meta.warnings
+    assert "max_tokens_per_doc 16" in capped.meta.warnings[0]
+    assert "-> 16" in capped.meta.warnings[0]
+
+
 async def test_concurrent_rerank_requests(rerank_settings: Any) -> None:
     async with app_client(rerank_settings) as (_, client):
         responses = await asyncio.gather(*(client.post("/v1/rerank", json={
