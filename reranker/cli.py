@@ -20,6 +20,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from reranker.config import RerankerConfig
     from reranker.errors import RerankerConfigError
     from reranker.models import resolve_model
+    from reranker.presets import with_preset
     from reranker.prompt import PromptRenderer, load_tokenizer
     from reranker.quantize import (
         GROUP_SIZES,
@@ -38,7 +39,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     try:
-        reranker = RerankerConfig.from_env()
+        reranker = with_preset(RerankerConfig.from_env())
         retrieval = read_settings(RetrieverSettings)
         tools = read_settings(QuantizeSettings)
     except ValidationError as exc:
@@ -141,6 +142,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
 
     from reranker.config import RerankerConfig
     from reranker.errors import BackendError, RerankerConfigError
+    from reranker.presets import with_preset
     from reranker.training import (
         RECIPE_SCORING,
         CandidateOrder,
@@ -160,7 +162,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
         overrides: dict[str, object] = {"model": args.model} if args.model else {}
         if args.scoring:
             overrides["scoring"] = args.scoring
-        reranker = RerankerConfig.from_env(**overrides)
+        reranker = with_preset(RerankerConfig.from_env(**overrides))
         if "scoring" not in reranker.model_fields_set:
             reranker = reranker.model_copy(update={"scoring": RECIPE_SCORING})
         retrieval = read_settings(RetrieverSettings)

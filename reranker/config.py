@@ -62,6 +62,12 @@ class LongItems(StrEnum):
     REFUSE = "refuse"  # 422 naming the item
 
 
+class Preset(StrEnum):
+    """A known reranker family's prompt, scoring and labels (reranker/presets.py)."""
+
+    QWEN3_RERANKER = "qwen3-reranker"
+
+
 class Scoring(StrEnum):
     LISTWISE = "listwise"  # one prompt with the candidates labelled A, B, ...; P(label)
     POINTWISE = "pointwise"  # one prompt per candidate; P(yes) against P(no)
@@ -121,6 +127,7 @@ class RerankerConfig(BaseModel):
     chat_template: bool = Field(True, description="Wrap prompts in the model's chat template.")
     scoring: Scoring = Field(Scoring.LISTWISE, description="How /rank and /v1/rerank read the model: listwise (one prompt with the candidates labelled A, B, ...; each candidate's label probability) or pointwise (one prompt per candidate; its probability of yes against no). Use the mode the model was trained for (`rankd train-reranker --scoring`); /answer is always listwise.")
     pointwise_template: str = Field(DEFAULT_POINTWISE_TEMPLATE, description="Pointwise prompt template; fields {instruction}, {query}, {item}. The model answers yes or no.")
+    preset: Preset | None = Field(None, description="A known reranker family's model-card prompt and scoring: qwen3-reranker (pointwise, the card's system prompt, <Instruct>/<Query>/<Document> lines, empty think block and yes/no tokens, no chat template on top). It sets RANKD_RERANKER_SCORING, _CHAT_TEMPLATE, _POINTWISE_TEMPLATE and _INSTRUCTION where they are not set; a trained model's rankd_reranker.json and explicit settings override it (docs/reranker.md).")
     fusion: Fusion = Field(DEFAULT_FUSION, description="Fusion of the rerank scores with the retrieval order when a request does not say: consensus (reciprocal-rank fusion whose rerank weight scales with how well the reranker's orders agree, so a model that reads positions leaves retrieval order in place and one that reads content acts), rrf (reciprocal-rank), linear (z-scores) or none (rerank scores alone). docs/reranker.md has the arithmetic and the Eedi figures.")
     fusion_weight: float = Field(DEFAULT_FUSION_WEIGHT, ge=0, le=1, description="The retrieval's weight in rrf, linear and consensus fusion; the reranker's is the rest (times the agreement, for consensus).")
     orders: int = Field(2, ge=1, le=MAX_ORDERS, description="Orders each prompt runs in when a request does not say: 1 (retrieval order), 2 (and reversed), k >= 3 (k cyclic rotations).")

@@ -32,6 +32,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reranker.listwise import ListwiseTask
+from reranker.presets import with_preset
 from reranker.prompt import PromptRenderer
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def build_calibration_tasks(index_dir: Path, collection_name: str | None,
                              variant=EmbedderVariant.parse(collection.manifest.embedder_variant))
     # One more than needed, so that an entry standing in as a query can leave itself out.
     hits = collection.search(embedder.encode(queries), candidates + 1)
-    config = RerankerConfig.from_env()
+    config = with_preset(RerankerConfig.from_env())
     instruction = collection.manifest.instruction or config.instruction
     tasks = [rank_task(config.rank_template, instruction, query,
                        [hit for hit in row if hit.text != query][:candidates])

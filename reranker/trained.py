@@ -11,6 +11,8 @@ serves the directory (``rankd serve``, the Ray Serve app) reads it through
   only changes how scores are fused;
 - one that changes the prompts themselves refuses the start, naming both values: the model was
   never trained to read those prompts, and its scores would be read silently wrong.
+
+A preset (``RANKD_RERANKER_PRESET``) fills what neither set.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import ValidationError
 
 from reranker.config import RerankerConfig, Scoring
 from reranker.errors import RerankerConfigError
+from reranker.presets import preset_values, with_preset
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +107,12 @@ def read_served_settings(model: str | None) -> dict[str, Any] | None:
 
 
 def with_trained_settings(config: RerankerConfig) -> tuple[RerankerConfig, TrainedSettings]:
-    """``config`` with its model directory's trained settings applied (see the module's rule)."""
+    """``config`` with its model directory's trained settings applied (see the module's rule),
+    then its preset (``reranker.presets``) where neither the operator nor the file set a
+    field."""
     values = read_served_settings(config.model) if config.enabled else None
     if values is None:
-        return config, TrainedSettings()
+        return with_preset(config), TrainedSettings()
     known = {k: v for k, v in values.items() if k in (*PROMPT_FIELDS, *FUSION_FIELDS)}
     try:
         trained = RerankerConfig.model_validate({**config.model_dump(), **known})
@@ -131,7 +136,7 @@ def with_trained_settings(config: RerankerConfig) -> tuple[RerankerConfig, Train
             overridden[name] = (mine, theirs)
             log.warning("RANKD_RERANKER_%s=%s overrides the trained %s=%s (%s)", name.upper(),
                         _shown(mine), name, _shown(theirs), SERVING_FILE)
-    merged = config.model_copy(update=taken)
+    merged = config.model_copy(update={**preset_values(config, keep=set(taken)), **taken})
     return merged, TrainedSettings(taken, overridden)
 
 
