@@ -162,6 +162,9 @@ class LoadedModel:
     device: str
     pad_token_id: int
     dtype: DtypeChoice
+    # Run every pass under autocast to ``dtype``: a model in training, whose frozen weights
+    # are bfloat16 and trainable ones float32 master weights (reranker/training/fit.py).
+    autocast: bool = False
 
 
 def attention_span(model: Any) -> float:
@@ -197,6 +200,7 @@ class TransformersBackend:
         self.pad_token_id = loaded.pad_token_id
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.autocast = loaded.autocast
         self.span = attention_span(self.model)
         self.detail = f"{loaded.device} in {loaded.dtype}"
         self.context_length = declared_context_length(self.model.config)
@@ -253,12 +257,23 @@ class TransformersBackend:
         log.info("transformers reranker %s loaded on %s in %s", config.model, device, dtype)
         return LoadedModel(model, device, int(pad), dtype)
 
+    def _autocast(self) -> Any:
+        """Autocast to the model's dtype where it is set (per thread: the batcher's passes run
+        on its own thread, so the caller's autocast would not reach them)."""
+        import contextlib
+
+        import torch
+
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.dtype.name))
+
     def score_batch(self, reads: list[LabelRead]) -> list[list[float]]:
         """Label log-softmax at the next position of each read, for a micro-batch of reads."""
         import torch
 
         self.batches += 1
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             last = self.last_logits(reads)
         return [row.tolist() for row in label_log_softmax(last, reads)]
 
@@ -306,7 +321,7 @@ class TransformersBackend:
         chunk = torch.tensor([tokens[item.done:end]], dtype=torch.long, device=self.device)
         if item.cache is None:
             item.cache = DynamicCache()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             out = self.model(input_ids=chunk,
                              attention_mask=torch.ones((1, end), dtype=torch.long,
                                                        device=self.device),

@@ -186,8 +186,11 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     _write_report(output, report)
 
     def training_weights() -> LoadedModel:
+        """The model in training, read as training reads it (frozen weights in the compute
+        dtype, trainable ones float32, under autocast where that dtype is not float32)."""
         inner = model.get_base_model() if config.method is TuningMethod.LORA else model
-        return LoadedModel(inner, device, int(pad), DtypeChoice("float32", "training weights"))
+        return LoadedModel(inner, device, int(pad), precision,
+                           autocast=precision.name != "float32")
 
     curve_points: list[tuple[int, int, list[ListwiseScores]]] = []
 
@@ -257,11 +260,11 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         return found
 
     fine_tuned = figures(evaluator, report_scores, served_dtype.name)
-    base = (figures(evaluator, base_scores[len(fusion_queries):], "float32")
+    base = (figures(evaluator, base_scores[len(fusion_queries):], precision.name)
             if base_scores is not None else None)
     final_on_curve = report_scores[: len(curve_evaluator.queries)]
     curve = [{"step": step, "examples": seen,
-              **{k: v for k, v in figures(curve_evaluator, scored, "float32").items()
+              **{k: v for k, v in figures(curve_evaluator, scored, precision.name).items()
                  if k in (Fusion.NONE.value, "served")}}
              for step, seen, scored in [*curve_points, (fitted.steps, round(
                  len(examples) * config.epochs), final_on_curve)]]

@@ -82,10 +82,18 @@ def fit(model: Any, examples: list[Example], config: RerankerTrainingConfig, dev
     """Train with transformers' Trainer in ``precision`` (bfloat16: autocast over float32
     weights); ``evaluate(step, examples)`` runs at each learning-curve point and says what it
     found, for the log."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    forward = TransformersBackend(LoadedModel(model, device, pad_token_id, precision),
-                                  config.reranker)
+    mixed = precision.name != "float32"
+    if mixed:
+        # Frozen weights never change: kept in the compute dtype, autocast need not cast them
+        # again on every pass, which costs more than the pass itself for a small model's short
+        # prompts on CPU (measured in docs/fine-tuning.md). Trainable ones stay float32 masters.
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(precision.torch_dtype())
+    forward = TransformersBackend(LoadedModel(model, device, pad_token_id, precision,
+                                              autocast=mixed), config.reranker)
     per_step = config.batch_size * config.gradient_accumulation
     total_steps = max(1, round(max(1, -(-len(examples) // per_step)) * config.epochs))
     curve_steps = sorted({max(1, round(total_steps * (i + 1) / (config.curve_points + 1)))
@@ -139,6 +147,9 @@ def fit(model: Any, examples: list[Example], config: RerankerTrainingConfig, dev
     )
     trainer = RerankTrainer(model=model, args=args, train_dataset=examples,
                             data_collator=_collate, callbacks=[Curve()])
+    # Without progress bars the Trainer prints its log lines to stdout, which is the command's
+    # JSON summary; the loss is in the report either way.
+    trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     trainer.train()
     loss = [{"step": e["step"], "loss": round(e["loss"], 4)}
