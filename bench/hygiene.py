@@ -170,6 +170,7 @@ def _reranker(candidates: int) -> Any:
     the trainer's evaluator (the /rank path)."""
     from reranker.backends.transformers_backend import TransformersBackend
     from reranker.config import RerankerConfig
+    from reranker.fusion import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT, Fusion
     from reranker.models import resolve_model
     from reranker.prompt import load_tokenizer
     from reranker.training import EvalQuery, PromptBuilder, RerankerTrainingConfig, RerankEvaluator
@@ -186,8 +187,10 @@ def _reranker(candidates: int) -> Any:
               ) -> dict[str, Any]:
         evaluated = [EvalQuery(q.id, q.text, frozenset(labels[q.id]), list(row), False)
                      for q, row in zip(queries, hits, strict=True)]
-        figures = RerankEvaluator(evaluated, builder, training)(loaded)
-        return {f"reranked_{fusion}": values["map"] for fusion, values in figures.items()}
+        evaluator = RerankEvaluator(evaluated, builder, training)
+        scores = evaluator.score(loaded)
+        return {f"reranked_{fusion}": evaluator.figures(scores, fusion, DEFAULT_FUSION_WEIGHT)["map"]
+                for fusion in (Fusion.NONE, DEFAULT_FUSION)}
 
     return score
 

@@ -6,10 +6,12 @@ AMX-BF16 or AVX512-BF16, float32 elsewhere (reranker/precision.py).
 Each Eedi query (a seeded sample of ``--limit``) gets its top ``--candidates`` from the MiniLM
 retriever over the catalogue (exact FAISS); then one scorer per variant scores them in the
 default two orders, with prefix sharing, the variants taking turns query by query so that load
-falls on all alike. The variants: float32 (the reference), bfloat16 (RANKD_RERANKER_DTYPE) and
-int8 (RANKD_RERANKER_QUANTIZATION, from float32 weights). Reported per variant: the median time
-of one rerank (one query, both orders), top-1 agreement with float32, the mean Spearman
-correlation of the candidates' scores with float32's, the largest probability difference, and
+falls on all alike. The variants: float32 (the reference), bfloat16 (RANKD_RERANKER_DTYPE),
+int8 (RANKD_RERANKER_QUANTIZATION, from float32 weights), and pointwise scoring in float32 and
+bfloat16 (one prompt per candidate, beside listwise's two orders). Reported per variant: the
+median time of one rerank (one query: both orders, or one prompt per candidate); for the
+listwise ones, top-1 agreement with float32, the mean Spearman correlation of the candidates'
+scores with float32's, the largest probability difference; for all,
 MAP@25 of the reranker alone (fusion none) and under the service's default fusion; MAP@25 of
 retrieval alone beside them. The host's CPU, its bf16 flags, the torch threads and the load
 average are printed with the figures.
@@ -48,6 +50,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "float32": {"dtype": "float32"},
     "bfloat16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": "int8"},
+    # Pointwise beside listwise, in both dtypes: one prompt per candidate (yes/no).
+    "float32 pointwise": {"dtype": "float32", "scoring": "pointwise"},
+    "bfloat16 pointwise": {"dtype": "bfloat16", "scoring": "pointwise"},
 }
 
 
@@ -72,9 +77,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for name in names:
         aps[name] = []
         aps[f"{name} {DEFAULT_FUSION}"] = []
-    top1: dict[str, list[bool]] = {n: [] for n in names[1:]}
-    correlations: dict[str, list[float]] = {n: [] for n in names[1:]}
-    largest: dict[str, float] = dict.fromkeys(names[1:], 0.0)
+    # Agreement with float32 is measured for the listwise variants (the same prompts).
+    compared = [n for n in names[1:] if "pointwise" not in n]
+    top1: dict[str, list[bool]] = {n: [] for n in compared}
+    correlations: dict[str, list[float]] = {n: [] for n in compared}
+    largest: dict[str, float] = dict.fromkeys(compared, 0.0)
     latency: dict[str, list[float]] = {n: [] for n in names}
     try:
         for n, (query, row) in enumerate(zip(queries, similarity, strict=True)):
@@ -88,7 +95,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             scored = {}
             for name in names[n % len(names):] + names[: n % len(names)]:  # take turns
                 started = time.perf_counter()
-                (scored[name],) = await scorers[name].score([task])
+                (scored[name],) = await scorers[name].rank([task])
                 latency[name].append(time.perf_counter() - started)
             retrieval_scores = [float(row[i]) for i in head]
             tail = ids[args.candidates:]
@@ -99,7 +106,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     aps[label].append(average_precision(
                         [task.item_ids[i] for i in order] + tail, relevant, 25))
             reference = scored["float32"].probabilities
-            for name in names[1:]:
+            for name in compared:
                 other = scored[name].probabilities
                 top1[name].append(int(np.argmax(reference)) == int(np.argmax(other)))
                 correlations[name].append(spearman(reference, other))
