@@ -1,14 +1,15 @@
 """No request holds the reranker: while one maximal /v1/rerank or /answer runs on the real
 embedded model, a normal /rank still answers within twice its time alone.
 
-The reranker takes the request with the least work left first, fills at most
-RANKD_RERANKER_BATCH_TOKENS tokens per forward pass, and fills a longer prompt in chunks of
-that size, so a normal request waits at most for the pass in flight (docs/reliability.md has
-the figures)."""
+Each forward pass holds at most RANKD_RERANKER_BATCH_TOKENS tokens, half of it for the request
+with the earliest virtual deadline and the rest for the one with the least work left, and a
+longer prompt is filled in chunks of that size, so a normal request waits at most for the pass
+in flight and then runs at least at half speed (docs/reliability.md has the figures)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -63,14 +64,22 @@ async def test_a_normal_rank_answers_within_twice_its_time_beside_a_maximal_requ
         while backend.forward_passes == before:  # the maximal request holds the model now
             assert not big.done(), big.result().text
             await asyncio.sleep(0.05)
-        beside = [await _timed_rank(client) for _ in range(ROUNDS)]
-        still_running = not big.done()
+        # Each normal /rank measured starts while the maximal request runs. The maximal one is
+        # not starved either: once its virtual deadline comes it gets half of every pass, and
+        # may finish during the rounds; the rounds after that are not beside it.
+        beside = []
+        for _ in range(ROUNDS):
+            if big.done():
+                break
+            beside.append(await _timed_rank(client))
         big.cancel()  # the rest of its work is dropped, not run
-        with pytest.raises(asyncio.CancelledError):
-            await big
+        with contextlib.suppress(asyncio.CancelledError):
+            answered = await big
+            assert answered.status_code == 200, answered.text
     alone_s, beside_s = statistics.median(alone), statistics.median(beside)
     print(f"\n{route}: a normal /rank alone {alone_s:.2f} s (median of {ROUNDS}), beside the "
-          f"maximal request {beside_s:.2f} s ({beside_s / alone_s:.2f}x)")
-    assert still_running, "the maximal request ended before the measurement did"
+          f"maximal request {beside_s:.2f} s ({beside_s / alone_s:.2f}x, median of "
+          f"{len(beside)})")
+    assert beside, "the maximal request ended before the first normal one started"
     assert beside_s <= 2 * alone_s, (alone, beside)
 
