@@ -9,14 +9,13 @@ thread can hand freed memory back to the OS (``MemoryRelease``).
 Fairness between requests: each ``submit_many`` is a job, with work measured by ``cost``, and
 each batch (up to ``max_batch_cost``, or ``max_batch_size`` items) is filled in two halves:
 
-- the first half by the earliest *virtual deadline*: the job's arrival plus the time its work
-  takes alone at the rate the batcher has been running (an exponential average of work per
-  second over its batches). A job's place in this order never worsens as others arrive, so a
-  long job that short ones keep overtaking still reaches the front, and then gets at least half
-  of every batch: no job waits without bound (shortest-first alone starves it);
-- the second half, and whatever the first leaves, by the least work left (shortest job first):
-  a small request that arrives beside a large one waits for the batch in flight, and then
-  shares the next, rather than waiting for the large request.
+- by the least work left (shortest job first): a small request that arrives beside a large one
+  waits for the batch in flight, not for the large request;
+- except that a job past its *virtual deadline* (its arrival plus the time its whole work takes
+  alone at the rate the batcher has been running, an exponential average of work per second
+  over its batches) gets the first half of every batch, earliest deadline first. Shortest-first alone
+  starves a long job that short ones keep overtaking; this way no job waits much longer than
+  its own solo time, and even then the short jobs keep the other half.
 
 The batch function may answer ``UNFINISHED`` for an item it advanced but did not finish (a long
 prompt filled in chunks); the item goes back to its job for another turn, keeping the job's
@@ -110,6 +109,7 @@ class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
     arrived: float  # when its submission came (loop time)
+    work: int = 0  # its submission's whole work, as it arrived
 
 
 @dataclass
@@ -118,9 +118,10 @@ class _Job(Generic[T, R]):
 
     waiting: deque[_Pending[T, R]]
 
-    @property
-    def arrived(self) -> float:
-        return min(p.arrived for p in self.waiting)
+    def deadline(self, rate: float) -> float:
+        """Its submission's arrival plus the time its whole work takes alone at ``rate``: fixed
+        as the job is served (its remaining work would move it earlier as it runs)."""
+        return min(p.arrived + p.work / rate for p in self.waiting)
 
 
 # How much each batch moves the batcher's measured rate (work per second).
@@ -138,6 +139,7 @@ class MicroBatcher(Generic[T, R]):
         max_queue_depth: int = 4096,
         cost: Callable[[T], int] | None = None,
         shared_cost: Callable[[T], int] | None = None,
+        turn_cost: Callable[[T], int] | None = None,
         max_batch_cost: int = 0,
         observer: BatchObserver | None = None,
         memory_release: MemoryRelease | None = None,
@@ -155,6 +157,9 @@ class MicroBatcher(Generic[T, R]):
         # prefix shared with the other order of its query): saved when both run in one batch,
         # and only then, so it counts against the cap unless its partner is in the batch too.
         self._shared_cost = shared_cost or (lambda item: 0)
+        # The work an item does in one batch, against max_batch_cost: its whole cost, unless
+        # the batch function advances a long item a part per turn (a prompt filled in chunks).
+        self._turn_cost = turn_cost or self._cost
         self.max_batch_cost = max_batch_cost
         self._observer = observer
         self._jobs: list[_Job[T, R]] = []
@@ -208,7 +213,11 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         pending = [_Pending[T, R](item, loop.create_future(), now) for item in items]
-        self._jobs.append(_Job(deque(pending)))
+        job = _Job(deque(pending))
+        work = self._work_left(job)
+        for p in pending:
+            p.work = work
+        self._jobs.append(job)
         self._depth += len(pending)
         self._idle.clear()
         self._report_depth()
@@ -227,18 +236,16 @@ class MicroBatcher(Generic[T, R]):
         self._jobs = [job for job in self._jobs if job.waiting]
 
     def _take(self) -> list[_Pending[T, R]]:
-        """The next batch: its first half from the jobs with the earliest virtual deadline,
-        the rest from the jobs with the least work left, each job's items in their order, up to
-        the size and cost caps (the first item always goes, whatever its cost)."""
+        """The next batch: its first half from the jobs past their virtual deadline, earliest
+        first, the rest from the jobs with the least work left, each job's items in their
+        order, up to the size and cost caps (the first item always goes, whatever its cost)."""
         self._prune()
         rate = self.rate
-
-        def deadline(job: _Job[T, R]) -> float:
-            return job.arrived + (self._work_left(job) / rate if rate else 0.0)
 
         batch: list[_Pending[T, R]] = []
         cost = 0
         in_batch: set[int] = set()  # jobs with an item in the batch: their next one follows it
+
 
         def fill(jobs: list[_Job[T, R]], size: int, budget: int) -> None:
             nonlocal cost
@@ -246,7 +253,8 @@ class MicroBatcher(Generic[T, R]):
                 while job.waiting and len(batch) < size:
                     item = job.waiting[0].item
                     follows = id(job) in in_batch
-                    item_cost = self._cost(item) - (self._shared_cost(item) if follows else 0)
+                    item_cost = (self._turn_cost(item)
+                                 - (self._shared_cost(item) if follows else 0))
                     if batch and budget and cost + item_cost > budget:
                         return
                     batch.append(job.waiting.popleft())
@@ -255,11 +263,15 @@ class MicroBatcher(Generic[T, R]):
                 if len(batch) >= size or (budget and cost >= budget):
                     return
 
-        # A batch of one item cannot be halved: its batches take turns between the two orders.
+        # Jobs past their virtual deadline (waiting longer than their work takes alone) get the
+        # first half; a batch of one item cannot be halved, so its batches take turns.
+        now = asyncio.get_running_loop().time()
+        overdue = sorted((job for job in self._jobs if rate and job.deadline(rate) < now),
+                         key=lambda job: job.deadline(rate))
         half = self.max_batch_size // 2 or self._batches_taken % 2
         self._batches_taken += 1
-        if half:
-            fill(sorted(self._jobs, key=deadline), half, self.max_batch_cost // 2)
+        if overdue and half:
+            fill(overdue, half, self.max_batch_cost // 2)
         fill(sorted(self._jobs, key=self._work_left), self.max_batch_size, self.max_batch_cost)
         self._depth -= len(batch)
         self._taken_cost = cost

@@ -212,7 +212,8 @@ class TransformersBackend:
         self._batcher: MicroBatcher[_InProgress, list[float]] = MicroBatcher(
             "rerank", self._step, max_batch_size=config.batch_size,
             max_wait_ms=config.batch_wait_ms, max_queue_depth=config.max_queue_depth,
-            cost=self._cost, shared_cost=self._shared_cost, max_batch_cost=config.batch_tokens,
+            cost=self._cost, shared_cost=self._shared_cost, turn_cost=self._turn_cost,
+            max_batch_cost=config.batch_tokens,
             observer=observer, memory_release=default_memory_release())
         self.forward_passes = 0  # model calls
         self.batches = 0  # micro-batches scored
@@ -281,11 +282,21 @@ class TransformersBackend:
         """The work a read has left, in context-free tokens."""
         return round(pass_cost(item.remaining, item.done, self.span))
 
+    def _runs_whole(self, item: _InProgress) -> bool:
+        return item.cache is None and pass_cost(item.remaining, 0, self.span) <= self.batch_tokens
+
+    def _turn_cost(self, item: _InProgress) -> int:
+        """The work a read does in one pass: all of it when it runs whole, else one chunk of
+        half a pass (the whole pass when it runs alone), so that a long read the batcher
+        serves first for its deadline leaves the other half to the shortest requests."""
+        return self._cost(item) if self._runs_whole(item) else self.batch_tokens // 2
+
     def _shared_cost(self, item: _InProgress) -> int:
         """The part of it that prefix sharing computes once when the read runs in one batch
         with the read before it in its request (the other order of its query, or the query's
         previous pointwise prompt)."""
-        return round(pass_cost(item.shared, 0, self.span)) if not item.done else 0
+        # A read filled in chunks runs over its own cache, not beside its partner.
+        return round(pass_cost(item.shared, 0, self.span)) if self._runs_whole(item) else 0
 
     def _step(self, items: list[_InProgress]) -> list[list[float] | Unfinished]:
         """One turn of the batcher: the reads that fit whole are scored together; a read in
@@ -297,27 +308,29 @@ class TransformersBackend:
             # Per call, in this worker thread: OpenMP's thread count is a per-thread setting, so
             # the embedder's worker keeps its own.
             torch.set_num_threads(self.threads)
-        whole = [i for i, item in enumerate(items) if item.cache is None
-                 and pass_cost(item.remaining, 0, self.span) <= self.batch_tokens]
+        whole = [i for i, item in enumerate(items) if self._runs_whole(item)]
         results: list[list[float] | Unfinished] = [UNFINISHED] * len(items)
         if whole:
             for i, row in zip(whole, self.score_batch([items[i].read for i in whole]),
                               strict=True):
                 results[i] = row
+        # A long read alone in its pass takes all of it; beside others, the half it was
+        # counted for (``_turn_cost``).
+        budget = self.batch_tokens if len(items) == 1 else self.batch_tokens / 2
         for i, item in enumerate(items):
             if i not in whole:
-                results[i] = self._advance(item)
+                results[i] = self._advance(item, budget)
         return results
 
-    def _advance(self, item: _InProgress) -> list[float] | Unfinished:
+    def _advance(self, item: _InProgress, budget: float) -> list[float] | Unfinished:
         """Run the next chunk of a long read over its cached keys and values; its label
         log-softmax once the last chunk has run."""
         import torch
         from transformers import DynamicCache
 
         tokens = item.read.prompt_token_ids
-        # As many tokens as one pass of batch_tokens affords at this depth of context.
-        end = min(len(tokens), item.done + chunk_for(item.done, self.batch_tokens, self.span))
+        # As many tokens as ``budget`` affords at this depth of context.
+        end = min(len(tokens), item.done + chunk_for(item.done, budget, self.span))
         chunk = torch.tensor([tokens[item.done:end]], dtype=torch.long, device=self.device)
         if item.cache is None:
             item.cache = DynamicCache()
