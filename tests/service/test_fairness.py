@@ -1,10 +1,10 @@
 """No request holds the reranker: while one maximal /v1/rerank or /answer runs on the real
 embedded model, a normal /rank still answers within twice its time alone.
 
-Each forward pass holds at most RANKD_RERANKER_BATCH_TOKENS tokens, half of it for the request
-with the earliest virtual deadline and the rest for the one with the least work left, and a
-longer prompt is filled in chunks of that size, so a normal request waits at most for the pass
-in flight and then runs at least at half speed (docs/reliability.md has the figures)."""
+Each forward pass holds at most RANKD_RERANKER_BATCH_TOKENS tokens and goes to the request with
+the least work left, except that one past its virtual deadline gets half of it; a longer prompt
+is filled in chunks, so a normal request waits at most for the pass in flight and then runs at
+least at half speed (docs/reliability.md has the figures)."""
 
 from __future__ import annotations
 
