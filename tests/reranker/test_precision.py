@@ -84,3 +84,29 @@ async def test_ready_says_which_dtype_and_why(settings_factory: Any, tiny_lm: Pa
     assert detail.endswith(f"; cpu in {choose_dtype('auto', 'cpu')}")
     assert ranked.status_code == 200
     assert ranked.json()["reranked"] is True
+
+
+def test_label_logits_are_float32_whatever_the_model_computes_in(tiny_lm: Path) -> None:
+    """A bfloat16 output layer rounds logits to steps of 1/8 near 20, so yes/no scores tie;
+    the backend recomputes the kept logits from the last hidden state in float32."""
+    tokenizer = load_tokenizer(str(tiny_lm))
+    config = RerankerConfig(model=str(tiny_lm), device="cpu", dtype="bfloat16")
+    backend = TransformersBackend(TransformersBackend.load(config, tokenizer), config)
+    model = backend.model
+    prompts = [tokenizer.encode("a question and its candidates"), tokenizer.encode("another")]
+    captured: list[torch.Tensor] = []
+    inner = model.get_output_embeddings()
+    handle = inner.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        with torch.inference_mode():
+            from reranker.backends.transformers_backend import last_logits
+
+            logits = last_logits(model, prompts, backend.pad_token_id, "cpu")
+    finally:
+        handle.remove()
+    hidden = captured[-1][:, -1, :].float()
+    expected = hidden @ inner.weight.float().T
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # Not bfloat16 values: the rounding the float32 layer exists to avoid.
+    assert not torch.equal(logits, logits.bfloat16().float())

@@ -167,8 +167,16 @@ def test_the_report_has_every_stage(trained: dict[str, Any]) -> None:
     assert (written["fusion"], written["fusion_weight"]) == (fusion["chosen"], fusion["weight"])
     assert written["chosen_on"]["queries"] == fusion["on"]["queries"] \
         == report["split"]["fusion_queries"] > 0
-    assert fusion["on"]["map"] == max(v for row in fusion["table"].values()
-                                      for v in row.values())
+    # The chosen weight's smoothed figure (the mean over its neighbouring weights) is the best
+    # of the table's; its own MAP is reported.
+    chosen = f"{fusion['weight']:.2f}"
+    assert fusion["smoothed"][fusion["chosen"]][chosen] == max(
+        v for row in fusion["smoothed"].values() for v in row.values())
+    assert fusion["on"]["map"] == fusion["table"][fusion["chosen"]][chosen]
+    row = fusion["table"][fusion["chosen"]]
+    near = [v for w, v in row.items() if abs(float(w) - fusion["weight"]) <= 0.1 + 1e-9]
+    assert fusion["smoothed"][fusion["chosen"]][chosen] == pytest.approx(sum(near) / len(near),
+                                                                          abs=2e-4)
     assert report["split"]["fusion_queries"] + report["fine_tuned"]["none"]["queries"] == \
         report["split"]["fusion_queries"] + report["split"]["evaluated_queries"]
     served = report["fine_tuned"]["served"]

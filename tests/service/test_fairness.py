@@ -1,10 +1,12 @@
 """No request holds the reranker: while one maximal /v1/rerank or /answer runs on the real
-embedded model, a normal /rank still answers within twice its time alone.
+embedded model, a normal /rank still answers within twice its time alone; and no request
+starves: under a steady stream of short ones a longer /rank is reranked within its budget.
 
 Each forward pass holds at most RANKD_RERANKER_BATCH_TOKENS tokens and goes to the request with
-the least work left, except that one past its virtual deadline gets half of it; a longer prompt
-is filled in chunks, so a normal request waits at most for the pass in flight and then runs at
-least at half speed (docs/reliability.md has the figures)."""
+the least work left, except that one past its virtual deadline goes first (the whole pass if
+it fits in one, else half of it); a longer prompt is filled in chunks, so a normal request waits
+at most for the pass in flight and then runs at least at half speed (docs/reliability.md has the
+figures)."""
 
 from __future__ import annotations
 
@@ -83,3 +85,48 @@ async def test_a_normal_rank_answers_within_twice_its_time_beside_a_maximal_requ
     assert beside, "the maximal request ended before the first normal one started"
     assert beside_s <= 2 * alone_s, (alone, beside)
 
+
+
+SHORT = {"query": "Round 3.46 to one decimal place. Incorrect answer: 3.4", "candidates": 4}
+STREAM_CLIENTS = 4
+
+
+async def test_a_steady_stream_of_short_requests_does_not_hold_a_longer_one_past_its_budget(
+        settings_factory: Any, smollm2: Path) -> None:
+    """Shortest-first alone starved the request with the most work for as long as shorter ones
+    kept arriving (issue 30: 2 of 121 Eedi queries timed out at concurrency 4). Here short
+    /rank requests keep the queue full from four clients while a default /rank (25 candidates,
+    two orders) waits; it must be reranked within its budget, and the stream keeps flowing."""
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(smollm2),
+                                reranker_timeout_s=20)
+    async with app_client(settings) as (_app, client):
+        await _timed_rank(client)  # warm-up
+        solo = statistics.median([await _timed_rank(client) for _ in range(2)])
+        stop, flowing = asyncio.Event(), asyncio.Event()
+        served: list[float] = []
+
+        async def stream() -> None:
+            while not stop.is_set():
+                response = await client.post("/rank", json=SHORT)
+                assert response.status_code == 200, response.text
+                assert response.json()["reranked"] is True
+                served.append(time.perf_counter())
+                if len(served) >= 2 * STREAM_CLIENTS:
+                    flowing.set()
+
+        clients = [asyncio.create_task(stream()) for _ in range(STREAM_CLIENTS)]
+        await flowing.wait()
+        started = time.perf_counter()
+        response = await client.post("/rank", json=NORMAL)
+        waited = time.perf_counter() - started
+        during = sum(1 for t in served if t >= started)
+        stop.set()
+        await asyncio.gather(*clients)
+    body = response.json()
+    print(f"\na default /rank alone {solo:.2f} s; under a stream of short requests from "
+          f"{STREAM_CLIENTS} clients {waited:.2f} s ({waited / solo:.1f}x), while {during} "
+          "short requests were answered")
+    assert response.status_code == 200, response.text
+    assert body["reranked"] is True, body.get("warnings")
+    assert waited <= 5 * solo, (solo, waited)
+    assert during >= STREAM_CLIENTS  # the stream was served beside it, not paused
