@@ -7,15 +7,16 @@ next batch, which is where most of the batching under load comes from. Between b
 thread can hand freed memory back to the OS (``MemoryRelease``).
 
 Fairness between requests: each ``submit_many`` is a job, with work measured by ``cost``, and
-each batch (up to ``max_batch_cost``, or ``max_batch_size`` items) is filled in two halves:
+each batch (up to ``max_batch_cost``, or ``max_batch_size`` items) is filled
 
 - by the least work left (shortest job first): a small request that arrives beside a large one
   waits for the batch in flight, not for the large request;
-- except that a job past its *virtual deadline* (its arrival plus the time its whole work takes
+- except that jobs past their *virtual deadline* (arrival plus the time the whole job takes
   alone at the rate the batcher has been running, an exponential average of work per second
-  over its batches) gets the first half of every batch, earliest deadline first. Shortest-first alone
-  starves a long job that short ones keep overtaking; this way no job waits much longer than
-  its own solo time, and even then the short jobs keep the other half.
+  over its batches) go first, earliest deadline first: the whole batch when the earliest fits
+  in one, else the first half of every batch. Shortest-first alone starves a long job that
+  short ones keep overtaking; this way no job waits much longer than its own solo time, and a
+  job larger than a batch still leaves the short jobs half of each.
 
 The batch function may answer ``UNFINISHED`` for an item it advanced but did not finish (a long
 prompt filled in chunks); the item goes back to its job for another turn, keeping the job's
@@ -246,7 +247,6 @@ class MicroBatcher(Generic[T, R]):
         batch: list[_Pending[T, R]] = []
         cost = 0
         in_batch: set[int] = set()  # jobs with an item in the batch: their next one follows it
-
 
         def fill(jobs: list[_Job[T, R]], size: int, budget: int) -> None:
             nonlocal cost
