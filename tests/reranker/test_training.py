@@ -365,8 +365,8 @@ def test_full_fine_tuning_is_the_default(tmp_path: Path, tiny_lm: Path, eedi_csv
     recipe = RerankerTrainingConfig(output_dir=tmp_path)  # docs/fine-tuning.md's budget recipe
     assert (recipe.method, recipe.train_layers, recipe.example_orders) == (
         TuningMethod.FULL, 8, ExampleOrders.ALTERNATE)
-    assert (recipe.candidate_order, recipe.missing_positive) == (
-        CandidateOrder.RETRIEVAL, MissingPositive.SKIP)
+    assert (recipe.candidate_order, recipe.missing_positive, recipe.learning_rate) == (
+        CandidateOrder.RETRIEVAL, MissingPositive.SKIP, 3e-4)
     config = _config(tmp_path / "full", tiny_lm, method=TuningMethod.FULL, examples=8, epochs=1,
                      curve_points=0, eval_queries=4)
     report = train_reranker(read_pairs(eedi_csv, "eedi"), _entries(), config, eedi_csv, "eedi")
