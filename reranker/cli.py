@@ -169,6 +169,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
         config = RerankerTrainingConfig(
             output_dir=Path(args.output), reranker=reranker,
             retriever=args.retriever or retrieval.embedder_model, retrieval=retrieval,
+            fold_retrievers=tuple(args.fold_retrievers or ()),
             device=args.device, candidates=args.candidates, min_candidates=args.min_candidates,
             examples=args.examples, candidate_order=CandidateOrder(args.candidate_order),
             example_orders=ExampleOrders(args.example_orders),
@@ -237,6 +238,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     candidates.add_argument("--retriever", help="embedder that retrieves the candidates: the "
                                                 "default, or a `rankd train-retriever` output "
                                                 "(default: $RANKD_EMBEDDER_MODEL)")
+    candidates.add_argument("--fold-retrievers", nargs="+", metavar="DIR",
+                            help="cross-fitting: one `rankd train-retriever --folds K --fold I` "
+                                 "output per fold; each training pair's candidates come from "
+                                 "the retriever that left its question out, as served queries' "
+                                 "do (validation's from --retriever)")
     candidates.add_argument("--scoring", choices=["listwise", "pointwise"],
                             help="the scoring mode to train, and to serve with (default: "
                                  "$RANKD_RERANKER_SCORING when set, else pointwise, the recipe)")

@@ -8,7 +8,8 @@ serves the directory (``rankd serve``, the Ray Serve app) reads it through
 
 - a setting the file holds and the operator did not set is taken from the file;
 - one the operator set explicitly (``RANKD_RERANKER_<FIELD>``) wins, with a warning, where it
-  only changes how scores are fused;
+  only changes how scores are fused or how many candidates a request reranks by default
+  (``candidates``, the N it was trained and its fusion chosen at: RANKD_DEFAULT_CANDIDATES);
 - one that changes the prompts themselves refuses the start, naming both values: the model was
   never trained to read those prompts, and its scores would be read silently wrong.
 
@@ -38,13 +39,17 @@ PROMPT_FIELDS = ("scoring", "chat_template", "rank_template", "pointwise_templat
                  "label_alphabet", "instruction")
 # Settings that only fuse the scores with retrieval: an override wins with a warning.
 FUSION_FIELDS = ("fusion", "fusion_weight")
+# The N of training and of the fusion choice: the service's RANKD_DEFAULT_CANDIDATES, which a
+# request's `candidates` still overrides. An explicit setting wins with a warning.
+CANDIDATES_FIELD = "candidates"
 
 
-def served_settings(config: RerankerConfig, instruction: str,
+def served_settings(config: RerankerConfig, instruction: str, candidates: int,
                     fusion: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What ``SERVING_FILE`` holds for a model trained with ``config`` and ``instruction``;
-    ``fusion`` is the choice made on validation ({"fusion", "fusion_weight", "chosen_on"})."""
-    settings: dict[str, Any] = {"scoring": config.scoring.value,
+    """What ``SERVING_FILE`` holds for a model trained with ``config`` and ``instruction`` on
+    ``candidates`` per query; ``fusion`` is the choice made on validation ({"fusion",
+    "fusion_weight", "chosen_on"})."""
+    settings: dict[str, Any] = {"scoring": config.scoring.value, CANDIDATES_FIELD: candidates,
                                 "chat_template": config.chat_template,
                                 "instruction": instruction,
                                 "label_alphabet": config.label_alphabet.value}
@@ -70,6 +75,12 @@ class TrainedSettings:
     taken: dict[str, Any] = field(default_factory=dict)  # from the file
     overridden: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # (set, trained)
 
+    @property
+    def candidates(self) -> int | None:
+        """The trained N when it sets the service's default (no explicit setting)."""
+        value = self.taken.get(CANDIDATES_FIELD)
+        return int(value) if value is not None else None
+
     def describe(self) -> str:
         if not self.taken and not self.overridden:
             return ""
@@ -77,14 +88,15 @@ class TrainedSettings:
         scoring = self.taken.get("scoring")
         if scoring:
             parts.append(f"{scoring} scoring")
+        if self.candidates is not None:
+            parts.append(f"{self.candidates} candidates")
         if "fusion" in self.taken:
             weight = self.taken.get("fusion_weight")
             parts.append(f"fusion {self.taken['fusion']}"
                          + (f" w {weight:g}" if weight is not None else "")
                          + " (chosen on validation)")
         for name, (value, trained) in self.overridden.items():
-            parts.append(f"RANKD_RERANKER_{name.upper()}={_shown(value)} over the trained "
-                         f"{_shown(trained)}")
+            parts.append(f"{_variable(name)}={_shown(value)} over the trained {_shown(trained)}")
         return f"served as trained ({SERVING_FILE}: {', '.join(parts) or 'prompt settings'})"
 
 
@@ -106,10 +118,12 @@ def read_served_settings(model: str | None) -> dict[str, Any] | None:
     return values
 
 
-def with_trained_settings(config: RerankerConfig) -> tuple[RerankerConfig, TrainedSettings]:
+def with_trained_settings(config: RerankerConfig, candidates: int | None = None,
+                          ) -> tuple[RerankerConfig, TrainedSettings]:
     """``config`` with its model directory's trained settings applied (see the module's rule),
     then its preset (``reranker.presets``) where neither the operator nor the file set a
-    field."""
+    field. ``candidates`` is RANKD_DEFAULT_CANDIDATES where the operator set it explicitly;
+    the trained N is ``TrainedSettings.candidates`` where it did not."""
     values = read_served_settings(config.model) if config.enabled else None
     if values is None:
         return with_preset(config), TrainedSettings()
@@ -134,10 +148,29 @@ def with_trained_settings(config: RerankerConfig) -> tuple[RerankerConfig, Train
                     f"was trained on ({SERVING_FILE} says {name}={_shown(theirs)}); unset it to "
                     "serve the model as trained, or train a model with that setting")
             overridden[name] = (mine, theirs)
-            log.warning("RANKD_RERANKER_%s=%s overrides the trained %s=%s (%s)", name.upper(),
+            log.warning("%s=%s overrides the trained %s=%s (%s)", _variable(name),
                         _shown(mine), name, _shown(theirs), SERVING_FILE)
-    merged = config.model_copy(update={**preset_values(config, keep=set(taken)), **taken})
+    trained_n = values.get(CANDIDATES_FIELD)
+    if trained_n is not None:
+        if not isinstance(trained_n, int) or isinstance(trained_n, bool) or trained_n < 1:
+            raise RerankerConfigError(f"the reranker model's {SERVING_FILE} holds a bad "
+                                      f"{CANDIDATES_FIELD}: {trained_n!r}, not a positive integer")
+        if candidates is None:
+            taken[CANDIDATES_FIELD] = trained_n
+        elif candidates != trained_n:
+            overridden[CANDIDATES_FIELD] = (candidates, trained_n)
+            log.warning("%s=%s overrides the trained %s=%s (%s): the fusion was chosen at %s",
+                        _variable(CANDIDATES_FIELD), candidates, CANDIDATES_FIELD, trained_n,
+                        SERVING_FILE, trained_n)
+    prompt_and_fusion = {k: v for k, v in taken.items() if k != CANDIDATES_FIELD}
+    merged = config.model_copy(update={**preset_values(config, keep=set(taken)),
+                                       **prompt_and_fusion})
     return merged, TrainedSettings(taken, overridden)
+
+
+def _variable(name: str) -> str:
+    return ("RANKD_DEFAULT_CANDIDATES" if name == CANDIDATES_FIELD
+            else f"RANKD_RERANKER_{name.upper()}")
 
 
 def _shown(value: Any) -> str:

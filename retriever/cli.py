@@ -192,6 +192,8 @@ def _train_retriever(args: argparse.Namespace) -> int:
             negative_sampling=NegativeSampling(args.negative_sampling),
             validation_fraction=args.validation_fraction,
             holdout_fraction=args.holdout_misconceptions,
+            folds=args.folds,
+            fold=args.fold,
             k=args.k,
             eval_batch_size=args.eval_batch_size,
             progress=not args.quiet,
@@ -298,5 +300,13 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                             help="withhold this share of the positive ids from training entirely")
     validation.add_argument("--k", type=int, default=defaults.k, help="cut-off of MAP@k and recall@k")
     validation.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
+
+    cross_fit = train.add_argument_group(
+        "cross-fitting (the retrievers of `rankd train-reranker --fold-retrievers`)")
+    cross_fit.add_argument("--folds", type=int, default=defaults.folds,
+                           help="split the training questions into this many folds by a seeded "
+                                "hash (0: no cross-fitting)")
+    cross_fit.add_argument("--fold", type=int, default=defaults.fold,
+                           help="the fold left out of training, 0 to --folds - 1")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train_retriever)

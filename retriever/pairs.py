@@ -8,12 +8,13 @@ the same way for both.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,35 @@ def split_pairs(pairs: Sequence[TrainingPair], validation_fraction: float,
         raise TrainingError("no training pairs remain after the split and the holdout")
     validation = [p for p in pairs if p.group in validation_groups]
     return Split(kept, validation, held_out, len(train) - len(kept))
+
+
+def fold_of(group: str, folds: int, seed: int) -> int:
+    """The cross-fitting fold of a question (group): a seeded hash of its id, so that
+    `train-retriever --fold` and `train-reranker --fold-retrievers` agree without sharing any
+    state, whatever else changes in the data."""
+    digest = hashlib.blake2b(f"{seed}:{group}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % folds
+
+
+def without_fold(split: Split, folds: int, fold: int, seed: int) -> Split:
+    """``split`` with the training pairs of fold ``fold`` of ``folds`` left out (validation
+    unchanged): a retriever trained on it meets that fold's questions as it meets new ones."""
+    if folds < 2 or not 0 <= fold < folds:
+        raise TrainingError(f"fold must be in [0, folds) with folds >= 2, got fold {fold} of "
+                            f"{folds}")
+    kept = [p for p in split.train if fold_of(p.group, folds, seed) != fold]
+    if not kept:
+        raise TrainingError(f"no training pairs remain outside fold {fold} of {folds}")
+    return replace(split, train=kept)
+
+
+def cross_fit_record(folds: int, fold: int, seed: int, validation_fraction: float,
+                     holdout_fraction: float, held_out_pairs: int) -> dict[str, Any]:
+    """What a fold's retriever writes to its report: the split it left its fold out of, for
+    `train-reranker --fold-retrievers` to check against its own."""
+    return {"folds": folds, "fold": fold, "seed": seed,
+            "validation_fraction": validation_fraction, "holdout_fraction": holdout_fraction,
+            "held_out_pairs": held_out_pairs}
 
 
 # ---------------------------------------------------------------- validation set

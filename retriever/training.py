@@ -35,10 +35,12 @@ from retriever.pairs import (
     TrainingError,
     TrainingPair,
     check_positives,
+    cross_fit_record,
     prepare_output,
     require_positive,
     split_pairs,
     validation_set,
+    without_fold,
 )
 from runtime.paths import select_device
 
@@ -188,6 +190,10 @@ class TrainingConfig:
     negative_sampling: NegativeSampling = NegativeSampling.TOP
     validation_fraction: float = 0.2
     holdout_fraction: float = 0.0
+    # Cross-fitting: leave out the training questions of fold ``fold`` of ``folds`` (0: none),
+    # so that `train-reranker --fold-retrievers` gets that fold's candidates as served.
+    folds: int = 0
+    fold: int = 0
     k: int = 25
     eval_batch_size: int = 64
     save_total_limit: int = 2
@@ -205,6 +211,9 @@ class TrainingConfig:
             raise TrainingError(f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.batch_size < 2:
             raise TrainingError("batch size must be at least 2: the loss needs in-batch negatives")
+        if self.folds and (self.folds < 2 or not 0 <= self.fold < self.folds):
+            raise TrainingError(f"--fold must be in [0, --folds) with --folds at least 2, got "
+                                f"fold {self.fold} of {self.folds}")
 
 
 # ---------------------------------------------------------------- training
@@ -256,6 +265,9 @@ def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntr
                       "information_retrieval").setLevel(logging.WARNING)
 
     split = split_pairs(pairs, config.validation_fraction, config.holdout_fraction, config.seed)
+    all_train = len(split.train)
+    if config.folds:
+        split = without_fold(split, config.folds, config.fold, config.seed)
     log.info("split: %d training pairs, %d validation pairs; %d ids held out (%d pairs dropped)",
              len(split.train), len(split.validation), len(split.held_out_ids), split.dropped_pairs)
     device = select_device(config.device)
@@ -336,6 +348,10 @@ def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntr
                                "unseen": len(validation.queries) - len(validation.seen)},
         "validation_groups": sorted({p.group for p in split.validation}),
         "held_out_ids": sorted(split.held_out_ids),
+        "cross_fit": (cross_fit_record(config.folds, config.fold, config.seed,
+                                       config.validation_fraction, config.holdout_fraction,
+                                       all_train - len(split.train))
+                      if config.folds else None),
         "zero_shot": _round(zero_shot),
         "fine_tuned": _round(fine_tuned),
         "epochs": epochs,

@@ -148,8 +148,13 @@ class Engine:
         observer: BatchObserver = metrics
         # A trained model's directory says how it is served (reranker/trained.py); a setting
         # that would change its prompts refuses the start before anything loads.
-        reranker, trained = await asyncio.to_thread(with_trained_settings, settings.reranker)
-        settings = settings.model_copy(update={"reranker": reranker})
+        explicit_n = (settings.default_candidates
+                      if "default_candidates" in settings.model_fields_set else None)
+        reranker, trained = await asyncio.to_thread(with_trained_settings, settings.reranker,
+                                                    explicit_n)
+        settings = settings.model_copy(update={
+            "reranker": reranker,
+            "default_candidates": trained.candidates or settings.default_candidates})
         if trained.describe():
             log.info("reranker %s", trained.describe())
         if retrieval is None:

@@ -38,7 +38,7 @@ class Settings(LogSettings, RetrieverSettings):
     # Request limits
     max_query_chars: int = Field(4000, ge=1, description="Longest accepted query, in characters.")
     max_top_k: int = Field(100, ge=1, description="Largest accepted `top_k`.")
-    default_candidates: int = Field(25, ge=1, description="Candidates passed to the reranker when a request does not say; at most the labels of RANKD_RERANKER_LABEL_ALPHABET, which cap `candidates`.")
+    default_candidates: int = Field(25, ge=1, description="Candidates passed to the reranker when a request does not say; at most the labels of RANKD_RERANKER_LABEL_ALPHABET, which cap `candidates`. Unset, a trained model's rankd_reranker.json sets it to the N it was trained and its fusion chosen at; set, it wins with a warning.")
     max_batch_queries: int = Field(64, ge=1, description="Most queries in one /rank/batch request.")
 
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body, in bytes (413 beyond).")

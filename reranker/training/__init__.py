@@ -45,7 +45,12 @@ from reranker.training.config import (
     RerankerTrainingError,
     TuningMethod,
 )
-from reranker.training.data import retrieve_candidates, split_for_training
+from reranker.training.data import (
+    FoldRetriever,
+    fold_retrievers,
+    retrieve_candidates,
+    split_for_training,
+)
 from reranker.training.evaluate import (
     FUSION_SMOOTHING,
     EvalQuery,
@@ -100,6 +105,7 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     from retriever.vocabulary import Hit
 
     check_positives(pairs, entries)
+    folds = fold_retrievers(config)
     output = Path(config.output_dir)
     prepare_output(output, config.overwrite)
     if config.threads:
@@ -113,7 +119,7 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     validation_path = write_validation_file(train_file, train_format, data.eval_groups, output)
 
     stage = time.perf_counter()
-    train_hits, eval_hits = retrieve_candidates(entries, data, config)
+    train_hits, eval_hits = retrieve_candidates(entries, data, config, folds)
     # A positive the retriever missed joins the candidates as itself, with no retrieval score.
     by_id = {e.id: Hit(e.id, e.text, 0.0) for e in entries}
     seconds["retrieval"] = round(time.perf_counter() - stage, 1)
@@ -167,7 +173,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
                       "backend": retrieval.embedder_backend.value,
                       "quantization": retrieval.embedder_quantization.value,
                       "device": retrieval.embedder_device,
-                      **_retriever_report(config.retriever)},
+                      **_retriever_report(config.retriever),
+                      "cross_fit": _cross_fit_report(folds, data.train_pairs, config.seed)},
         "parameters": {"trainable": n_trainable, "total": n_total},
         "split": {"pairs": len(pairs), "train_pairs": len(data.split.train),
                   "validation_pairs": len(data.split.validation),
@@ -221,7 +228,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
                                          3)
 
     stage = time.perf_counter()
-    save_model(fitted, tokenizer, config, output, served_settings(config.reranker, instruction))
+    save_model(fitted, tokenizer, config, output,
+               served_settings(config.reranker, instruction, config.candidates))
     seconds["save"] = round(time.perf_counter() - stage, 1)
     report.update(status="trained; evaluating", train_loss=fitted.loss,
                   peak_rss_mib=round(peak_rss_mib(), 1))
@@ -237,7 +245,7 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     choice = choose_fusion(fusion_queries, fusion_scores, config.candidates, config.k,
                            fusions_for(config.scoring, config.reranker.orders))
     write_served_settings(output, served_settings(config.reranker, instruction,
-                                                  choice.served()))
+                                                  config.candidates, choice.served()))
     header = {"command": "rankd train-reranker", "candidates": config.candidates,
               "reranker": f"{config.scoring} {output}", "embedder": config.retriever}
     RerankEvaluator(fusion_queries, builder, config).write_scores(
@@ -297,6 +305,19 @@ def _retriever_report(retriever: str) -> dict[str, Any]:
         return {}
     return {key: report[key] for key in ("zero_shot", "fine_tuned", "validation_groups")
             if key in report}
+
+
+def _cross_fit_report(folds: Sequence[FoldRetriever], train_pairs: Sequence[TrainingPair],
+                      seed: int) -> list[dict[str, Any]] | None:
+    """Each fold's retriever: the training pairs it retrieved for, and its own validation
+    figures (it trained on fewer questions than the served one)."""
+    if not folds:
+        return None
+    from retriever.pairs import fold_of
+
+    return [{"fold": f.fold, "model": f.model,
+             "pairs": sum(fold_of(p.group, len(folds), seed) == f.fold for p in train_pairs),
+             "fine_tuned": f.report.get("fine_tuned")} for f in folds]
 
 
 def _plain(value: Any) -> Any:

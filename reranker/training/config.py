@@ -67,6 +67,10 @@ class RerankerTrainingConfig:
     # The embedder's runtime, as the service reads it (RANKD_EMBEDDER_BACKEND, _QUANTIZATION,
     # _DEVICE, _CACHE_DIR): the candidates are those the service will retrieve.
     retrieval: RetrieverSettings = field(default_factory=RetrieverSettings)
+    # Cross-fitting: `rankd train-retriever --folds K --fold i` outputs, one per fold. A training
+    # pair of fold i gets its candidates from the retriever that never trained on it, as served
+    # queries do; validation's still come from ``retriever``. Empty: ``retriever`` for all.
+    fold_retrievers: tuple[str, ...] = ()
     device: str = "auto"
     candidates: int = 10  # N; with min_candidates, the largest N
     min_candidates: int = 0  # >= 2: each example draws its N from [min_candidates, candidates]
@@ -121,6 +125,9 @@ class RerankerTrainingConfig:
         require_positive(positive, RerankerTrainingError)
         if self.candidates < 2:
             raise RerankerTrainingError("candidates must be at least 2: the loss picks one of N")
+        if len(self.fold_retrievers) == 1:
+            raise RerankerTrainingError("--fold-retrievers needs one retriever per fold, at "
+                                        "least 2; got 1")
         if self.min_candidates and not 2 <= self.min_candidates <= self.candidates:
             raise RerankerTrainingError(
                 f"min candidates must be 0 (a fixed N) or between 2 and candidates "

@@ -3,13 +3,15 @@ and which are reported, and each one's candidates as the service retrieves them.
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from reranker.training.config import RerankerTrainingConfig
+from reranker.training.config import RerankerTrainingConfig, RerankerTrainingError
 
 if TYPE_CHECKING:
     from retriever.catalog import CatalogEntry
@@ -77,25 +79,94 @@ def split_for_training(pairs: Sequence[TrainingPair],
                         [k for k in keys if validation.groups[k] in eval_groups])
 
 
+@dataclass(frozen=True)
+class FoldRetriever:
+    fold: int
+    model: str
+    report: dict[str, Any]  # its training_report.json
+
+
+def fold_retrievers(config: RerankerTrainingConfig) -> list[FoldRetriever]:
+    """``config.fold_retrievers`` in fold order, each checked to have left out its own fold of
+    this run's split (the same folds, seed, validation fraction and no withheld ids)."""
+    from retriever.pairs import REPORT_FILE
+
+    found: dict[int, FoldRetriever] = {}
+    folds = len(config.fold_retrievers)
+    expected = {"folds": folds, "seed": config.seed,
+                "validation_fraction": config.validation_fraction, "holdout_fraction": 0.0}
+    for model in config.fold_retrievers:
+        path = Path(model) / REPORT_FILE
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RerankerTrainingError(
+                f"--fold-retrievers: {model} is not a `rankd train-retriever` output "
+                f"({path}: {exc})") from exc
+        cross_fit = report.get("cross_fit") or {}
+        if not cross_fit:
+            raise RerankerTrainingError(
+                f"--fold-retrievers: {model} was trained without --folds; train one retriever "
+                f"per fold with `rankd train-retriever --folds {folds} --fold I`")
+        for key, value in expected.items():
+            if cross_fit.get(key) != value:
+                raise RerankerTrainingError(
+                    f"--fold-retrievers: {model} has {key} {cross_fit.get(key)}, this run "
+                    f"{value}; train its retrievers with the same --folds, --seed and "
+                    "--validation-fraction, and no --holdout-misconceptions")
+        fold = int(cross_fit["fold"])
+        if fold in found:
+            raise RerankerTrainingError(f"--fold-retrievers: {found[fold].model} and {model} "
+                                        f"both left out fold {fold}")
+        found[fold] = FoldRetriever(fold, model, report)
+    return [found[f] for f in sorted(found)]
+
+
+class _Retrieval:
+    """One embedder over the catalogue, loaded through the service's embedder settings."""
+
+    def __init__(self, model: str, entries: Sequence[CatalogEntry], directory: str,
+                 config: RerankerTrainingConfig) -> None:
+        from retriever import Embedder, build_collection, load_collection
+
+        settings = config.retrieval
+        self.embedder = Embedder.load(model, settings.embedder_device,
+                                      settings.embedder_chunk_size, settings.embedder_variant,
+                                      settings.embedder_cache_dir)
+        self.catalogue = load_collection(build_collection(
+            list(entries), self.embedder, directory, "catalogue",
+            show_progress=config.progress))
+
+    def search(self, texts: list[str], n: int) -> list[list[Hit]]:
+        return self.catalogue.search(self.embedder.encode(texts), n)
+
+
 def retrieve_candidates(entries: Sequence[CatalogEntry], data: TrainingData,
-                        config: RerankerTrainingConfig,
+                        config: RerankerTrainingConfig, folds: Sequence[FoldRetriever] = (),
                         ) -> tuple[list[list[Hit]], dict[str, list[Hit]]]:
     """Each training pair's top N, and each validation query's top k by key, retrieved by
     ``config.retriever`` through the service's embedder settings (runtime, quantization,
-    device), as the service will retrieve them."""
-    from retriever import Embedder, build_collection, load_collection
+    device), as the service will retrieve them; with ``folds``, a training pair's top N by
+    the retriever of its fold, which never trained on it."""
+    from retriever.pairs import fold_of
 
-    settings = config.retrieval
-    embedder = Embedder.load(config.retriever, settings.embedder_device,
-                             settings.embedder_chunk_size, settings.embedder_variant,
-                             settings.embedder_cache_dir)
     depth = max(config.k, config.candidates)
     keys = data.fusion_keys + data.eval_keys
+    train_queries = [p.query for p in data.train_pairs]
     with tempfile.TemporaryDirectory(prefix="rankd-rerank-train-") as tmp:
-        catalogue = load_collection(build_collection(list(entries), embedder, tmp, "catalogue",
-                                                     show_progress=config.progress))
-        train_hits = catalogue.search(embedder.encode([p.query for p in data.train_pairs]),
-                                      config.candidates)
-        eval_hits = catalogue.search(
-            embedder.encode([data.validation.queries[k] for k in keys]), depth)
+        served = _Retrieval(config.retriever, entries, f"{tmp}/served", config)
+        eval_hits = served.search([data.validation.queries[k] for k in keys], depth)
+        if not folds:
+            train_hits = served.search(train_queries, config.candidates)
+        else:
+            del served
+            train_hits = [[] for _ in train_queries]
+            for retriever in folds:
+                rows = [i for i, p in enumerate(data.train_pairs)
+                        if fold_of(p.group, len(folds), config.seed) == retriever.fold]
+                found = _Retrieval(retriever.model, entries, f"{tmp}/fold-{retriever.fold}",
+                                   config).search([train_queries[i] for i in rows],
+                                                  config.candidates)
+                for i, hits in zip(rows, found, strict=True):
+                    train_hits[i] = hits
     return train_hits, dict(zip(keys, eval_hits, strict=True))

@@ -137,7 +137,7 @@ def test_explicit_settings_then_a_trained_model_then_the_preset(tmp_path: Path) 
     model = tmp_path / "model"
     model.mkdir()
     trained = RerankerConfig(scoring=Scoring.POINTWISE, chat_template=True)
-    (model / SERVING_FILE).write_text(json.dumps(served_settings(trained, "Trained.")))
+    (model / SERVING_FILE).write_text(json.dumps(served_settings(trained, "Trained.", 10)))
     config, _ = with_trained_settings(RerankerConfig(model=str(model),
                                                      preset=Preset.QWEN3_RERANKER))
     assert config.chat_template is True  # the trained model's, over the preset's

@@ -20,7 +20,7 @@ def _trained_dir(tmp_path: Path, **fusion: object) -> Path:
     model = tmp_path / "model"
     model.mkdir()
     trained = RerankerConfig(scoring=Scoring.POINTWISE)
-    settings = served_settings(trained, "Find the misconception.",
+    settings = served_settings(trained, "Find the misconception.", 10,
                                {"fusion": "rrf", "fusion_weight": 0.7, **fusion})
     (model / SERVING_FILE).write_text(json.dumps(settings))
     return model
@@ -32,8 +32,9 @@ def test_unset_settings_are_taken_from_the_model(tmp_path: Path) -> None:
     assert config.scoring is Scoring.POINTWISE
     assert (config.fusion, config.fusion_weight) == (Fusion.RRF, 0.7)
     assert config.instruction == "Find the misconception."
+    assert trained.candidates == 10
     assert trained.describe() == (f"served as trained ({SERVING_FILE}: pointwise scoring, "
-                                  "fusion rrf w 0.7 (chosen on validation))")
+                                  "10 candidates, fusion rrf w 0.7 (chosen on validation))")
 
 
 def test_an_explicit_fusion_wins_with_a_warning(tmp_path: Path,
@@ -46,6 +47,19 @@ def test_an_explicit_fusion_wins_with_a_warning(tmp_path: Path,
     assert trained.overridden == {"fusion_weight": (0.4, 0.7)}
     assert "RANKD_RERANKER_FUSION_WEIGHT=0.4 overrides the trained fusion_weight=0.7" \
         in caplog.text
+
+
+def test_an_explicit_default_candidates_wins_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = _trained_dir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        _, trained = with_trained_settings(RerankerConfig(model=str(model)), candidates=25)
+    assert trained.candidates is None  # the operator's 25 stays
+    assert trained.overridden == {"candidates": (25, 10)}
+    assert "RANKD_DEFAULT_CANDIDATES=25 overrides the trained candidates=10" in caplog.text
+    assert "RANKD_DEFAULT_CANDIDATES=25 over the trained 10" in trained.describe()
+    _, same = with_trained_settings(RerankerConfig(model=str(model)), candidates=10)
+    assert not same.overridden
 
 
 @pytest.mark.parametrize("setting", [{"scoring": "listwise"},
@@ -77,6 +91,10 @@ def test_a_model_without_the_file_is_served_as_configured(tmp_path: Path) -> Non
 def test_a_bad_file_is_named(tmp_path: Path) -> None:
     model = _trained_dir(tmp_path, fusion="average")
     with pytest.raises(RerankerConfigError, match=f"{SERVING_FILE} holds a bad fusion"):
+        with_trained_settings(RerankerConfig(model=str(model)))
+    written = json.loads((model / SERVING_FILE).read_text())
+    (model / SERVING_FILE).write_text(json.dumps({**written, "fusion": "rrf", "candidates": 0}))
+    with pytest.raises(RerankerConfigError, match="holds a bad candidates: 0"):
         with_trained_settings(RerankerConfig(model=str(model)))
 
 

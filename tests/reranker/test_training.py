@@ -282,19 +282,20 @@ async def test_the_trained_model_serves_rank(scoring: Scoring, trained: dict[str
                                              trained_pointwise: dict[str, Any],
                                              settings_factory: Any) -> None:
     run = trained if scoring is Scoring.LISTWISE else trained_pointwise
-    # Only the model: the scoring mode and the fusion come from its rankd_reranker.json.
+    # Only the model: the scoring mode, the fusion and N come from its rankd_reranker.json.
     settings: Settings = settings_factory(reranker_backend="transformers",
-                                          reranker_model=str(run["output"]),
-                                          default_candidates=CANDIDATES)
+                                          reranker_model=str(run["output"]))
     written = json.loads((run["output"] / SERVING_FILE).read_text())
+    assert written["candidates"] == CANDIDATES != settings.default_candidates
     async with app_client(settings) as (_, client):
         response = await client.post("/rank", json={"query": "one half plus one third",
                                                      "collection": SAMPLE_COLLECTION,
-                                                     "debug": True})
+                                                     "top_k": 10, "debug": True})
         ready = (await client.get("/ready")).json()
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["reranked"] is True
+    assert sum(r["rerank_score"] is not None for r in body["results"]) == CANDIDATES
     assert body["fusion"]["method"] == written["fusion"] == run["report"]["fusion"]["chosen"]
     if written["fusion"] != "consensus":
         assert body["fusion"]["rerank_weight"] == pytest.approx(1 - written["fusion_weight"])
@@ -302,8 +303,8 @@ async def test_the_trained_model_serves_rank(scoring: Scoring, trained: dict[str
         assert body["fusion"]["agreement"] is None  # no positions to disagree over
         assert all(o["labels"] == ["yes", "no"] for o in body["debug"]["orders"])
     detail = ready["components"]["reranker"]["detail"]
-    assert f"served as trained ({SERVING_FILE}: {scoring} scoring, fusion {written['fusion']}" \
-        in detail
+    assert (f"served as trained ({SERVING_FILE}: {scoring} scoring, {CANDIDATES} candidates, "
+            f"fusion {written['fusion']}") in detail
 
 
 @pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
@@ -323,7 +324,6 @@ def test_rankd_eval_reproduces_the_reported_map(scoring: Scoring, trained: dict[
         chosen = {} if fusion == "served" else {"fusion": fusion,
                                                  "fusion_weight": DEFAULT_FUSION_WEIGHT}
         settings = Settings(index_dir=sample_index, embedder_device="cpu",
-                            default_candidates=CANDIDATES,
                             reranker={"backend": "transformers", "dtype": dtype,
                                       "model": str(run["output"]), **chosen})
         with serve_in_thread(settings) as url:
@@ -466,3 +466,61 @@ def test_the_model_is_written_before_evaluation_and_a_partial_report_with_it(
     assert partial["status"] == "trained; evaluating"
     assert partial["train_loss"]
     assert partial["retrieval_only"]["queries"] > 0
+
+
+def _fold_retriever(eedi_csv: Path, output: Path, fold: int, seed: int = 42) -> str:
+    """`rankd train-retriever --folds 2 --fold FOLD`: a short run on the tiny Eedi file."""
+    assert main(["train-retriever", "--train", str(eedi_csv), "--format", "eedi", "--catalog",
+                 str(sample_catalog_path()), "--output", str(output), "--device", "cpu",
+                 "--epochs", "1", "--batch-size", "8", "--validation-fraction", "0.25",
+                 "--folds", "2", "--fold", str(fold), "--seed", str(seed), "--quiet"]) == 0
+    return str(output)
+
+
+@pytest.mark.slow
+def test_cross_fitted_candidates_come_from_the_retriever_that_left_their_question_out(
+        tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
+    from reranker.training.data import fold_retrievers, retrieve_candidates, split_for_training
+    from retriever import Embedder, build_collection, load_collection
+    from retriever.pairs import fold_of
+
+    pairs = read_pairs(eedi_csv, "eedi")
+    models = [_fold_retriever(eedi_csv, tmp_path / f"fold-{fold}", fold) for fold in (1, 0)]
+    config = _config(tmp_path / "out", tiny_lm, fold_retrievers=tuple(models), examples=0,
+                     epochs=1, curve_points=0, base_eval=False, scoring=Scoring.POINTWISE)
+    data = split_for_training(pairs, config)
+    for fold, model in enumerate(sorted(models)):
+        report = json.loads((Path(model) / "training_report.json").read_text())
+        assert report["cross_fit"]["fold"] == fold
+        # It trained on every training question but its fold's.
+        assert report["pairs"]["train"] == sum(fold_of(p.group, 2, 42) != fold
+                                               for p in data.split.train)
+
+    folds = fold_retrievers(config)
+    assert [f.fold for f in folds] == [0, 1]
+    train_hits, _ = retrieve_candidates(_entries(), data, config, folds)
+    for retriever in folds:
+        embedder = Embedder.load(retriever.model, "cpu")
+        catalogue = load_collection(build_collection(_entries(), embedder, tmp_path / f"i{retriever.fold}",
+                                                     "catalogue", show_progress=False))
+        rows = [i for i, p in enumerate(data.train_pairs) if fold_of(p.group, 2, 42) == retriever.fold]
+        assert rows
+        expected = catalogue.search(embedder.encode([data.train_pairs[i].query for i in rows]),
+                                    CANDIDATES)
+        assert [[h.id for h in train_hits[i]] for i in rows] == [[h.id for h in e] for e in expected]
+
+    report = train_reranker(pairs, _entries(), config, eedi_csv, "eedi")
+    assert report["status"] == "complete"
+    cross_fit = report["retriever"]["cross_fit"]
+    assert [c["model"] for c in cross_fit] == sorted(models)
+    assert sum(c["pairs"] for c in cross_fit) == len(data.train_pairs) == report["examples"]["pairs"]
+
+    # A retriever of another split, the same fold twice, one fold, or no fold: refused, named.
+    other = _fold_retriever(eedi_csv, tmp_path / "seed-7", 0, seed=7)
+    for retrievers, message in [((models[0], other), "has seed 7, this run 42"),
+                                ((models[0], models[0]), "both left out fold 1"),
+                                ((models[0],), "needs one retriever per fold"),
+                                ((models[0], str(tiny_lm)), "not a `rankd train-retriever`")]:
+        refused = _config(tmp_path / "refused", tiny_lm, fold_retrievers=retrievers)
+        with pytest.raises(RerankerTrainingError, match=message):
+            train_reranker(pairs, _entries(), refused, eedi_csv, "eedi")

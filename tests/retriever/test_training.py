@@ -27,9 +27,11 @@ from retriever.pairs import (
     TrainingError,
     TrainingPair,
     check_positives,
+    fold_of,
     read_pairs,
     split_pairs,
     validation_set,
+    without_fold,
 )
 from retriever.training import NegativeSampling, mine_hard_negatives, parse_window
 from service.settings import Settings
@@ -186,6 +188,24 @@ def test_holdout_withholds_ids_from_training_and_makes_them_unseen(eedi_csv: Pat
         assert (key in validation.seen) == bool(relevant & split.trained_ids)
         if relevant <= split.held_out_ids:
             assert key not in validation.seen
+
+
+def test_folds_partition_the_training_questions_and_leave_validation_alone(
+        eedi_csv: Path) -> None:
+    split = split_pairs(read_pairs(eedi_csv, "eedi"), 0.25, seed=3)
+    left_out: list[TrainingPair] = []
+    for fold in range(3):
+        kept = without_fold(split, 3, fold, seed=3)
+        assert kept.validation == split.validation
+        assert kept.train == [p for p in split.train if fold_of(p.group, 3, 3) != fold]
+        left_out += [p for p in split.train if p not in kept.train]
+    # Every training pair is left out by exactly one fold, and a question never straddles two.
+    assert sorted(left_out, key=split.train.index) == split.train
+    assert all(len({fold_of(p.group, 3, 3) for p in split.train if p.group == g}) == 1
+               for g in {p.group for p in split.train})
+    assert {fold_of(p.group, 3, 3) for p in split.train} == {0, 1, 2}
+    with pytest.raises(TrainingError, match="fold 3 of 3"):
+        without_fold(split, 3, 3, seed=3)
 
 
 @pytest.mark.parametrize(("validation", "holdout"), [(0.0, 0.0), (1.0, 0.0), (0.2, 1.0)])
@@ -407,6 +427,8 @@ def test_cli_rejects_bad_options_before_loading_anything(
     assert "negative window '50-5'" in capsys.readouterr().err
     assert main([*base, "--batch-size", "1"]) == 2
     assert "batch size must be at least 2" in capsys.readouterr().err
+    assert main([*base, "--folds", "2", "--fold", "2"]) == 2
+    assert "--fold must be in [0, --folds)" in capsys.readouterr().err
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("keep me")
     assert main([*base, "--overwrite"]) == 2
