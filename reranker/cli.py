@@ -174,6 +174,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
             examples=args.examples, candidate_order=CandidateOrder(args.candidate_order),
             example_orders=ExampleOrders(args.example_orders),
             missing_positive=MissingPositive(args.missing_positive),
+            random_negatives=args.random_negatives,
             max_tokens=args.max_tokens, epochs=args.epochs, learning_rate=args.lr,
             warmup_ratio=args.warmup, batch_size=args.batch_size,
             gradient_accumulation=args.gradient_accumulation, method=TuningMethod(args.method),
@@ -258,6 +259,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                             default=defaults.missing_positive.value,
                             help="when the positive is not in the top N: put it in the last "
                                  "candidate's place, or leave the query out")
+    candidates.add_argument("--random-negatives", type=int, default=defaults.random_negatives,
+                            metavar="R",
+                            help="replace the last R retrieved negatives of each example with "
+                                 "catalogue entries drawn at random (seeded); 0: the retriever's "
+                                 "head alone, as served")
     candidates.add_argument("--example-orders", choices=[o.value for o in ExampleOrders],
                             default=defaults.example_orders.value,
                             help="listwise: each example in its order and reversed (both, as "

@@ -78,6 +78,9 @@ class RerankerTrainingConfig:
     candidate_order: CandidateOrder = CandidateOrder.RETRIEVAL
     example_orders: ExampleOrders = ExampleOrders.ALTERNATE
     missing_positive: MissingPositive = MissingPositive.SKIP
+    # Negatives drawn at random from the catalogue (seeded) in place of the last R retrieved
+    # ones, beside the positive and the head's hard negatives; 0: the head alone, as served.
+    random_negatives: int = 0
     max_tokens: int = 1024  # longer prompts are left out, and counted
     epochs: float = 1.0
     # 3e-4: 1e-4 left the loss near uniform (2.18 over the last steps) and the gain at +0.020;
@@ -125,6 +128,11 @@ class RerankerTrainingConfig:
         require_positive(positive, RerankerTrainingError)
         if self.candidates < 2:
             raise RerankerTrainingError("candidates must be at least 2: the loss picks one of N")
+        smallest = self.min_candidates or self.candidates
+        if not 0 <= self.random_negatives < smallest:
+            raise RerankerTrainingError(
+                f"random negatives must be between 0 and the smallest N - 1 ({smallest - 1}): "
+                f"the positive keeps a place; got {self.random_negatives}")
         if len(self.fold_retrievers) == 1:
             raise RerankerTrainingError("--fold-retrievers needs one retriever per fold, at "
                                         "least 2; got 1")

@@ -31,6 +31,7 @@ from reranker.training.config import (
     ExampleOrders,
     MissingPositive,
     RerankerTrainingConfig,
+    RerankerTrainingError,
 )
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class ExampleStats:
     pairs: int = 0
     positive_retrieved: int = 0
     positive_inserted: int = 0
+    random_negatives: int = 0  # catalogue entries drawn in place of retrieved negatives
     skipped_missing_positive: int = 0
     skipped_too_long: int = 0
     examples: int = 0
@@ -114,6 +116,7 @@ class ExampleStats:
                 "positive_at_rank_1_share": round(sum(r == 1 for r in ranks)
                                                   / max(self.pairs, 1), 4),
                 "positive_inserted": self.positive_inserted,
+                "random_negatives": self.random_negatives,
                 "skipped_missing_positive": self.skipped_missing_positive,
                 "skipped_too_long": self.skipped_too_long, "examples": self.examples,
                 "prompts": self.prompts, "prompt_tokens_median": tokens[len(tokens) // 2],
@@ -124,8 +127,11 @@ def build_examples(pairs: Sequence[TrainingPair], hits: Sequence[Sequence[Hit]],
                    entries: dict[str, Hit], builder: PromptBuilder,
                    config: RerankerTrainingConfig) -> tuple[list[Example], ExampleStats]:
     """One example per pair from its top-N candidates (N fixed, or drawn per example), the
-    positive put in the last place when the retriever missed it, in the configured order."""
+    positive put in the last place when the retriever missed it, the last retrieved negatives
+    replaced by random catalogue entries when asked, in the configured order."""
     rng = random.Random(config.seed)
+    draw = random.Random(config.seed + 1)  # the random negatives; the orders keep their draws
+    catalogue = sorted(entries)
     stats = ExampleStats()
     examples: list[Example] = []
     for pair, row in zip(pairs, hits, strict=True):
@@ -143,6 +149,10 @@ def build_examples(pairs: Sequence[TrainingPair], hits: Sequence[Sequence[Hit]],
         else:
             stats.positive_inserted += 1
             top[-1] = entries[pair.positive_id]
+        if config.random_negatives:
+            top = _with_random_negatives(top, pair.positive_id, config.random_negatives,
+                                         catalogue, entries, draw)
+            stats.random_negatives += config.random_negatives
         positions = list(range(len(top)))
         if config.candidate_order is CandidateOrder.SHUFFLED:
             rng.shuffle(positions)
@@ -168,6 +178,25 @@ def build_examples(pairs: Sequence[TrainingPair], hits: Sequence[Sequence[Hit]],
     stats.examples = len(examples)
     stats.prompts = sum(len(e.reads) for e in examples)
     return examples, stats
+
+
+def _with_random_negatives(top: list[Hit], positive_id: str, count: int,
+                           catalogue: list[str], entries: dict[str, Hit],
+                           rng: random.Random) -> list[Hit]:
+    """``top`` with its last ``count`` negatives replaced by entries drawn from the catalogue
+    that are not among its candidates; the positive and the others keep their places."""
+    taken = {h.id for h in top}
+    slots = [i for i, h in enumerate(top) if h.id != positive_id][-count:]
+    if len(set(catalogue) - taken) < len(slots):
+        raise RerankerTrainingError(f"--random-negatives {count}: the catalogue has too few "
+                                    "entries outside the candidates to draw from")
+    mixed = list(top)
+    for slot in slots:
+        while (entry := catalogue[rng.randrange(len(catalogue))]) in taken:
+            pass
+        taken.add(entry)
+        mixed[slot] = entries[entry]
+    return mixed
 
 
 def example_loss(backend: TransformersBackend, examples: Sequence[Example],

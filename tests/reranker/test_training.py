@@ -277,6 +277,42 @@ def test_candidates_keep_retrieval_order_or_are_shuffled_and_n_can_vary(
     assert all(len(e.reads) == CANDIDATES and e.targets == [2] for e in pointwise)
 
 
+def test_random_negatives_replace_the_tail_and_keep_the_positive(
+        tmp_path: Path, tiny_lm: Path, eedi_csv: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_lm))
+    pairs = read_pairs(eedi_csv, "eedi")[:30]
+    entries = _entries()
+    by_id = {e.id: Hit(e.id, e.text, 0.0) for e in entries}
+    rows = _fixed_hits(pairs, entries)  # the positive first, then four retrieved negatives
+    config = _config(tmp_path, tiny_lm, scoring=Scoring.POINTWISE, random_negatives=2)
+    builder = PromptBuilder(tokenizer, config.reranker, SAMPLE_INSTRUCTION)
+    mixed, stats = build_examples(pairs, rows, by_id, builder, config)
+    assert len(mixed) == len(pairs)
+    assert stats.random_negatives == 2 * len(pairs)
+    assert all(e.targets == [0] for e in mixed)  # the positive keeps its place
+
+    def shown(read: Any) -> str:
+        """The catalogue entry a pointwise prompt asks about."""
+        prompt = tokenizer.decode(read.prompt_token_ids)
+        found = [e.id for e in entries if f"Candidate:\n{e.text}\n" in prompt]
+        assert len(found) == 1
+        return found[0]
+
+    drawn = set()
+    for example, row in zip(mixed, rows, strict=True):
+        ids = [shown(read) for read in example.reads]
+        assert ids[:3] == [h.id for h in row[:3]]  # the head as retrieved
+        assert not set(ids[3:]) & {h.id for h in row}  # drawn from outside the list
+        assert len(set(ids)) == CANDIDATES
+        drawn |= set(ids[3:])
+    assert len(drawn) > 10  # drawn, not a fixed pick
+    again, _ = build_examples(pairs, rows, by_id, builder, config)
+    assert [[r.prompt_token_ids for r in e.reads] for e in again] == \
+        [[r.prompt_token_ids for r in e.reads] for e in mixed]
+    with pytest.raises(RerankerTrainingError, match="random negatives must be between 0 and"):
+        _config(tmp_path, tiny_lm, random_negatives=CANDIDATES).check()
+
+
 @pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
 async def test_the_trained_model_serves_rank(scoring: Scoring, trained: dict[str, Any],
                                              trained_pointwise: dict[str, Any],
