@@ -16,6 +16,7 @@ from reranker.training.config import RerankerTrainingConfig, RerankerTrainingErr
 if TYPE_CHECKING:
     from retriever.catalog import CatalogEntry
     from retriever.pairs import Split, TrainingPair, ValidationSet
+    from retriever.search import Retriever
     from retriever.vocabulary import Hit
 
 
@@ -122,23 +123,25 @@ def fold_retrievers(config: RerankerTrainingConfig) -> list[FoldRetriever]:
     return [found[f] for f in sorted(found)]
 
 
-class _Retrieval:
-    """One embedder over the catalogue, loaded through the service's embedder settings."""
+def _catalogue_retriever(model: str, entries: Sequence[CatalogEntry], directory: str,
+                         config: RerankerTrainingConfig) -> Retriever:
+    """``model`` over the catalogue (collection ``catalogue``), loaded through the service's
+    embedder settings."""
+    from retriever import Embedder, build_collection, load_collection
+    from retriever.search import Retriever
 
-    def __init__(self, model: str, entries: Sequence[CatalogEntry], directory: str,
-                 config: RerankerTrainingConfig) -> None:
-        from retriever import Embedder, build_collection, load_collection
+    settings = config.retrieval
+    embedder = Embedder.load(model, settings.embedder_device, settings.embedder_chunk_size,
+                             settings.embedder_variant, settings.embedder_cache_dir)
+    catalogue = load_collection(build_collection(list(entries), embedder, directory, "catalogue",
+                                                 show_progress=config.progress))
+    return Retriever(embedder, {"catalogue": catalogue})
 
-        settings = config.retrieval
-        self.embedder = Embedder.load(model, settings.embedder_device,
-                                      settings.embedder_chunk_size, settings.embedder_variant,
-                                      settings.embedder_cache_dir)
-        self.catalogue = load_collection(build_collection(
-            list(entries), self.embedder, directory, "catalogue",
-            show_progress=config.progress))
 
-    def search(self, texts: list[str], n: int) -> list[list[Hit]]:
-        return self.catalogue.search(self.embedder.encode(texts), n)
+def _search(retriever: Retriever, texts: list[str], n: int) -> list[list[Hit]]:
+    from retriever.search import SearchQuery
+
+    return retriever.search([SearchQuery(text, "catalogue", n) for text in texts])
 
 
 def retrieve_candidates(entries: Sequence[CatalogEntry], data: TrainingData,
@@ -154,19 +157,19 @@ def retrieve_candidates(entries: Sequence[CatalogEntry], data: TrainingData,
     keys = data.fusion_keys + data.eval_keys
     train_queries = [p.query for p in data.train_pairs]
     with tempfile.TemporaryDirectory(prefix="rankd-rerank-train-") as tmp:
-        served = _Retrieval(config.retriever, entries, f"{tmp}/served", config)
-        eval_hits = served.search([data.validation.queries[k] for k in keys], depth)
+        served = _catalogue_retriever(config.retriever, entries, f"{tmp}/served", config)
+        eval_hits = _search(served, [data.validation.queries[k] for k in keys], depth)
         if not folds:
-            train_hits = served.search(train_queries, config.candidates)
+            train_hits = _search(served, train_queries, config.candidates)
         else:
             del served
             train_hits = [[] for _ in train_queries]
             for retriever in folds:
                 rows = [i for i, p in enumerate(data.train_pairs)
                         if fold_of(p.group, len(folds), config.seed) == retriever.fold]
-                found = _Retrieval(retriever.model, entries, f"{tmp}/fold-{retriever.fold}",
-                                   config).search([train_queries[i] for i in rows],
-                                                  config.candidates)
+                fold = _catalogue_retriever(retriever.model, entries,
+                                            f"{tmp}/fold-{retriever.fold}", config)
+                found = _search(fold, [train_queries[i] for i in rows], config.candidates)
                 for i, hits in zip(rows, found, strict=True):
                     train_hits[i] = hits
     return train_hits, dict(zip(keys, eval_hits, strict=True))
