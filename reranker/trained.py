@@ -155,6 +155,12 @@ def with_trained_settings(config: RerankerConfig, candidates: int | None = None,
         if not isinstance(trained_n, int) or isinstance(trained_n, bool) or trained_n < 1:
             raise RerankerConfigError(f"the reranker model's {SERVING_FILE} holds a bad "
                                       f"{CANDIDATES_FIELD}: {trained_n!r}, not a positive integer")
+        if trained_n > trained.max_items:
+            # RANKD_DEFAULT_CANDIDATES' own check (service/settings.py) never sees this value.
+            raise RerankerConfigError(
+                f"the reranker model's {SERVING_FILE} holds {CANDIDATES_FIELD} {trained_n}, over "
+                f"the {trained.max_items} labels of its label_alphabet "
+                f"{trained.label_alphabet.value}")
         if candidates is None:
             taken[CANDIDATES_FIELD] = trained_n
         elif candidates != trained_n:

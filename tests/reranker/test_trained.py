@@ -96,6 +96,9 @@ def test_a_bad_file_is_named(tmp_path: Path) -> None:
     (model / SERVING_FILE).write_text(json.dumps({**written, "fusion": "rrf", "candidates": 0}))
     with pytest.raises(RerankerConfigError, match="holds a bad candidates: 0"):
         with_trained_settings(RerankerConfig(model=str(model)))
+    (model / SERVING_FILE).write_text(json.dumps({**written, "fusion": "rrf", "candidates": 30}))
+    with pytest.raises(RerankerConfigError, match="holds candidates 30, over the 26 labels"):
+        with_trained_settings(RerankerConfig(model=str(model)))
 
 
 def test_serve_refuses_a_prompt_override_in_one_line(tmp_path: Path,
