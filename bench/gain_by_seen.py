@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         header = json.loads((run / FUSION_SCORES_FILE).read_text(encoding="utf-8")
                             .splitlines()[0])["header"]
         reported = read_run(run)[header["queries"]:]  # the fusion's queries come first
-        candidates = int(served.get("candidates", 10))
+        candidates = int(header["candidates"])  # the N the scores were read at
         parts: dict[str, list[tuple[float, float]]] = {"seen": [], "unseen": []}
         after, before, groups = {}, {}, {}
         for query, scores in reported:
