@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from reranker.config import MAX_ORDERS
 from reranker.fusion import Fusion
@@ -46,7 +46,27 @@ QueryText = Annotated[Text, AfterValidator(_not_blank)]
 """A query, question or option: valid Unicode with something in it."""
 
 
-class _Strict(BaseModel):
+class _NullIsDefault(BaseModel):
+    """An optional field sent as JSON ``null`` takes its default, as an omitted one does.
+
+    Wrappers over the Cohere SDK, and clients generated from other APIs' schemas, pass an option
+    the user left unset through as ``null``; Cohere's API accepts them, and so did rankd before
+    ``max_tokens_per_doc`` existed. The null is dropped before validation, so the field is also
+    absent from ``model_fields_set``: a null counts as "not set by the client". A required
+    field's null is kept, and refused with the field named.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {key: value for key, value in data.items()
+                if value is not None or key not in optional}
+
+
+class _Strict(_NullIsDefault):
     # Wrong types are errors, not coercions, and unknown fields are typos worth reporting.
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -134,7 +154,7 @@ class TextDocument(BaseModel):
 COHERE_MAX_TOKENS_PER_DOC = 4096
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(_NullIsDefault):
     # Extra fields are accepted and ignored: SDKs send options (rank_fields, max_chunks_per_doc,
     # ...) that have no meaning here. `model` is never loaded: the reranker is fixed at start-up.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
