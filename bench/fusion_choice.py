@@ -43,7 +43,10 @@ K = 25
 def read_run(run: Path) -> list[tuple[EvalQuery, ListwiseScores]]:
     """Every validation query of the run, with its scores as the scorer reported them."""
     found = []
+    # A run with a test split reports test questions in test_scores.jsonl: never read here.
     for name in ("fusion_scores.jsonl", "validation_scores.jsonl"):
+        if not (run / name).is_file():
+            continue
         lines = (run / name).read_text(encoding="utf-8").splitlines()[1:]
         for row in map(json.loads, lines):
             hits = [Hit(i, "", s) for i, s in zip(row["head"], row["retrieval_scores"],

@@ -180,7 +180,8 @@ def _train_reranker(args: argparse.Namespace) -> int:
             gradient_accumulation=args.gradient_accumulation, method=TuningMethod(args.method),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_layers=args.lora_layers,
             train_layers=args.train_layers,
-            validation_fraction=args.validation_fraction, fusion_queries=args.fusion_queries,
+            validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+            fusion_queries=args.fusion_queries,
             eval_queries=args.eval_queries,
             curve_points=args.curve_points, curve_queries=args.curve_queries,
             base_eval=args.base_eval, k=args.k,
@@ -201,7 +202,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
             EmbedderLoadError, BackendError, OSError) as exc:
         print(f"rankd train-reranker: {exc}", file=sys.stderr)
         return 2
-    summary = {key: report[key] for key in ("output", "validation_file", "scoring", "precision",
+    summary = {key: report[key] for key in ("output", "reported_file", "scoring", "precision",
                                             "retriever", "examples", "retrieval_only",
                                             "ceiling", "fusion", "base", "fine_tuned",
                                             "seconds", "peak_rss_mib")}
@@ -306,14 +307,18 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     validation = train.add_argument_group("validation")
     validation.add_argument("--validation-fraction", type=float,
                             default=defaults.validation_fraction,
-                            help="share of the questions (groups) held out; never split by row")
+                            help="share of the questions (groups) held out to choose on (the "
+                                 "fusion); never split by row")
+    validation.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
+                            help="share of the questions no choice sees, reported (test.csv); "
+                                 "as train-retriever's. 0: report validation questions instead")
     validation.add_argument("--fusion-queries", type=int, default=defaults.fusion_queries,
                             help="validation queries (whole questions) the fusion method and "
                                  "weight are chosen on and written to rankd_reranker.json; "
-                                 "never reported")
+                                 "never reported (0: all of validation with a test split, "
+                                 "else half)")
     validation.add_argument("--eval-queries", type=int, default=defaults.eval_queries,
-                            help="validation queries reported, from the questions left (whole "
-                                 "questions; 0: all of them)")
+                            help="queries reported, whole questions (0: all of them)")
     validation.add_argument("--curve-points", type=int, default=defaults.curve_points,
                             help="evaluations during training, for the learning curve")
     validation.add_argument("--curve-queries", type=int, default=defaults.curve_queries,

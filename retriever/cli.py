@@ -191,6 +191,9 @@ def _train_retriever(args: argparse.Namespace) -> int:
             negative_window=parse_window(args.negative_window),
             negative_sampling=NegativeSampling(args.negative_sampling),
             validation_fraction=args.validation_fraction,
+            test_fraction=args.test_fraction,
+            train_fraction=args.train_fraction,
+            negative_model=args.mine_with,
             holdout_fraction=args.holdout_misconceptions,
             folds=args.folds,
             fold=args.fold,
@@ -206,6 +209,9 @@ def _train_retriever(args: argparse.Namespace) -> int:
         report = train_retriever(pairs, entries, config)
         validation_file = write_validation_file(args.train, args.format,
                                                 set(report["validation_groups"]), args.output)
+        test_file = (write_validation_file(args.train, args.format, set(report["test_groups"]),
+                                           args.output, "test")
+                     if report["test_groups"] else None)
     except (TrainingError, CatalogError, EmbedderLoadError, OSError, SettingsError) as exc:
         print(f"rankd train-retriever: {exc}", file=sys.stderr)
         return 2
@@ -213,6 +219,7 @@ def _train_retriever(args: argparse.Namespace) -> int:
                                             "fine_tuned", "best_checkpoint", "seconds",
                                             "peak_rss_mib")}
     summary["validation_file"] = str(validation_file)
+    summary["test_file"] = str(test_file) if test_file else None
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -289,11 +296,20 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     mining.add_argument("--negative-sampling", choices=["top", "random"],
                         default=defaults.negative_sampling.value,
                         help="the best-ranked eligible entries of the window, or a seeded random draw")
+    mining.add_argument("--mine-with", metavar="MODEL", default=defaults.negative_model,
+                        help="mine the negatives with this embedder instead of the base model "
+                             "(a second round: an earlier fine-tuned run's own mistakes)")
 
     validation = train.add_argument_group("validation")
     validation.add_argument("--validation-fraction", type=_fraction,
                             default=defaults.validation_fraction,
                             help="share of questions (groups, never rows) held for validation")
+    validation.add_argument("--test-fraction", type=_fraction, default=defaults.test_fraction,
+                            help="share of questions kept from training and from every choice "
+                                 "(written to test.csv, for the final report; never scored here)")
+    validation.add_argument("--train-fraction", type=float, default=defaults.train_fraction,
+                            help="train on this share of the training questions (a learning "
+                                 "curve's point)")
     validation.add_argument("--holdout-misconceptions", type=_fraction,
                             default=defaults.holdout_fraction,
                             metavar="FRACTION",

@@ -121,21 +121,22 @@ def _jsonl_validation_rows(source: Path, groups: set[str], target: Path) -> int:
     return len(lines)
 
 
-VALIDATION_WRITERS: dict[PairFormat, tuple[str, Callable[[Path, set[str], Path], int]]] = {
-    PairFormat.EEDI: ("validation.csv", _eedi_validation_rows),
-    PairFormat.JSONL: ("validation.jsonl", _jsonl_validation_rows),
+SPLIT_WRITERS: dict[PairFormat, tuple[str, Callable[[Path, set[str], Path], int]]] = {
+    PairFormat.EEDI: ("csv", _eedi_validation_rows),
+    PairFormat.JSONL: ("jsonl", _jsonl_validation_rows),
 }
 
 
 def write_validation_file(source: str | Path, fmt: PairFormat | str, groups: set[str],
-                          directory: str | Path) -> Path:
-    """The validation questions' rows of ``source``, in its format, as ``directory/validation.*``.
+                          directory: str | Path, stem: str = "validation") -> Path:
+    """The rows of ``source`` whose question is in ``groups``, in its format, as
+    ``directory/{stem}.csv`` (or ``.jsonl``): ``validation`` or ``test``.
 
     With it the served pipeline (`rankd batch`, `rankd eval`) is scored on exactly the
     questions that training never saw.
     """
-    name, write = VALIDATION_WRITERS[PairFormat(fmt)]
-    target = Path(directory) / name
+    suffix, write = SPLIT_WRITERS[PairFormat(fmt)]
+    target = Path(directory) / f"{stem}.{suffix}"
     write(Path(source), groups, target)
     return target
 
@@ -161,6 +162,9 @@ class Split:
     validation: list[TrainingPair]
     held_out_ids: frozenset[str] = frozenset()
     dropped_pairs: int = 0  # training pairs removed because their positive is held out
+    # Questions no choice may see: not trained on, not chosen on (validation chooses the
+    # checkpoint, the fusion and the arms); measured once, at the end.
+    test: list[TrainingPair] = field(default_factory=list)
 
     @property
     def trained_ids(self) -> set[str]:
@@ -168,33 +172,44 @@ class Split:
 
 
 def split_pairs(pairs: Sequence[TrainingPair], validation_fraction: float,
-                holdout_fraction: float = 0.0, seed: int = 0) -> Split:
+                holdout_fraction: float = 0.0, seed: int = 0,
+                test_fraction: float = 0.0) -> Split:
     """Split by group (question), never by row; optionally withhold positive ids from training.
 
-    ``validation_fraction`` of the groups (at least one, leaving at least one) go to
-    validation. ``holdout_fraction`` of the distinct positive ids are drawn at random and
-    every training pair with one of them is dropped, so validation queries about them are
-    honestly unseen.
+    The groups are shuffled with ``seed``: the first ``validation_fraction`` of them (at least
+    one, leaving at least one) go to validation, the next ``test_fraction`` to the test split,
+    the rest to training; so a test split never changes which questions validate.
+    ``holdout_fraction`` of the distinct positive ids are drawn at random and every training
+    pair with one of them is dropped, so validation queries about them are honestly unseen.
     """
     if not 0 < validation_fraction < 1:
         raise TrainingError(f"validation fraction must be between 0 and 1, got {validation_fraction}")
     if not 0 <= holdout_fraction < 1:
         raise TrainingError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    if not 0 <= test_fraction < 1 or validation_fraction + test_fraction >= 1:
+        raise TrainingError(f"test fraction must be in [0, 1) and leave questions to train on "
+                            f"beside validation's {validation_fraction}, got {test_fraction}")
     groups = sorted({p.group for p in pairs})
     if len(groups) < 2:
         raise TrainingError("a validation split needs pairs from at least two questions (groups)")
     rng = random.Random(seed)
     rng.shuffle(groups)
     n_validation = min(len(groups) - 1, max(1, round(validation_fraction * len(groups))))
+    room = len(groups) - n_validation - 1
+    n_test = min(room, max(1, round(test_fraction * len(groups)))) if test_fraction else 0
     validation_groups = set(groups[:n_validation])
+    test_groups = set(groups[n_validation:n_validation + n_test])
+    if test_fraction and not test_groups:
+        raise TrainingError("a test split needs pairs from at least three questions (groups)")
     ids = sorted({p.positive_id for p in pairs})
     held_out = frozenset(rng.sample(ids, round(holdout_fraction * len(ids))))
-    train = [p for p in pairs if p.group not in validation_groups]
+    train = [p for p in pairs if p.group not in validation_groups | test_groups]
     kept = [p for p in train if p.positive_id not in held_out]
     if not kept:
         raise TrainingError("no training pairs remain after the split and the holdout")
     validation = [p for p in pairs if p.group in validation_groups]
-    return Split(kept, validation, held_out, len(train) - len(kept))
+    test = [p for p in pairs if p.group in test_groups]
+    return Split(kept, validation, held_out, len(train) - len(kept), test)
 
 
 def fold_of(group: str, folds: int, seed: int) -> int:
@@ -217,13 +232,27 @@ def without_fold(split: Split, folds: int, fold: int, seed: int) -> Split:
     return replace(split, train=kept)
 
 
+def with_train_fraction(split: Split, fraction: float, seed: int) -> Split:
+    """``split`` with only ``fraction`` of its training questions (whole, a seeded draw), for a
+    learning curve over the training data; validation and test unchanged."""
+    if not 0 < fraction <= 1:
+        raise TrainingError(f"train fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return split
+    groups = sorted({p.group for p in split.train})
+    random.Random(f"{seed}:train-fraction").shuffle(groups)
+    kept_groups = set(groups[:max(1, round(fraction * len(groups)))])
+    return replace(split, train=[p for p in split.train if p.group in kept_groups])
+
+
 def cross_fit_record(folds: int, fold: int, seed: int, validation_fraction: float,
-                     holdout_fraction: float, held_out_pairs: int) -> dict[str, Any]:
+                     holdout_fraction: float, held_out_pairs: int,
+                     test_fraction: float) -> dict[str, Any]:
     """What a fold's retriever writes to its report: the split it left its fold out of, for
     `train-reranker --fold-retrievers` to check against its own."""
     return {"folds": folds, "fold": fold, "seed": seed,
-            "validation_fraction": validation_fraction, "holdout_fraction": holdout_fraction,
-            "held_out_pairs": held_out_pairs}
+            "validation_fraction": validation_fraction, "test_fraction": test_fraction,
+            "holdout_fraction": holdout_fraction, "held_out_pairs": held_out_pairs}
 
 
 # ---------------------------------------------------------------- validation set

@@ -40,6 +40,7 @@ from retriever.pairs import (
     require_positive,
     split_pairs,
     validation_set,
+    with_train_fraction,
     without_fold,
 )
 from runtime.paths import select_device
@@ -189,6 +190,13 @@ class TrainingConfig:
     negative_window: tuple[int, int] = (5, 50)
     negative_sampling: NegativeSampling = NegativeSampling.TOP
     validation_fraction: float = 0.2
+    # Questions kept from training and from every choice, for the final report (test.csv).
+    test_fraction: float = 0.2
+    # A learning curve's point: this share of the training questions.
+    train_fraction: float = 1.0
+    # Mine the hard negatives with this model instead of the base (a second round: the
+    # fine-tuned model's own mistakes); None: the base model.
+    negative_model: str | None = None
     holdout_fraction: float = 0.0
     # Cross-fitting: leave out the training questions of fold ``fold`` of ``folds`` (0: none),
     # so that `train-reranker --fold-retrievers` gets that fold's candidates as served.
@@ -211,6 +219,8 @@ class TrainingConfig:
             raise TrainingError(f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.batch_size < 2:
             raise TrainingError("batch size must be at least 2: the loss needs in-batch negatives")
+        if not 0 < self.train_fraction <= 1:
+            raise TrainingError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         if self.folds and (self.folds < 2 or not 0 <= self.fold < self.folds):
             raise TrainingError(f"--fold must be in [0, --folds) with --folds at least 2, got "
                                 f"fold {self.fold} of {self.folds}")
@@ -264,26 +274,32 @@ def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntr
     logging.getLogger("sentence_transformers.sentence_transformer.evaluation."
                       "information_retrieval").setLevel(logging.WARNING)
 
-    split = split_pairs(pairs, config.validation_fraction, config.holdout_fraction, config.seed)
+    split = split_pairs(pairs, config.validation_fraction, config.holdout_fraction, config.seed,
+                        config.test_fraction)
     all_train = len(split.train)
     if config.folds:
         split = without_fold(split, config.folds, config.fold, config.seed)
-    log.info("split: %d training pairs, %d validation pairs; %d ids held out (%d pairs dropped)",
-             len(split.train), len(split.validation), len(split.held_out_ids), split.dropped_pairs)
+    split = with_train_fraction(split, config.train_fraction, config.seed)
+    log.info("split: %d training pairs, %d validation pairs, %d test pairs; %d ids held out "
+             "(%d pairs dropped)", len(split.train), len(split.validation), len(split.test),
+             len(split.held_out_ids), split.dropped_pairs)
     device = select_device(config.device)
     base = Embedder.load(config.model, device, config.eval_batch_size)
     model = base.model
 
     mining_started = time.perf_counter()
+    miner = (Embedder.load(config.negative_model, device, config.eval_batch_size)
+             if config.negative_model else base)
     with tempfile.TemporaryDirectory(prefix="rankd-mining-") as tmp:
-        catalogue = load_collection(build_collection(list(entries), base, tmp, "catalogue",
+        catalogue = load_collection(build_collection(list(entries), miner, tmp, "catalogue",
                                                      show_progress=config.progress))
         negatives = mine_hard_negatives(
-            split.train, catalogue, base, window=config.negative_window, count=config.negatives,
+            split.train, catalogue, miner, window=config.negative_window, count=config.negatives,
             sampling=config.negative_sampling, exclude_ids=split.held_out_ids, seed=config.seed,
             show_progress=config.progress,
         )
     mining_seconds = time.perf_counter() - mining_started
+    del miner
 
     validation = validation_set(split)
     evaluator = SeenUnseenEvaluator({e.id: e.text for e in entries}, validation.queries,
@@ -343,14 +359,18 @@ def train_retriever(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntr
         "device": device,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "pairs": {"total": len(pairs), "train": len(split.train),
-                  "validation": len(split.validation), "dropped_held_out": split.dropped_pairs},
+                  "validation": len(split.validation), "test": len(split.test),
+                  "dropped_held_out": split.dropped_pairs},
         "validation_queries": {"total": len(validation.queries), "seen": len(validation.seen),
                                "unseen": len(validation.queries) - len(validation.seen)},
+        # Validation chose the checkpoint (and, across runs, the recipe); the test questions
+        # were neither trained nor chosen on, and this run never scored them.
         "validation_groups": sorted({p.group for p in split.validation}),
+        "test_groups": sorted({p.group for p in split.test}),
         "held_out_ids": sorted(split.held_out_ids),
         "cross_fit": (cross_fit_record(config.folds, config.fold, config.seed,
                                        config.validation_fraction, config.holdout_fraction,
-                                       all_train - len(split.train))
+                                       all_train - len(split.train), config.test_fraction)
                       if config.folds else None),
         "zero_shot": _round(zero_shot),
         "fine_tuned": _round(fine_tuned),

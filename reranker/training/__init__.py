@@ -38,6 +38,7 @@ from reranker.training.config import (
     FUSION_SCORES_FILE,
     RECIPE_SCORING,
     SCORES_FILE,
+    TEST_SCORES_FILE,
     CandidateOrder,
     ExampleOrders,
     MissingPositive,
@@ -55,6 +56,7 @@ from reranker.training.evaluate import (
     FUSION_SMOOTHING,
     EvalQuery,
     RerankEvaluator,
+    carried_gain,
     choose_fusion,
     fusions_for,
     ranked_ids,
@@ -70,7 +72,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_DIR", "FUSION_SCORES_FILE", "RECIPE_SCORING", "SCORES_FILE", "SERVING_FILE",
+__all__ = ["CHECKPOINT_DIR", "FUSION_SCORES_FILE", "RECIPE_SCORING", "SCORES_FILE", "SERVING_FILE", "TEST_SCORES_FILE",
            "CandidateOrder", "EvalQuery", "ExampleOrders", "MissingPositive", "PromptBuilder",
            "RerankEvaluator", "RerankerTrainingConfig", "RerankerTrainingError", "TuningMethod",
            "build_examples", "example_loss", "ranked_ids", "train_reranker",
@@ -116,7 +118,13 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     torch.manual_seed(config.seed)
 
     data = split_for_training(pairs, config)
-    validation_path = write_validation_file(train_file, train_format, data.eval_groups, output)
+    reported_on = "test" if data.split.test else "validation"
+    # The reported questions' file (for `rankd batch` and `rankd eval` through the service),
+    # and, with a test split, the questions that chose the fusion.
+    reported_path = write_validation_file(train_file, train_format, data.eval_groups, output,
+                                          reported_on)
+    if data.split.test:
+        write_validation_file(train_file, train_format, data.fusion_groups, output)
 
     stage = time.perf_counter()
     train_hits, eval_hits = retrieve_candidates(entries, data, config, folds)
@@ -163,7 +171,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         "status": "training",
         "base_model": config.reranker.model,
         "output": str(output.resolve()),
-        "validation_file": str(validation_path.resolve()),
+        "reported_file": str(reported_path.resolve()),
+        "reported_on": reported_on,
         "device": device,
         "precision": {"training": str(precision), "serving": str(served_dtype)},
         "config": _plain({**asdict(config), "retrieval": None}),
@@ -179,6 +188,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         "split": {"pairs": len(pairs), "train_pairs": len(data.split.train),
                   "validation_pairs": len(data.split.validation),
                   "validation_questions": len({p.group for p in data.split.validation}),
+                  "test_pairs": len(data.split.test),
+                  "test_questions": len({p.group for p in data.split.test}),
                   "fusion_questions": len(data.fusion_groups),
                   "fusion_queries": len(fusion_queries),
                   "evaluated_questions": len(data.eval_groups),
@@ -187,6 +198,7 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         "examples": stats.summary(),
         "trained_groups": sorted({p.group for p in data.train_pairs}),
         "validation_groups": sorted({p.group for p in data.split.validation}),
+        "test_groups": sorted({p.group for p in data.split.test}),
         "retrieval_only": evaluator.retrieval_only(),
         "ceiling": evaluator.ceiling(),
         "seconds": seconds,
@@ -251,8 +263,11 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     RerankEvaluator(fusion_queries, builder, config).write_scores(
         output / FUSION_SCORES_FILE, {**header, "queries": len(fusion_queries),
                                       "use": "fusion choice"}, fusion_scores)
-    evaluator.write_scores(output / SCORES_FILE, {**header, "queries": len(report_queries),
-                                                  "use": "reported"}, report_scores)
+    evaluator.write_scores(output / (TEST_SCORES_FILE if data.split.test else SCORES_FILE),
+                           {**header, "queries": len(report_queries),
+                            "use": f"reported ({reported_on})"}, report_scores)
+    carried = carried_gain(fusion_queries, fusion_scores, config.candidates, config.k,
+                           fusions_for(config.scoring, config.reranker.orders), config.seed)
 
     def figures(chosen: RerankEvaluator, scored: list[ListwiseScores],
                 dtype: str) -> dict[str, Any]:
@@ -286,7 +301,8 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
                "reranker_alone_map": choice.reranker_alone_map},
         "table": choice.table, "smoothed": choice.smoothed,
         "smoothing": f"each weight judged by the mean MAP of the weights within "
-                     f"{FUSION_SMOOTHING} of it"}, base=base, fine_tuned=fine_tuned, learning_curve=curve,
+                     f"{FUSION_SMOOTHING} of it",
+        "carried": carried}, base=base, fine_tuned=fine_tuned, learning_curve=curve,
         peak_rss_mib=round(peak_rss_mib(), 1))
     if device.startswith("cuda"):
         report["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -11,8 +11,10 @@ from retriever.config import RetrieverSettings
 from retriever.embedder import DEFAULT_EMBEDDER
 
 CHECKPOINT_DIR = "checkpoints"
-# The written model's scores of the reported validation queries (bench/fusion_sweep.py).
+# The written model's scores of the reported queries (bench/fusion_sweep.py): validation's
+# when the run has no test split, else the test questions' (never read by a choice).
 SCORES_FILE = "validation_scores.jsonl"
+TEST_SCORES_FILE = "test_scores.jsonl"
 # The scores of the validation queries the fusion was chosen on, in the same form.
 FUSION_SCORES_FILE = "fusion_scores.jsonl"
 
@@ -97,10 +99,13 @@ class RerankerTrainingConfig:
     # The layers below run forward alone: no gradients flow through them.
     train_layers: int = 8
     validation_fraction: float = 0.2
-    # Validation queries (whole questions, seeded) the fusion is chosen on, at most half of
-    # them; never reported.
-    fusion_queries: int = 300
-    eval_queries: int = 0  # validation queries reported, from those left; 0: all of them
+    # Questions no choice sees, reported at the end: the retriever's test split (the same
+    # fraction and seed as `rankd train-retriever`'s). 0: report validation questions instead.
+    test_fraction: float = 0.2
+    # Validation queries (whole questions, seeded) the fusion is chosen on; never reported.
+    # 0: all of them with a test split; without one, at most half of validation.
+    fusion_queries: int = 0
+    eval_queries: int = 0  # queries reported (whole questions); 0: all of them
     curve_points: int = 3  # evaluations during training, for the learning curve
     curve_queries: int = 100  # reported queries of those evaluations; 0: eval_queries'
     # Evaluate the model before training (the learning curve's first point). Runs that compare
@@ -123,8 +128,7 @@ class RerankerTrainingConfig:
         positive = {"candidates": self.candidates, "epochs": self.epochs,
                     "learning rate": self.learning_rate, "batch size": self.batch_size,
                     "gradient accumulation": self.gradient_accumulation,
-                    "LoRA rank": self.lora_rank, "k": self.k, "max tokens": self.max_tokens,
-                    "fusion queries": self.fusion_queries}
+                    "LoRA rank": self.lora_rank, "k": self.k, "max tokens": self.max_tokens}
         require_positive(positive, RerankerTrainingError)
         if self.candidates < 2:
             raise RerankerTrainingError("candidates must be at least 2: the loss picks one of N")
@@ -148,6 +152,7 @@ class RerankerTrainingConfig:
         for name, value in {"curve points": self.curve_points, "LoRA layers": self.lora_layers,
                             "train layers": self.train_layers, "examples": self.examples,
                             "eval queries": self.eval_queries,
+                            "fusion queries": self.fusion_queries,
                             "curve queries": self.curve_queries}.items():
             if value < 0:
                 raise RerankerTrainingError(f"{name} must not be negative, got {value}")

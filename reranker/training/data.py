@@ -25,17 +25,17 @@ class TrainingData:
     split: Split
     train_pairs: list[TrainingPair]
     validation: ValidationSet  # the fusion's and the reported queries
-    fusion_groups: set[str]  # questions the fusion is chosen on
-    eval_groups: set[str]  # questions reported
+    fusion_groups: set[str]  # questions the fusion is chosen on (validation)
+    eval_groups: set[str]  # questions reported: the test split's, else validation's others
     fusion_keys: list[str]  # their query keys, in a seeded order
     eval_keys: list[str]
 
 
-def _draw_groups(split: Split, seed: int, *limits: int) -> list[set[str]]:
-    """Whole validation questions in a seeded order, dealt out to one set per limit in turn,
+def _draw_groups(pairs: Sequence[TrainingPair], seed: int, *limits: int) -> list[set[str]]:
+    """Whole questions of ``pairs`` in a seeded order, dealt out to one set per limit in turn,
     each until it holds ``limit`` queries (0: every question left)."""
     by_group: dict[str, int] = {}
-    for pair in split.validation:
+    for pair in pairs:
         by_group[pair.group] = by_group.get(pair.group, 0) + 1
     groups = sorted(by_group)
     random.Random(seed).shuffle(groups)
@@ -53,22 +53,33 @@ def _draw_groups(split: Split, seed: int, *limits: int) -> list[set[str]]:
 
 def split_for_training(pairs: Sequence[TrainingPair],
                        config: RerankerTrainingConfig) -> TrainingData:
-    """The retriever's split (the same function and seed, so a `rankd train-retriever` run
-    with the same options trained on none of these validation questions), the training pairs
-    drawn, the questions the fusion is chosen on, and the questions reported."""
+    """The retriever's split (the same function, fractions and seed, so a `rankd
+    train-retriever` run with the same options trained on none of these validation or test
+    questions), the training pairs drawn, the questions the fusion is chosen on, and the
+    questions reported.
+
+    With a test split, validation chooses (``fusion_queries`` of it, 0: all) and the test
+    questions, which no choice sees, are reported. Without one (``--test-fraction 0``) the
+    fusion takes at most half the validation queries and the rest are reported."""
     from retriever.pairs import TrainingError, split_pairs, validation_set
 
-    split = split_pairs(pairs, config.validation_fraction, seed=config.seed)
-    # The fusion's questions take at most half the validation queries: the rest are reported.
-    fusion_queries = max(1, min(config.fusion_queries, len(split.validation) // 2))
-    fusion_groups, eval_groups = _draw_groups(split, config.seed, fusion_queries,
-                                              config.eval_queries)
+    split = split_pairs(pairs, config.validation_fraction, seed=config.seed,
+                        test_fraction=config.test_fraction)
+    if split.test:
+        (fusion_groups,) = _draw_groups(split.validation, config.seed, config.fusion_queries)
+        (eval_groups,) = _draw_groups(split.test, config.seed, config.eval_queries)
+    else:
+        fusion_queries = max(1, min(config.fusion_queries or len(split.validation),
+                                    len(split.validation) // 2))
+        fusion_groups, eval_groups = _draw_groups(split.validation, config.seed,
+                                                  fusion_queries, config.eval_queries)
     if not eval_groups:
         raise TrainingError(
-            f"no validation questions are left to report after the {fusion_queries} queries "
-            "the fusion is chosen on; raise --validation-fraction")
+            "no questions are left to report after those the fusion is chosen on; raise "
+            "--validation-fraction or --test-fraction")
+    chosen_and_reported = fusion_groups | eval_groups
     validation = validation_set(replace(split, validation=[
-        p for p in split.validation if p.group in fusion_groups | eval_groups]))
+        p for p in [*split.validation, *split.test] if p.group in chosen_and_reported]))
     train_pairs = list(split.train)
     random.Random(config.seed).shuffle(train_pairs)
     if config.examples:
@@ -95,7 +106,8 @@ def fold_retrievers(config: RerankerTrainingConfig) -> list[FoldRetriever]:
     found: dict[int, FoldRetriever] = {}
     folds = len(config.fold_retrievers)
     expected = {"folds": folds, "seed": config.seed,
-                "validation_fraction": config.validation_fraction, "holdout_fraction": 0.0}
+                "validation_fraction": config.validation_fraction,
+                "test_fraction": config.test_fraction, "holdout_fraction": 0.0}
     for model in config.fold_retrievers:
         path = Path(model) / REPORT_FILE
         try:
@@ -113,8 +125,9 @@ def fold_retrievers(config: RerankerTrainingConfig) -> list[FoldRetriever]:
             if cross_fit.get(key) != value:
                 raise RerankerTrainingError(
                     f"--fold-retrievers: {model} has {key} {cross_fit.get(key)}, this run "
-                    f"{value}; train its retrievers with the same --folds, --seed and "
-                    "--validation-fraction, and no --holdout-misconceptions")
+                    f"{value}; train its retrievers with the same --folds, --seed, "
+                    "--validation-fraction and --test-fraction, and no "
+                    "--holdout-misconceptions")
         fold = int(cross_fit["fold"])
         if fold in found:
             raise RerankerTrainingError(f"--fold-retrievers: {found[fold].model} and {model} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -135,6 +136,44 @@ def choose_fusion(queries: Sequence[EvalQuery], scores: Sequence[ListwiseScores]
     return FusionChoice(Fusion(best[0]), best[1], round(raw[best[0]][best[1]], 4),
                         round(retrieval_map, 4), round(map_of(Fusion.NONE, 0.0), 4),
                         len(queries), rounded(raw), rounded(smoothed))
+
+
+# Halvings of the choice questions behind ``carried_gain``.
+CARRIED_SPLITS = 10
+
+
+def carried_gain(queries: Sequence[EvalQuery], scores: Sequence[ListwiseScores], n: int, k: int,
+                 methods: Sequence[Fusion], seed: int,
+                 splits: int = CARRIED_SPLITS) -> dict[str, Any]:
+    """The gain over retrieval that a fusion chosen by ``choose_fusion`` carries to questions
+    it was not chosen on: the choice questions dealt, seeded and whole, into two halves
+    ``splits`` times; chosen on each half, measured on the other. Read on validation alone,
+    it compares runs (arms) without touching the questions a run reports."""
+    by_group: dict[str, list[int]] = {}
+    for i, query in enumerate(queries):
+        by_group.setdefault(query.group or query.key, []).append(i)
+    groups = sorted(by_group)
+    if len(groups) < 2:
+        return {"gain": None, "splits": 0, "queries": len(queries)}
+    rng = random.Random(seed)
+    gains: list[float] = []
+    for _ in range(splits):
+        rng.shuffle(groups)
+        halves = [groups[: len(groups) // 2], groups[len(groups) // 2:]]
+        for chosen_on, measured_on in (halves, halves[::-1]):
+            pick = [i for g in chosen_on for i in by_group[g]]
+            rest = [i for g in measured_on for i in by_group[g]]
+            choice = choose_fusion([queries[i] for i in pick], [scores[i] for i in pick], n, k,
+                                   methods)
+            relevant = {queries[i].key: queries[i].relevant for i in rest}
+            fused = average_precisions({queries[i].key: ranked_ids(queries[i], scores[i], n,
+                                                                   choice.fusion, choice.weight)
+                                        for i in rest}, relevant, k)
+            alone = average_precisions({queries[i].key: [h.id for h in queries[i].hits]
+                                        for i in rest}, relevant, k)
+            gains.append(statistics.fmean(fused.values()) - statistics.fmean(alone.values()))
+    return {"gain": round(statistics.fmean(gains), 4), "sd": round(statistics.pstdev(gains), 4),
+            "splits": splits, "queries": len(queries)}
 
 
 class RerankEvaluator:

@@ -58,9 +58,11 @@ def eedi_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _config(output: Path, tiny_lm: Path, **overrides: Any) -> RerankerTrainingConfig:
     scoring = overrides.pop("scoring", Scoring.LISTWISE)
     values: dict[str, Any] = dict(
-        # float32 as the served app of settings_factory is, on any CPU (auto: bf16 on AMX).
+        # float32 as the served app of settings_factory is, on any CPU (auto: bf16 on AMX);
+        # one query's prompts a pass, as the service runs a lone request (_pass_size).
         output_dir=output, reranker=RerankerConfig(model=str(tiny_lm), scoring=scoring,
-                                                   dtype="float32"),
+                                                   dtype="float32",
+                                                   batch_size=_pass_size(scoring)),
         device="cpu", candidates=CANDIDATES, examples=200, epochs=3, learning_rate=1e-2,
         gradient_accumulation=2, method=TuningMethod.LORA, lora_rank=8,
         validation_fraction=0.25, fusion_queries=8, eval_queries=0, curve_points=1,
@@ -69,6 +71,13 @@ def _config(output: Path, tiny_lm: Path, **overrides: Any) -> RerankerTrainingCo
         train_layers=0, base_eval=True, progress=False)
     values.update(overrides)
     return RerankerTrainingConfig(**values)
+
+
+def _pass_size(scoring: Scoring) -> int:
+    """One query's prompts: a pass of the evaluation then holds what a lone /rank's pass holds.
+    The tiny model's scores tie to 1e-8, and a float32 pass of other shapes breaks such ties
+    either way, so comparing the trainer's figures with the service's needs the same passes."""
+    return 2 if scoring is Scoring.LISTWISE else CANDIDATES
 
 
 def _train(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path, eedi_csv: Path,
@@ -177,8 +186,12 @@ def test_the_report_has_every_stage(trained: dict[str, Any]) -> None:
     near = [v for w, v in row.items() if abs(float(w) - fusion["weight"]) <= 0.1 + 1e-9]
     assert fusion["smoothed"][fusion["chosen"]][chosen] == pytest.approx(sum(near) / len(near),
                                                                           abs=2e-4)
-    assert report["split"]["fusion_queries"] + report["fine_tuned"]["none"]["queries"] == \
-        report["split"]["fusion_queries"] + report["split"]["evaluated_queries"]
+    # Every reported query is one of the reported file's labelled queries, read apart from the
+    # trainer, and none is a question the fusion was chosen on.
+    reported = read_pairs(report["reported_file"], "eedi")
+    assert report["fine_tuned"]["none"]["queries"] == report["split"]["evaluated_queries"] \
+        == len({p.query for p in reported}) > 0
+    assert not {p.group for p in reported} & set(report["validation_groups"])
     served = report["fine_tuned"]["served"]
     assert served["fusion"] == fusion["chosen"]
     assert 0 <= served["recall_at_1"] <= 1
@@ -186,20 +199,35 @@ def test_the_report_has_every_stage(trained: dict[str, Any]) -> None:
     assert gain["low"] <= gain["gain"] <= gain["high"]
     assert gain["gain"] == pytest.approx(served["map"] - report["retrieval_only"]["map"],
                                          abs=2e-4)
-    assert report["precision"]["serving"].startswith(report["fine_tuned"]["dtype"])
+    # _config sets RANKD_RERANKER_DTYPE float32: serving and the evaluation read it so.
+    assert report["fine_tuned"]["dtype"] == "float32"
+    assert report["precision"]["serving"].split()[0] == "float32"
+    carried = report["fusion"]["carried"]
+    assert carried["queries"] == report["split"]["fusion_queries"]
+    assert carried["splits"] > 0
+    assert -1 <= carried["gain"] <= 1
 
 
-def test_no_validation_question_is_trained_on(trained: dict[str, Any]) -> None:
+def test_no_validation_or_test_question_is_trained_on(trained: dict[str, Any]) -> None:
     report = trained["report"]
     trained_groups = set(report["trained_groups"])
     validation_groups = set(report["validation_groups"])
+    test_groups = set(report["test_groups"])
     assert trained_groups
     assert validation_groups
-    assert not trained_groups & validation_groups
-    with Path(report["validation_file"]).open(newline="", encoding="utf-8") as fh:
+    assert test_groups
+    assert not trained_groups & (validation_groups | test_groups)
+    assert not validation_groups & test_groups
+    assert report["reported_on"] == "test"
+    with Path(report["reported_file"]).open(newline="", encoding="utf-8") as fh:
         written = {row["QuestionId"] for row in csv.DictReader(fh)}
     assert written
-    assert written <= validation_groups
+    assert written <= test_groups
+    # The fusion's questions are validation's, written beside it.
+    with (trained["output"] / "validation.csv").open(newline="", encoding="utf-8") as fh:
+        chose = {row["QuestionId"] for row in csv.DictReader(fh)}
+    assert chose
+    assert chose <= validation_groups
 
 
 @pytest.mark.parametrize("scoring", [Scoring.LISTWISE, Scoring.POINTWISE])
@@ -350,7 +378,7 @@ def test_rankd_eval_reproduces_the_reported_map(scoring: Scoring, trained: dict[
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     run = trained if scoring is Scoring.LISTWISE else trained_pointwise
     report = run["report"]
-    validation = report["validation_file"]
+    validation = report["reported_file"]
     # The server computes in the dtype the trainer evaluated in: the training config's, float32
     # here on any CPU (bf16 sums depend on the batch, and the tiny model's scores are near-ties
     # that such differences reorder). The trained fusion ("served") is read from the model's
@@ -361,6 +389,7 @@ def test_rankd_eval_reproduces_the_reported_map(scoring: Scoring, trained: dict[
                                                  "fusion_weight": DEFAULT_FUSION_WEIGHT}
         settings = Settings(index_dir=sample_index, embedder_device="cpu",
                             reranker={"backend": "transformers", "dtype": dtype,
+                                      "batch_size": _pass_size(scoring),
                                       "model": str(run["output"]), **chosen})
         with serve_in_thread(settings) as url:
             assert main(["batch", "--url", url, "--quiet", "--input", validation, "--format",
@@ -436,10 +465,10 @@ def test_lora_on_the_last_layers_only(tmp_path: Path, tiny_lm: Path, eedi_csv: P
 def test_the_written_scores_reproduce_the_report_through_the_fusion_sweep(
         trained: dict[str, Any]) -> None:
     from bench.fusion_sweep import read_dump, sweep
-    from reranker.training import SCORES_FILE
+    from reranker.training import TEST_SCORES_FILE
 
     report = trained["report"]
-    header, queries = read_dump(trained["output"] / SCORES_FILE)
+    header, queries = read_dump(trained["output"] / TEST_SCORES_FILE)
     assert header["queries"] == len(queries) == report["fine_tuned"]["none"]["queries"]
     rows = sweep(queries, [0.5])
     assert rows["retrieval only"]["MAP@25"] == pytest.approx(report["retrieval_only"]["map"],
@@ -479,7 +508,7 @@ def test_the_shipped_defaults_run_end_to_end(scoring: str | None, tmp_path: Path
     written = json.loads((output / SERVING_FILE).read_text())
     assert written["scoring"] == report["scoring"]
     assert written["fusion"] == report["fusion"]["chosen"]
-    assert (output / "validation_scores.jsonl").is_file()
+    assert (output / "test_scores.jsonl").is_file()
     assert (output / "fusion_scores.jsonl").is_file()
 
 
