@@ -31,6 +31,7 @@ from retriever.pairs import (
     read_pairs,
     split_pairs,
     validation_set,
+    with_train_fraction,
     without_fold,
 )
 from retriever.training import NegativeSampling, mine_hard_negatives, parse_window
@@ -162,6 +163,38 @@ def test_the_split_never_puts_one_question_on_both_sides(eedi_csv: Path, seed: i
     assert sorted(split.train + split.validation, key=pairs.index) == pairs
     assert len(validation_groups) == round(fraction * len({p.group for p in pairs}))
     assert split_pairs(pairs, fraction, seed=seed) == split
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_test_split_is_apart_from_training_and_validation(eedi_csv: Path, seed: int) -> None:
+    pairs = read_pairs(eedi_csv, "eedi")
+    plain = split_pairs(pairs, 0.25, seed=seed)
+    split = split_pairs(pairs, 0.25, seed=seed, test_fraction=0.2)
+    groups = {name: {p.group for p in part} for name, part in
+              (("train", split.train), ("validation", split.validation), ("test", split.test))}
+    assert all(groups.values())
+    assert not groups["train"] & groups["test"]
+    assert not groups["validation"] & groups["test"]
+    # Adding a test split never changes which questions validate: it comes out of training.
+    assert split.validation == plain.validation
+    assert sorted(split.train + split.test, key=pairs.index) == plain.train
+    assert len(groups["test"]) == round(0.2 * len({p.group for p in pairs}))
+    with pytest.raises(TrainingError, match="test fraction"):
+        split_pairs(pairs, 0.5, seed=seed, test_fraction=0.5)
+
+
+def test_a_train_fraction_keeps_whole_questions(eedi_csv: Path) -> None:
+    split = split_pairs(read_pairs(eedi_csv, "eedi"), 0.25, seed=1, test_fraction=0.2)
+    half = with_train_fraction(split, 0.5, seed=1)
+    kept = {p.group for p in half.train}
+    everything = {p.group for p in split.train}
+    assert kept < everything
+    assert len(kept) == round(0.5 * len(everything))
+    assert half.train == [p for p in split.train if p.group in kept]
+    assert (half.validation, half.test) == (split.validation, split.test)
+    assert with_train_fraction(split, 1.0, seed=1) == split
+    with pytest.raises(TrainingError, match="train fraction"):
+        with_train_fraction(split, 0.0, seed=1)
 
 
 def test_the_same_query_text_stays_on_one_side_in_jsonl(tmp_path: Path) -> None:
@@ -335,7 +368,7 @@ def test_training_lowers_the_contrastive_loss(trained: dict[str, Any], eedi_csv:
     import torch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    split = split_pairs(read_pairs(eedi_csv, "eedi"), 0.25, 0.1, seed=11)
+    split = split_pairs(read_pairs(eedi_csv, "eedi"), 0.25, 0.1, seed=11, test_fraction=0.2)
     text = {e.id: e.text for e in _entries()}
     anchors = [p.query for p in split.train]
     positives = [text[p.positive_id] for p in split.train]
@@ -381,11 +414,20 @@ def test_report_keeps_the_best_epoch_and_splits_seen_from_unseen(trained: dict[s
 
 
 @pytest.mark.slow
-def test_the_validation_questions_are_written_for_the_pipeline(trained: dict[str, Any]) -> None:
+def test_the_validation_and_test_questions_are_written_for_the_pipeline(
+        trained: dict[str, Any], eedi_csv: Path) -> None:
     report = trained["report"]
     validation = eedi_queries(trained["output"] / "validation.csv")
     assert {q.question_id for q in validation} == set(report["validation_groups"])
     assert len(validation) == report["pairs"]["validation"]
+    test = eedi_queries(trained["output"] / "test.csv")
+    assert {q.question_id for q in test} == set(report["test_groups"])
+    assert len(test) == report["pairs"]["test"] > 0
+    # No test question was trained on or chose the checkpoint: the file's questions are
+    # neither validation's nor among the training pairs the split (read apart) leaves.
+    split = split_pairs(read_pairs(eedi_csv, "eedi"), 0.25, 0.1, seed=11, test_fraction=0.2)
+    assert not {q.question_id for q in test} & ({p.group for p in split.train}
+                                                 | set(report["validation_groups"]))
 
 
 @pytest.fixture(scope="module")
