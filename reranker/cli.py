@@ -20,7 +20,6 @@ def _quantize(args: argparse.Namespace) -> int:
     from reranker.config import RerankerConfig
     from reranker.errors import RerankerConfigError
     from reranker.models import resolve_model
-    from reranker.presets import with_preset
     from reranker.prompt import PromptRenderer, load_tokenizer
     from reranker.quantize import (
         GROUP_SIZES,
@@ -33,45 +32,65 @@ def _quantize(args: argparse.Namespace) -> int:
         llmcompressor_version,
         quantize,
         select_device,
+        training_queries,
+    )
+    from reranker.trained import (
+        CANDIDATES_FIELD,
+        carried_settings,
+        read_served_settings,
+        with_trained_settings,
     )
     from reranker.vllm_cpu import probe_kernels
     from retriever import EmbedderLoadError, IndexIntegrityError
 
     output = Path(args.output)
+    # The prompt options given here count as explicit settings, as RANKD_RERANKER_* do.
+    explicit: dict[str, object] = {}
+    if args.label_alphabet:
+        explicit["label_alphabet"] = args.label_alphabet
+    if args.chat_template is not None:
+        explicit["chat_template"] = args.chat_template
     try:
-        reranker = with_preset(RerankerConfig.from_env())
+        # Read once: the model's serving settings by serve's precedence (explicit >
+        # rankd_reranker.json > preset > defaults), through serve's own reader.
+        reranker, trained = with_trained_settings(
+            RerankerConfig.from_env(model=args.model, **explicit))
         retrieval = read_settings(RetrieverSettings)
         tools = read_settings(QuantizeSettings)
     except ValidationError as exc:
         print(describe(exc, "RANKD_RERANKER_"), file=sys.stderr)
         return 2
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
+    except (SettingsError, RerankerConfigError) as exc:
+        print(f"rankd quantize: {exc}", file=sys.stderr)
         return 2
-    alphabet = LabelAlphabet(args.label_alphabet or reranker.label_alphabet)
-    chat_template = reranker.chat_template if args.chat_template is None else args.chat_template
-    labels = alphabet.labels()
+    labels = reranker.label_alphabet.labels()
+    source_settings = read_served_settings(args.model, reranker.settings_file)
+    candidates = args.candidates or (source_settings or {}).get(CANDIDATES_FIELD) or 25
+    served_as = trained.describe() or "as configured (the model has no rankd_reranker.json)"
     try:
         # The cheap refusals first: no quantizer, no GPU, an output already there.
         hide_gpus_for_cpu(args.device)
         llmcompressor_version()
         select_device(args.device)
         check_destination(output, args.overwrite)
-        if not 1 <= args.candidates <= len(labels):
+        if not 1 <= candidates <= len(labels):
             raise QuantizeError(f"--candidates must be 1-{len(labels)} (the labels of "
-                                f"--label-alphabet {alphabet}), got {args.candidates}")
+                                f"--label-alphabet {reranker.label_alphabet}), got {candidates}")
         if args.samples < 1 or args.max_seq_len < 16:
             raise QuantizeError("--samples must be at least 1 and --max-seq-len at least 16")
         index_dir = Path(args.index_dir or retrieval.index_dir)
-        tasks, source = build_calibration_tasks(
-            index_dir, args.collection, Path(args.queries) if args.queries else None,
-            args.samples, args.candidates, args.seed)
+        queries = Path(args.queries) if args.queries else training_queries(args.model)
+        tasks, source = build_calibration_tasks(index_dir, args.collection, queries,
+                                                args.samples, candidates, args.seed, reranker)
         if args.group_size not in GROUP_SIZES:
             raise QuantizeError(f"--group-size must be one of {GROUP_SIZES}, got "
                                 f"{args.group_size}")
         model = resolve_model(args.model)
-        renderer = PromptRenderer(load_tokenizer(model), chat_template)
-        prompts = calibration_prompts(renderer, tasks, labels)
+        renderer = PromptRenderer(load_tokenizer(model), reranker.chat_template)
+        prompts = calibration_prompts(renderer, tasks, labels, reranker)
+        source = f"{reranker.scoring.value} prompts; {source}"
+        print(f"rankd quantize: calibrating on {len(prompts)} {reranker.scoring.value} prompts; "
+              f"serving settings {served_as}", file=sys.stderr)
         # Without a GPU the result is served by vLLM's CPU build, if this CPU has its kernel.
         note = (probe_kernels(tools.vllm_python).w4a16_problem()
                 if args.device == "cpu" else None)
@@ -80,7 +99,9 @@ def _quantize(args: argparse.Namespace) -> int:
         result = quantize(model, output, prompts, device=args.device,
                           max_seq_len=args.max_seq_len, calibration_source=source,
                           overwrite=args.overwrite, group_size=args.group_size,
-                          serving_note=note)
+                          serving_note=note,
+                          serving=carried_settings(reranker, source_settings),
+                          served_as=served_as)
     except (QuantizeError, RerankerConfigError, IndexIntegrityError, EmbedderLoadError) as exc:
         print(f"rankd quantize: {exc}", file=sys.stderr)
         return 2
@@ -114,19 +135,24 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     quant.add_argument("--collection",
                        help="collection whose texts calibrate (default: the only one in --index-dir)")
     quant.add_argument("--queries",
-                       help="calibration queries: JSONL with a 'query' field, or one per line "
-                            "(default: the collection's own entries stand in as queries)")
+                       help="calibration queries: JSONL with a 'query' field, Eedi's CSV, or "
+                            "one per line (default: a `rankd train-reranker` output's own "
+                            "validation questions, else the collection's entries stand in)")
     quant.add_argument("--samples", type=int, default=128,
                        help="calibration prompts (default 128)")
-    quant.add_argument("--candidates", type=int, default=25,
-                       help="candidates per calibration prompt (default 25)")
+    quant.add_argument("--candidates", type=int, default=None,
+                       help="candidates per calibration list (default: the N the model was "
+                            "trained at, from its rankd_reranker.json, else 25)")
     quant.add_argument("--max-seq-len", type=int, default=2048,
                        help="tokens kept per calibration prompt (default 2048)")
     quant.add_argument("--label-alphabet", choices=[a.value for a in LabelAlphabet],
-                       help="default: $RANKD_RERANKER_LABEL_ALPHABET or upper")
+                       help="default: the model's rankd_reranker.json, "
+                            "$RANKD_RERANKER_LABEL_ALPHABET or upper; one that contradicts the "
+                            "file refuses to start, as in `rankd serve`")
     quant.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                        help="wrap prompts in the model's chat template, as the reranker does "
-                            "(default: $RANKD_RERANKER_CHAT_TEMPLATE or true)")
+                            "(default: the model's rankd_reranker.json, "
+                            "$RANKD_RERANKER_CHAT_TEMPLATE or true)")
     quant.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                        help="cuda (default) needs an NVIDIA GPU; cpu is for small models")
     quant.add_argument("--group-size", type=int, default=128,

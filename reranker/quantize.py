@@ -6,10 +6,15 @@ Deploy section for why it is not used. The output is a compressed-tensors checkp
 packed to int4 with a scale and zero point per group of 128) that vLLM loads as it is, with its
 Marlin kernels on NVIDIA GPUs and its WNA16 kernel on CPU.
 
-Calibration runs the model over rerank prompts exactly as the reranker renders them: the
-tokenizer's chat template around the listwise template, with real candidates from a collection.
-Building those prompts is :func:`calibration_prompts`; the collection and queries are chosen by
-the caller (``reranker/cli.py``).
+Calibration runs the model over rerank prompts exactly as the model is served: its settings are
+read as `rankd serve` reads them (explicit ``RANKD_RERANKER_*`` > the model's
+``rankd_reranker.json`` > preset > defaults, ``reranker.trained.with_trained_settings``), so a
+pointwise model calibrates on its yes/no prompts and a listwise one on both orders of its
+labelled lists, each with its templates, instruction and chat template, over real candidates
+from a collection. Building those prompts is :func:`calibration_prompts`; the collection and
+queries are chosen by the caller (``reranker/cli.py``). The output carries the same settings in
+its own ``rankd_reranker.json``, with where they came from, so the 4-bit model is served as the
+model it came from.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from reranker.config import RerankerConfig, Scoring
 from reranker.listwise import ListwiseTask
-from reranker.presets import with_preset
 from reranker.prompt import PromptRenderer
+from reranker.trained import write_served_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,10 @@ class QuantizeResult:
     # Whether vLLM's CPU build can serve the result on this machine, and why not.
     cpu_vllm_servable: bool | None = None
     note: str | None = None
+    # The settings it was calibrated with and is served with (its rankd_reranker.json), and
+    # where they came from.
+    serving: dict[str, Any] | None = None
+    served_as: str = ""
 
 
 class QuantizeSettings(BaseSettings):
@@ -133,14 +143,24 @@ def select_device(device: str) -> str:
 
 
 def calibration_prompts(renderer: PromptRenderer, tasks: Sequence[ListwiseTask],
-                        labels: Sequence[str]) -> list[str]:
-    """Each task rendered as the reranker sends it: labelled items, template, chat template.
+                        labels: Sequence[str], config: RerankerConfig | None = None) -> list[str]:
+    """Each task rendered as the reranker sends it to the model ``config`` describes (its
+    scoring mode, templates and chat template; the renderer holds the chat template).
 
-    Half the tasks (alternately) are rendered with their items reversed, as the scorer's second
-    order does, so the calibration set covers both orders.
+    Listwise: labelled items in the rank template, half the tasks (alternately) with their
+    items reversed, as the scorer's second order does, so the calibration set covers both
+    orders. Pointwise: one candidate's yes/no prompt per task, the candidate taking turns
+    through the list's positions, so the prompts cover the head and the tail of the lists.
     """
+    pointwise = config is not None and config.scoring is Scoring.POINTWISE
     prompts = []
     for number, task in enumerate(tasks):
+        if pointwise:
+            assert config is not None
+            item = task.items[number % len(task.items)]
+            prompts.append(renderer.render_item(config.pointwise_template, task.fields,
+                                                item).text)
+            continue
         if len(task.items) > len(labels):
             raise QuantizeError(
                 f"a calibration prompt has {len(task.items)} candidates but only {len(labels)} "
@@ -150,6 +170,17 @@ def calibration_prompts(renderer: PromptRenderer, tasks: Sequence[ListwiseTask],
         rendered = renderer.render(task.template, task.fields, items, list(labels[: len(items)]))
         prompts.append(rendered.text)
     return prompts
+
+
+def training_queries(model: str) -> Path | None:
+    """The questions a `rankd train-reranker` output holds beside its weights (the validation
+    questions it chose its fusion on, in the training data's format): real queries for
+    calibration. None for any other model."""
+    for name in ("validation.csv", "validation.jsonl"):
+        path = Path(model) / name
+        if path.is_file():
+            return path
+    return None
 
 
 def sample_queries(queries: Sequence[str], count: int, seed: int) -> list[str]:
@@ -167,7 +198,15 @@ def sample_queries(queries: Sequence[str], count: int, seed: int) -> list[str]:
 
 
 def read_queries(path: Path) -> list[str]:
-    """Queries for calibration: JSONL with a ``query`` field per line, or one query per line."""
+    """Queries for calibration: JSONL with a ``query`` field per line, Eedi's CSV layout (each
+    labelled wrong answer's query, as `rankd batch` renders it), or one query per line."""
+    if path.suffix.lower() == ".csv":
+        from retriever.eedi import eedi_queries
+
+        try:
+            return [q.text for q in eedi_queries(path)]
+        except (OSError, ValueError, KeyError) as exc:
+            raise QuantizeError(f"cannot read --queries {path} as Eedi's CSV: {exc}") from exc
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -191,12 +230,14 @@ def read_queries(path: Path) -> list[str]:
 
 def build_calibration_tasks(index_dir: Path, collection_name: str | None,
                             queries_path: Path | None, samples: int, candidates: int,
-                            seed: int = 0) -> tuple[list[ListwiseTask], str]:
+                            seed: int = 0, config: RerankerConfig | None = None,
+                            ) -> tuple[list[ListwiseTask], str]:
     """Rerank tasks over a collection, as /rank would build them: ``samples`` queries (from
     ``queries_path``, or else the collection's own entries standing in as queries), each with its
-    ``candidates`` nearest entries (never the query itself) and the collection's instruction.
+    ``candidates`` nearest entries (never the query itself) and the collection's instruction
+    (else ``config``'s; default: the reranker's configuration with its preset).
     Returns the tasks and a one-line description of where they came from."""
-    from reranker.config import RerankerConfig
+    from reranker.presets import with_preset
     from reranker.ranking import rank_task
     from retriever import Embedder, load_collection
     from retriever.encoders import EmbedderVariant
@@ -227,7 +268,7 @@ def build_calibration_tasks(index_dir: Path, collection_name: str | None,
                              variant=EmbedderVariant.parse(collection.manifest.embedder_variant))
     # One more than needed, so that an entry standing in as a query can leave itself out.
     hits = collection.search(embedder.encode(queries), candidates + 1)
-    config = with_preset(RerankerConfig.from_env())
+    config = config or with_preset(RerankerConfig.from_env())
     instruction = collection.manifest.instruction or config.instruction
     tasks = [rank_task(config.rank_template, instruction, query,
                        [hit for hit in row if hit.text != query][:candidates])
@@ -313,11 +354,14 @@ def check_output(directory: Path, group_size: int = GROUP_SIZE) -> dict[str, Any
 def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
              max_seq_len: int = 2048, calibration_source: str = "",
              overwrite: bool = False, group_size: int = GROUP_SIZE,
-             serving_note: str | None = None) -> QuantizeResult:
+             serving_note: str | None = None, serving: dict[str, Any] | None = None,
+             served_as: str = "") -> QuantizeResult:
     """Calibrate AWQ scales on ``prompts``, quantize to W4A16 and save a vLLM-ready directory.
 
     The directory is written beside ``output`` under a hidden name and renamed into place at the
     end, so an interrupted run never leaves a half-written model where vLLM would load it.
+    ``serving`` (the settings the prompts were rendered with) is written into it as its
+    ``rankd_reranker.json``, with the quantization's provenance.
     """
     hide_gpus_for_cpu(device)
     version = llmcompressor_version()
@@ -385,8 +429,14 @@ def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
             bytes=_dir_bytes(staging), llmcompressor=version,
             calibration_source=calibration_source,
             cpu_vllm_servable=serving_note is None if used_device == "cpu" else None,
-            note=serving_note,
+            note=serving_note, served_as=served_as,
+            serving=({**serving, "quantized": {
+                "source_model": model, "scheme": SCHEME, "bits": BITS, "group_size": group_size,
+                "calibration_prompts": len(prompts), "calibration_source": calibration_source}}
+                if serving is not None else None),
         )
+        if result.serving is not None:
+            write_served_settings(staging, result.serving)
         (staging / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n",
                                            encoding="utf-8")
         if output.exists():

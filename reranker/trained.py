@@ -62,6 +62,22 @@ def served_settings(config: RerankerConfig, instruction: str, candidates: int,
     return settings
 
 
+def carried_settings(config: RerankerConfig, values: dict[str, Any] | None) -> dict[str, Any]:
+    """What a copy of a model (``rankd quantize``'s output) carries in its ``SERVING_FILE``:
+    the source's file as it is (its N, its fusion and the figures behind them), with the prompt
+    settings ``config`` resolved for it (``with_trained_settings``: the file's, else the
+    operator's, the preset's or the defaults), which its prompts were rendered with."""
+    carried = dict(values or {})
+    carried.update({"scoring": config.scoring.value, "chat_template": config.chat_template,
+                    "instruction": config.instruction,
+                    "label_alphabet": config.label_alphabet.value})
+    if config.scoring is Scoring.POINTWISE:
+        carried["pointwise_template"] = config.pointwise_template
+    else:
+        carried["rank_template"] = config.rank_template
+    return carried
+
+
 def write_served_settings(directory: Path, settings: dict[str, Any]) -> None:
     (directory / SERVING_FILE).write_text(json.dumps(settings, indent=2) + "\n",
                                           encoding="utf-8")
@@ -100,13 +116,21 @@ class TrainedSettings:
         return f"served as trained ({SERVING_FILE}: {', '.join(parts) or 'prompt settings'})"
 
 
-def read_served_settings(model: str | None) -> dict[str, Any] | None:
-    """The contents of ``model``'s ``SERVING_FILE`` when ``model`` is a directory holding one."""
-    if not model:
-        return None
-    path = Path(model).expanduser() / SERVING_FILE
-    if not path.is_file():
-        return None
+def read_served_settings(model: str | None, settings_file: Path | None = None,
+                         ) -> dict[str, Any] | None:
+    """The contents of ``settings_file`` (RANKD_RERANKER_SETTINGS_FILE), else of ``model``'s
+    ``SERVING_FILE`` when ``model`` is a directory holding one."""
+    if settings_file is not None:
+        path = Path(settings_file).expanduser()
+        if not path.is_file():
+            raise RerankerConfigError(f"RANKD_RERANKER_SETTINGS_FILE={settings_file} is not a "
+                                      f"file; point it at the model's {SERVING_FILE}")
+    else:
+        if not model:
+            return None
+        path = Path(model).expanduser() / SERVING_FILE
+        if not path.is_file():
+            return None
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -124,7 +148,7 @@ def with_trained_settings(config: RerankerConfig, candidates: int | None = None,
     then its preset (``reranker.presets``) where neither the operator nor the file set a
     field. ``candidates`` is RANKD_DEFAULT_CANDIDATES where the operator set it explicitly;
     the trained N is ``TrainedSettings.candidates`` where it did not."""
-    values = read_served_settings(config.model) if config.enabled else None
+    values = read_served_settings(config.model, config.settings_file) if config.enabled else None
     if values is None:
         return with_preset(config), TrainedSettings()
     known = {k: v for k, v in values.items() if k in (*PROMPT_FIELDS, *FUSION_FIELDS)}

@@ -91,6 +91,55 @@ def test_calibration_comes_from_the_collections_own_entries(
     assert "F. " not in prompts[0]
 
 
+def _trained_pointwise(tiny_lm: Path, directory: Path) -> Path:
+    """The tiny LM with the settings `rankd train-reranker` writes for a pointwise model
+    trained at N 5, its fusion chosen: what a trained model's directory holds."""
+    import shutil
+
+    from reranker.config import RerankerConfig, Scoring
+    from reranker.trained import SERVING_FILE, served_settings
+
+    shutil.copytree(tiny_lm, directory)
+    settings = served_settings(RerankerConfig(scoring=Scoring.POINTWISE), SAMPLE_INSTRUCTION, 5,
+                               {"fusion": "rrf", "fusion_weight": 0.6,
+                                "chosen_on": {"queries": 300}})
+    (directory / SERVING_FILE).write_text(json.dumps(settings))
+    return directory
+
+
+def test_a_pointwise_model_calibrates_on_its_yes_no_prompts(
+        sample_index: Path, tiny_lm: Path) -> None:
+    from reranker.config import RerankerConfig, Scoring
+
+    config = RerankerConfig(model=str(tiny_lm), scoring=Scoring.POINTWISE)
+    tasks, _ = build_calibration_tasks(sample_index, None, None, samples=6, candidates=4,
+                                       seed=1, config=config)
+    renderer = PromptRenderer(load_tokenizer(str(tiny_lm)))
+    prompts = calibration_prompts(renderer, tasks, LabelAlphabet.UPPER.labels(), config)
+    assert len(prompts) == 6
+    for number, (task, prompt) in enumerate(zip(tasks, prompts, strict=True)):
+        assert prompt.startswith("<|im_start|>user\n")
+        assert task.fields["query"] in prompt
+        # One candidate per prompt, taking turns through the list, and no labelled list.
+        shown = [item for item in task.items if item in prompt]
+        assert shown == [task.items[number % 4]]
+        assert "A. " not in prompt
+        assert "yes" in prompt.lower()
+
+
+def test_quantize_refuses_an_option_that_contradicts_the_trained_prompts(
+        tmp_path: Path, tiny_lm: Path, sample_index: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    model = _trained_pointwise(tiny_lm, tmp_path / "trained")
+    code = main(["quantize", "--model", str(model), "--output", str(tmp_path / "out"),
+                 "--index-dir", str(sample_index), "--label-alphabet", "upper_lower"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "LABEL_ALPHABET='upper_lower' changes the prompts the model was trained on" in err
+    assert "label_alphabet='upper'" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_from_a_queries_file(sample_index: Path) -> None:
     file_queries = [json.loads(line)["query"]
                     for line in sample_queries_path().read_text().splitlines() if line.strip()]
@@ -267,6 +316,81 @@ def test_quantized_checkpoint_is_w4a16_and_says_where_it_serves(
             original_bytes += full.numel() * full.element_size()
         assert packed_bytes * 8 == original_bytes  # 4 of 32 bits
         assert "lm_head.weight" in packed.keys()  # noqa: SIM118
+
+
+@pytest.fixture(scope="module")
+def trained_w4a16(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path,
+                  sample_index: Path) -> tuple[Path, Path, dict[str, Any], str]:
+    source = _trained_pointwise(tiny_lm, tmp_path_factory.mktemp("trained") / "pointwise")
+    output = tmp_path_factory.mktemp("quantized") / "trained-w4a16"
+    report, stderr = _quantize(source, output, sample_index, "--samples", "8",
+                               "--max-seq-len", "512")
+    return source, output, report, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_quantize_carries_a_trained_models_serving_settings(
+        trained_w4a16: tuple[Path, Path, dict[str, Any], str]) -> None:
+    from reranker.config import RerankerConfig, Scoring
+    from reranker.trained import SERVING_FILE, with_trained_settings
+
+    source, output, report, stderr = trained_w4a16
+    original = json.loads((source / SERVING_FILE).read_text())
+    carried = json.loads((output / SERVING_FILE).read_text())
+    # The source's settings as they were (N, fusion and its figures), with the provenance.
+    assert {k: carried[k] for k in original} == original
+    assert carried["quantized"]["source_model"] == str(source)
+    assert carried["quantized"]["calibration_prompts"] == 8
+    assert (carried["quantized"]["bits"], carried["quantized"]["group_size"]) == (4, 128)
+    assert report["serving"] == carried
+    assert report["served_as"].startswith("served as trained")
+    assert "pointwise prompts" in report["calibration_source"]
+    assert "calibrating on 8 pointwise prompts" in stderr
+    # The 4-bit model is served as the model it came from, read as `rankd serve` reads it.
+    config, trained = with_trained_settings(RerankerConfig(model=str(output)))
+    assert config.scoring is Scoring.POINTWISE
+    assert (config.fusion.value, config.fusion_weight) == ("rrf", 0.6)
+    assert trained.candidates == 5
+    assert trained.describe().startswith("served as trained")
+
+
+@pytest.mark.vllm
+def test_a_quantized_trained_model_is_served_as_trained_on_cpu_vllm(
+        trained_w4a16: tuple[Path, Path, dict[str, Any], str], settings_factory: Any,
+        tmp_path: Path) -> None:
+    """Only the model and the vLLM URL: the vllm backend reads the carried settings, ranks
+    pointwise under the trained fusion and /ready says so; its scores are nearer the full
+    model's than a uniform guess. Where this CPU has vLLM's 4-bit kernel."""
+    kernels = probe_kernels(vllm_python())
+    if not kernels.wna16:
+        pytest.skip(f"serving step only: {kernels.w4a16_problem()}")
+    source, output, _, _ = trained_w4a16
+    server = ComposeVllmCpu(vllm_python(), output, free_port(), tmp_path / "vllm.log",
+                            dtype="bfloat16")
+    server.start()
+    queries = _sample_queries(6)
+
+    async def served() -> tuple[list[dict[str, float]], dict[str, Any], dict[str, Any]]:
+        settings = settings_factory(reranker_backend="vllm", reranker_model=str(output),
+                                    reranker_vllm_url=server.url)
+        async with app_client(settings) as (_, client):
+            body = (await client.post("/rank", json={"query": queries[0]})).json()
+            ready = (await client.get("/ready")).json()
+        return await rank_scores(settings, queries), body, ready
+
+    try:
+        quantized, body, ready = asyncio.run(served())
+    finally:
+        server.stop()
+    assert "served as trained" in ready["components"]["reranker"]["detail"]
+    assert body["reranked"] is True
+    assert body["fusion"]["method"] == "rrf"
+    assert sum(r["rerank_score"] is not None for r in body["results"]) == 5  # the trained N
+    full = asyncio.run(rank_scores(settings_factory(reranker_backend="transformers",
+                                                    reranker_model=str(source)), queries))
+    uniform = [{key: 1 / len(row) for key in row} for row in full]
+    assert _distance(quantized, full) < 0.8 * _distance(uniform, full)
 
 
 @pytest.mark.slow

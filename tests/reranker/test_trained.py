@@ -83,9 +83,25 @@ def test_an_explicit_setting_equal_to_the_trained_one_is_no_override(tmp_path: P
 
 
 def test_a_model_without_the_file_is_served_as_configured(tmp_path: Path) -> None:
-    config = RerankerConfig(model=str(tmp_path))
-    assert with_trained_settings(config) == (config, with_trained_settings(config)[1])
-    assert with_trained_settings(config)[1].describe() == ""
+    config = RerankerConfig(model=str(tmp_path), scoring=Scoring.LISTWISE, fusion_weight=0.3)
+    served, trained = with_trained_settings(config)
+    assert served.model_dump() == config.model_dump()
+    assert (served.scoring, served.fusion_weight) == (Scoring.LISTWISE, 0.3)
+    assert (trained.taken, trained.overridden, trained.candidates) == ({}, {}, None)
+    assert trained.describe() == ""
+
+
+def test_a_settings_file_serves_a_model_whose_directory_is_elsewhere(tmp_path: Path) -> None:
+    """vLLM may serve the model from a directory this machine cannot see: the file is named."""
+    settings = _trained_dir(tmp_path) / SERVING_FILE
+    config, trained = with_trained_settings(RerankerConfig(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", settings_file=settings))
+    assert config.scoring is Scoring.POINTWISE
+    assert (config.fusion, config.fusion_weight) == (Fusion.RRF, 0.7)
+    assert trained.candidates == 10
+    assert trained.describe().startswith("served as trained")
+    with pytest.raises(RerankerConfigError, match="RANKD_RERANKER_SETTINGS_FILE=.* is not a file"):
+        with_trained_settings(RerankerConfig(model="m", settings_file=tmp_path / "missing.json"))
 
 
 def test_a_bad_file_is_named(tmp_path: Path) -> None:
