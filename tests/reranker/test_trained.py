@@ -100,7 +100,7 @@ def test_a_settings_file_serves_a_model_whose_directory_is_elsewhere(tmp_path: P
     assert (config.fusion, config.fusion_weight) == (Fusion.RRF, 0.7)
     assert trained.candidates == 10
     assert trained.describe().startswith("served as trained")
-    with pytest.raises(RerankerConfigError, match="RANKD_RERANKER_SETTINGS_FILE=.* is not a file"):
+    with pytest.raises(RerankerConfigError, match=r"RANKD_RERANKER_SETTINGS_FILE=.* is not a file"):
         with_trained_settings(RerankerConfig(model="m", settings_file=tmp_path / "missing.json"))
 
 
