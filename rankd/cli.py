@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from clients.cli import register as register_client_commands
+from rankd.pipeline import register as register_pipeline_commands
 from reranker.cli import register as register_reranker_commands
 from retriever.cli import register as register_retriever_commands
 from runtime.logs import configure_logging
@@ -21,6 +22,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_retriever_commands,
     register_reranker_commands,
     register_client_commands,
+    register_pipeline_commands,
 ]
 
 
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for reports
     if args.command != "serve":  # serve configures logging from its own settings
         try:
             configure_logging()

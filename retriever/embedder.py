@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -65,15 +67,34 @@ def resolve_model(spec: str) -> ResolvedModel:
     return ResolvedModel(spec, spec)
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def weights_digest(directory: Path) -> str | None:
+    """sha256 over a model directory's weight files (name and digest of each, sorted); None
+    when it holds none."""
+    from retriever.vocabulary import sha256_file
+
+    files = sorted({path for pattern in WEIGHT_PATTERNS for path in directory.rglob(pattern)
+                    if "checkpoints" not in path.relative_to(directory).parts})
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(directory)}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
 class Embedder:
     """A loaded sentence-transformers model that returns L2-normalised float32 vectors, computed
     by sentence-transformers itself or by an exported ONNX Runtime or OpenVINO graph."""
 
     def __init__(self, model: SentenceTransformer, name: str, batch_size: int = 64,
                  variant: EmbedderVariant = TORCH_FLOAT32,
-                 encoder: Encoder | None = None) -> None:
+                 encoder: Encoder | None = None, location: str | None = None) -> None:
         self._model = model
         self.name = name
+        self.location = location  # where the weights were read from
         self.batch_size = batch_size
         self.variant = variant
         self._encoder = encoder
@@ -118,7 +139,7 @@ class Embedder:
         log.info("embedder %s loaded from %s (device %s)", resolved.name, resolved.location,
                  model.device)
         if variant.backend is EmbedderBackend.TORCH:
-            return cls(model, resolved.name, batch_size)
+            return cls(model, resolved.name, batch_size, location=resolved.location)
         import torch
 
         from retriever.encoders import load_encoder
@@ -128,7 +149,16 @@ class Embedder:
                                    torch.get_num_threads())
         except EncoderExportError as exc:
             raise EmbedderLoadError(str(exc)) from exc
-        return cls(model, resolved.name, batch_size, variant, encoder)
+        return cls(model, resolved.name, batch_size, variant, encoder, resolved.location)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str | None:
+        """A digest of the weight files of a model read from a local directory (None for one
+        read from a hub): the same weights give the same digest wherever the directory lies,
+        so a collection built with them is served with them after the directory moves."""
+        if self.location is None or not Path(self.location).is_dir():
+            return None
+        return weights_digest(Path(self.location))
 
     @property
     def model(self) -> SentenceTransformer:

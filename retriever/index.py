@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +100,7 @@ def build_collection(
         manifest = Manifest(
             collection=collection,
             embedder=embedder.name,
+            embedder_sha256=embedder.weights_sha256,
             embedder_variant=str(embedder.variant),
             dimension=embedder.dimension,
             count=len(entries),
@@ -182,9 +184,13 @@ def _with_aliases(hit: Hit) -> Hit:
 
 def load_collection(directory: str | Path, embedder_name: str | None = None,
                     dimension: int | None = None, target: StoreTarget | None = None,
-                    embedder_variant: EmbedderVariant | None = None) -> Collection:
+                    embedder_variant: EmbedderVariant | None = None,
+                    embedder_sha256: Callable[[], str | None] | None = None) -> Collection:
     """Load and verify a collection; raise IndexIntegrityError naming the file and the fix, or
-    CollectionUnavailableError when its store cannot be reached."""
+    CollectionUnavailableError when its store cannot be reached. ``embedder_sha256`` gives the
+    configured embedder's weights digest, asked only when its name differs from the build's:
+    the same weights moved elsewhere (a trained pipeline's directory mounted in a container)
+    serve the collection."""
     from retriever.stores import store_backend
 
     directory = Path(directory)
@@ -201,7 +207,10 @@ def load_collection(directory: str | Path, embedder_name: str | None = None,
                 f"{path} does not match the sha256 recorded in {directory / MANIFEST}: the file was "
                 f"modified or truncated after the build; {rebuild}"
             )
-    if embedder_name is not None and manifest.embedder != embedder_name:
+    same_weights = (embedder_name is not None and manifest.embedder != embedder_name
+                    and manifest.embedder_sha256 is not None and embedder_sha256 is not None
+                    and embedder_sha256() == manifest.embedder_sha256)
+    if embedder_name is not None and manifest.embedder != embedder_name and not same_weights:
         raise IndexIntegrityError(
             f"{directory / MANIFEST} says collection {manifest.collection!r} was built with embedder "
             f"{manifest.embedder!r}, but the configured embedder is {embedder_name!r}; set "

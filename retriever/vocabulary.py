@@ -102,6 +102,9 @@ class Manifest:
     embedder_variant: str = "torch"
     # Catalogue hygiene at build (retriever/hygiene.py): the settings and the counts.
     cleaning: dict[str, Any] = field(default_factory=dict)
+    # The embedder's weights (retriever.embedder.weights_digest) when it was read from a local
+    # directory: the same weights under another path still serve the collection.
+    embedder_sha256: str | None = None
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:

@@ -92,7 +92,7 @@ def load_all(settings: Settings, embedder: Embedder) -> tuple[dict[str, Collecti
     for directory in directories:
         try:
             collection = load_collection(directory, embedder.name, embedder.dimension, target,
-                                         embedder.variant)
+                                         embedder.variant, lambda: embedder.weights_sha256)
         except IndexIntegrityError as exc:
             if settings.on_index_error is OnIndexError.FAIL:
                 for loaded in collections.values():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from reranker.config import RerankerConfig
@@ -29,6 +31,7 @@ class Settings(LogSettings, RetrieverSettings):
     model_config = SettingsConfigDict(env_prefix="RANKD_", extra="ignore", frozen=True,
                                       env_nested_delimiter="_", env_nested_max_split=1)
 
+    pipeline_dir: Path | None = Field(None, description="A `rankd train-pipeline --output` directory: its index, fine-tuned embedder and trained reranker are served (RANKD_INDEX_DIR, RANKD_EMBEDDER_MODEL and RANKD_RERANKER_MODEL come from it, and one set to anything else refuses the start).")
     on_index_error: OnIndexError = Field(OnIndexError.FAIL, description="A damaged collection at start-up: `fail` refuses to start, `skip` serves the rest and reports it in /ready.")
 
     # Server
@@ -68,6 +71,30 @@ class Settings(LogSettings, RetrieverSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return comma_separated(self.cors_origins)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pipeline(cls, data: Any) -> Any:
+        """RANKD_PIPELINE_DIR fills the index, the embedder and the reranker model."""
+        if not isinstance(data, dict) or not data.get("pipeline_dir"):
+            return data
+        from service.pipeline import read_pipeline
+
+        layout = read_pipeline(Path(data["pipeline_dir"]))
+        reranker = data.get("reranker") or {}
+        if isinstance(reranker, BaseModel):
+            reranker = reranker.model_dump(exclude_unset=True)
+        reranker = dict(reranker)
+        given = {"RANKD_INDEX_DIR": (data, "index_dir", layout.index_dir),
+                 "RANKD_EMBEDDER_MODEL": (data, "embedder_model", layout.embedder),
+                 "RANKD_RERANKER_MODEL": (reranker, "model", layout.reranker)}
+        for variable, (source, key, stage) in given.items():
+            value = source.get(key)
+            if value is not None and Path(str(value)).expanduser().resolve() != stage:
+                raise ValueError(f"{variable}={value} contradicts RANKD_PIPELINE_DIR, whose "
+                                 f"{key} is {stage}; unset one of them")
+            source[key] = str(stage)
+        return {**data, "reranker": reranker}
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

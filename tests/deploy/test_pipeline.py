@@ -1,0 +1,110 @@
+"""`rankd train-pipeline` on tiny data, and `rankd serve` of its directory with one setting:
+the manifest ties the embedder, its index and the reranker together; a moved directory still
+serves; a mismatched embedder and index refuse the start in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from rankd.cli import main
+from retriever.data import SAMPLE_INSTRUCTION, sample_catalog_path, sample_entries
+from retriever.index import IndexIntegrityError
+from service.pipeline import PIPELINE_FILE
+from service.settings import Settings
+from tests.retriever.test_training import write_eedi_csv
+from tests.support.apps import app_client
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_eedi_csv(root / "train.csv", sample_entries())
+    output = root / "trained"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RANKD_RERANKER_MODEL", str(tiny_lm))
+        env.setenv("RANKD_RERANKER_DTYPE", "float32")
+        code = main(["train-pipeline", "--train", str(data), "--format", "eedi", "--catalog",
+                     str(sample_catalog_path()), "--output", str(output), "--quiet",
+                     "--collection", "misconceptions", "--instruction", SAMPLE_INSTRUCTION,
+                     "--validation-fraction", "0.25",
+                     "--retriever-args", "--epochs 1 --batch-size 8 --device cpu",
+                     "--reranker-args", "--examples 16 --curve-points 0 --device cpu "
+                                        "--candidates 5"])
+    assert code == 0
+    return {"output": output, "manifest": json.loads((output / PIPELINE_FILE).read_text())}
+
+
+def test_the_manifest_ties_the_stages_together(pipeline: dict[str, Any]) -> None:
+    output, manifest = pipeline["output"], pipeline["manifest"]
+    assert manifest["status"] == "complete"
+    assert manifest["command"].startswith("rankd train-pipeline --train")
+    index = manifest["stages"]["index"]
+    assert index["collections"] == ["misconceptions"]
+    # The index was built with the fine-tuned embedder, read apart from the manifest.
+    built = json.loads((output / "index" / "misconceptions" / "manifest.json").read_text())
+    assert built["embedder"] == str((output / "retriever").resolve()) == index["embedder"]
+    assert built["embedder_sha256"] == index["embedder_sha256"]
+    # The reranker trained on that retriever's candidates, on the same split.
+    reranker = json.loads((output / "reranker" / "training_report.json").read_text())
+    retriever = json.loads((output / "retriever" / "training_report.json").read_text())
+    assert reranker["retriever"]["model"] == str(output / "retriever")
+    assert reranker["test_groups"] == retriever["test_groups"]
+    assert reranker["validation_groups"] == retriever["validation_groups"]
+    assert manifest["stages"]["reranker"]["settings"]["candidates"] == 5
+    figures = manifest["figures"]
+    assert figures["retriever"]["fine_tuned"] == retriever["fine_tuned"]
+    assert figures["reranker"]["gain"] == reranker["fine_tuned"]["gain"]
+    assert figures["reranker"]["measured_on"] == "test"
+    assert set(manifest["seconds"]) == {"retriever", "index", "reranker"}
+
+
+async def _serve(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    async with app_client(settings) as (_, client):
+        body = (await client.post("/rank", json={"query": "adds the denominators",
+                                                 "top_k": 5})).json()
+        ready = (await client.get("/ready")).json()
+    return body, ready
+
+
+async def test_one_setting_serves_the_pipeline_and_a_moved_copy(
+        pipeline: dict[str, Any], tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(pipeline["output"], moved)
+    for directory in (pipeline["output"], moved):
+        settings = Settings(pipeline_dir=directory, embedder_device="cpu")
+        assert settings.index_dir == (directory / "index").resolve()
+        assert settings.embedder_model == str((directory / "retriever").resolve())
+        assert settings.reranker.model == str((directory / "reranker").resolve())
+        body, ready = await _serve(settings)
+        assert body["reranked"] is True
+        assert sum(r["rerank_score"] is not None for r in body["results"]) == 5  # trained N
+        assert ready["status"] == "ready", ready
+        assert "served as trained" in ready["components"]["reranker"]["detail"]
+
+
+def test_a_contradicting_setting_refuses_in_one_line(pipeline: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(pipeline_dir=pipeline["output"], embedder_model="sentence-transformers/"
+                                                                 "all-MiniLM-L6-v2")
+    (error,) = refused.value.errors()
+    assert "RANKD_EMBEDDER_MODEL=sentence-transformers/all-MiniLM-L6-v2 contradicts " \
+           "RANKD_PIPELINE_DIR" in error["msg"]
+    assert "\n" not in error["msg"]
+    with pytest.raises(ValidationError, match="holds no rankd_pipeline.json"):
+        Settings(pipeline_dir=pipeline["output"] / "index")
+
+
+async def test_its_index_refuses_another_embedder(pipeline: dict[str, Any]) -> None:
+    settings = Settings(index_dir=pipeline["output"] / "index", embedder_device="cpu")
+    with pytest.raises(IndexIntegrityError) as refused:
+        await _serve(settings)
+    message = str(refused.value)
+    assert "was built with embedder" in message
+    assert "all-MiniLM-L6-v2" in message
+    assert "\n" not in message
