@@ -6,6 +6,8 @@ on its candidates, tied together by ``rankd_pipeline.json``.
     DIR/index/       `rankd index build --model DIR/retriever` output (one collection)
     DIR/reranker/    `rankd train-reranker --retriever DIR/retriever` output
     DIR/rankd_pipeline.json
+    DIR/reranker-w4a16/  optional: `rankd quantize --model DIR/reranker --output ...`, for vLLM
+                     (RANKD_RERANKER_MODEL may name such a copy inside the directory)
 
 The manifest names the stages by paths relative to the directory, so the directory can move
 (into a container's volume): the index records its embedder's weights digest, which still
@@ -18,6 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from reranker.trained import SERVING_FILE
 
 PIPELINE_FILE = "rankd_pipeline.json"
 STAGE_DIRS = {"retriever": "retriever", "index": "index", "reranker": "reranker"}
@@ -34,6 +38,18 @@ class PipelineLayout:
     index_dir: Path
     reranker: Path
     manifest: dict[str, Any]
+
+    def quantized_reranker(self, model: str) -> bool:
+        """Whether ``model`` is a directory inside the pipeline holding a `rankd quantize`
+        output: its reranker 4-bit, for vLLM, which carries the same serving settings."""
+        path = Path(model).expanduser().resolve()
+        if not path.is_relative_to(self.directory) or not (path / SERVING_FILE).is_file():
+            return False
+        try:
+            carried = json.loads((path / SERVING_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(carried, dict) and "quantized" in carried
 
 
 def read_pipeline(directory: Path) -> PipelineLayout:

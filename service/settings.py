@@ -90,6 +90,8 @@ class Settings(LogSettings, RetrieverSettings):
                  "RANKD_RERANKER_MODEL": (reranker, "model", layout.reranker)}
         for variable, (source, key, stage) in given.items():
             value = source.get(key)
+            if key == "model" and value is not None and layout.quantized_reranker(str(value)):
+                continue  # its reranker, 4-bit for vLLM (`rankd quantize`), inside it
             if value is not None and Path(str(value)).expanduser().resolve() != stage:
                 raise ValueError(f"{variable}={value} contradicts RANKD_PIPELINE_DIR, whose "
                                  f"{key} is {stage}; unset one of them")

@@ -25,10 +25,11 @@ from tests.deploy.files import (
     substitution_defaults,
 )
 
-LONG_RUNNING = ["vllm", "api", "vllm-cpu", "api-cpu"]
+LONG_RUNNING = ["vllm", "api", "vllm-cpu", "api-cpu", "api-pipeline", "vllm-pipeline",
+                "api-pipeline-gpu"]
 # Set per service by docker-compose.yml (or the image), not passed through from .env.
 FIXED_SETTINGS = {"RANKD_HOST", "RANKD_PORT", "RANKD_INDEX_DIR", "RANKD_RERANKER_BACKEND",
-                  "RANKD_RERANKER_MODEL", "RANKD_RERANKER_VLLM_URL"}
+                  "RANKD_RERANKER_MODEL", "RANKD_RERANKER_VLLM_URL", "RANKD_PIPELINE_DIR"}
 
 
 def _docker_compose(*args: str) -> subprocess.CompletedProcess[str]:

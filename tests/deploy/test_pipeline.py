@@ -108,3 +108,35 @@ async def test_its_index_refuses_another_embedder(pipeline: dict[str, Any]) -> N
     assert "was built with embedder" in message
     assert "all-MiniLM-L6-v2" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("service", ["api-pipeline", "api-pipeline-gpu"])
+def test_the_compose_pipeline_services_settings_are_accepted(
+        pipeline: dict[str, Any], tmp_path: Path, service: str) -> None:
+    """Each pipeline service's settings, its /pipeline mount pointed at a real pipeline (with
+    the reranker's 4-bit copy the GPU road serves, as `rankd quantize` marks it)."""
+    from tests.deploy.files import compose
+
+    mounted = tmp_path / "pipeline"
+    shutil.copytree(pipeline["output"], mounted)
+    quantized = mounted / "reranker-w4a16"
+    shutil.copytree(mounted / "reranker", quantized)
+    carried = json.loads((quantized / "rankd_reranker.json").read_text())
+    (quantized / "rankd_reranker.json").write_text(json.dumps(
+        {**carried, "quantized": {"source_model": "/pipeline/reranker", "bits": 4}}))
+    environment = compose()["services"][service]["environment"]
+    fixed = {key.removeprefix("RANKD_").lower(): str(value).replace("/pipeline", str(mounted))
+             for key, value in environment.items()
+             if key.startswith("RANKD_") and value is not None and "${" not in str(value)}
+    reranker = {key.removeprefix("reranker_"): fixed.pop(key) for key in list(fixed)
+                if key.startswith("reranker_")}
+    settings = Settings(**fixed, reranker=reranker)
+    assert settings.index_dir == (mounted / "index").resolve()
+    assert settings.embedder_model == str((mounted / "retriever").resolve())
+    expected = quantized if service == "api-pipeline-gpu" else mounted / "reranker"
+    assert Path(str(settings.reranker.model)).resolve() == expected.resolve()
+    # A copy that is not a quantized one of this pipeline's reranker is refused.
+    (quantized / "rankd_reranker.json").write_text(json.dumps(carried))
+    if service == "api-pipeline-gpu":
+        with pytest.raises(ValidationError, match="RANKD_RERANKER_MODEL=.* contradicts"):
+            Settings(**fixed, reranker=reranker)
