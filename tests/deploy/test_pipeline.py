@@ -96,7 +96,7 @@ def test_a_contradicting_setting_refuses_in_one_line(pipeline: dict[str, Any]) -
     assert "RANKD_EMBEDDER_MODEL=sentence-transformers/all-MiniLM-L6-v2 contradicts " \
            "RANKD_PIPELINE_DIR" in error["msg"]
     assert "\n" not in error["msg"]
-    with pytest.raises(ValidationError, match="holds no rankd_pipeline.json"):
+    with pytest.raises(ValidationError, match=r"holds no rankd_pipeline\.json"):
         Settings(pipeline_dir=pipeline["output"] / "index")
 
 
@@ -138,5 +138,5 @@ def test_the_compose_pipeline_services_settings_are_accepted(
     # A copy that is not a quantized one of this pipeline's reranker is refused.
     (quantized / "rankd_reranker.json").write_text(json.dumps(carried))
     if service == "api-pipeline-gpu":
-        with pytest.raises(ValidationError, match="RANKD_RERANKER_MODEL=.* contradicts"):
+        with pytest.raises(ValidationError, match=r"RANKD_RERANKER_MODEL=.* contradicts"):
             Settings(**fixed, reranker=reranker)
