@@ -51,3 +51,18 @@ class BackendError(RuntimeError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class OverBudgetError(ValueError):
+    """A request whose work, at the reranker's measured rate, would take longer alone than its
+    budget (RANKD_RERANKER_TIMEOUT_S): refused before it is queued, rather than run and timed
+    out. ``field`` is the request field whose length makes the work."""
+
+    def __init__(self, estimate_s: float, budget_s: float, field: str = "documents") -> None:
+        super().__init__(
+            f"{field} would take the reranker about {estimate_s:.1f} s alone at its measured "
+            f"rate, over its budget of {budget_s:g} s (RANKD_RERANKER_TIMEOUT_S); send fewer or "
+            "shorter documents, or a smaller max_tokens_per_doc")
+        self.estimate_s = estimate_s
+        self.budget_s = budget_s
+        self.field = field

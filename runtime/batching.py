@@ -195,6 +195,14 @@ class MicroBatcher(Generic[T, R]):
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    def predicted_seconds(self, items: Sequence[T]) -> float | None:
+        """How long ``items`` would take alone at the measured rate (their work, less what
+        prefix sharing computes once); None until a batch has run and measured it."""
+        if not self.rate:
+            return None
+        work = sum(self._cost(item) - self._shared_cost(item) for item in items)
+        return work / self.rate
+
     def check_capacity(self, items: int) -> None:
         """JobTooLargeError when ``items`` could never be queued at once."""
         if items > self.max_queue_depth:

@@ -35,6 +35,7 @@ from reranker import BackendError, ListwiseScorer, ListwiseScores, ListwiseTask
 from reranker.answer import fit_passages, format_context
 from reranker.backends import LabelLogprobBackend
 from reranker.config import LongItems
+from reranker.errors import OverBudgetError
 from reranker.fusion import Fusion
 from reranker.ranking import fused_order, rank_task
 from reranker.trained import TrainedSettings, with_trained_settings
@@ -115,6 +116,24 @@ def _truncation_warning(truncated: dict[int, tuple[int, int]], per_doc: int) -> 
     return (f"{len(truncated)} document(s) were cut to fit the model's context "
             f"(max_tokens_per_doc {per_doc}, then a fair share of each prompt), in tokens: "
             f"{shown}{more}; meta.truncated_documents lists them all")
+
+
+# /v1/rerank cuts a document to this many characters per token of its token cut before it is
+# tokenized, so that the tokenizer's work is bounded whatever the length: no tokenizer's tokens
+# average more characters than this over a page.
+CHARS_PER_TOKEN = 16
+# A request cut to fit the reranker's budget is aimed this far under it, and cut at most this
+# often (each cut is predicted again before anything runs).
+BUDGET_MARGIN = 0.8
+BUDGET_CUTS = 3
+MIN_TOKENS_PER_DOC = 16
+
+
+def _budget_warning(per_doc: int, estimate_s: float, budget_s: float) -> str:
+    return (f"the documents were cut further, to at most {per_doc} tokens each, to fit the "
+            f"reranker's budget of {budget_s:g} s (uncut, about {estimate_s:.1f} s); set "
+            "max_tokens_per_doc to choose the cut yourself (a request still over the budget "
+            "is then refused with 422)")
 
 
 def _ms(seconds: float) -> float:
@@ -377,24 +396,45 @@ class Engine:
                 f"documents holds {len(request.documents)} items, over the limit of {limit} "
                 "(RANKD_MAX_RERANK_DOCUMENTS)", "documents")
         texts = request.texts()
-        self._check_documents(texts, "documents")
-        windows = balanced_windows(len(texts), scorer.max_items)
         config = self.settings.reranker
         # Cohere cuts long documents rather than refusing them; an operator who wants refusals
-        # sets RANKD_RERANKER_LONG_ITEMS=refuse.
-        fit = (request.max_tokens_per_doc if config.long_items is LongItems.TRUNCATE else None)
-        tasks = [replace(ListwiseTask.for_query(
-                     config.rank_template, config.instruction, request.query,
-                     [texts[i] for i in window], [str(i) for i in window], request.orders,
-                     [f"documents[{i}]" for i in window]), prompt_field="documents",
-                     fit_items_within=fit)
-                 for window in windows]
-        try:
-            scored = await scorer.rank(tasks)
-        except JobTooLargeError as exc:
-            raise self._too_large(exc, "documents") from None
-        except BackendError as exc:
-            raise self._backend_failed(exc) from exc
+        # sets RANKD_RERANKER_LONG_ITEMS=refuse, and then RANKD_MAX_DOCUMENT_CHARS holds too.
+        truncate = config.long_items is LongItems.TRUNCATE
+        if not truncate:
+            self._check_documents(texts, "documents")
+        windows = balanced_windows(len(texts), scorer.max_items)
+        per_doc = request.max_tokens_per_doc
+        # What the model can read of one document: a fair share of a listwise prompt, or a
+        # pointwise prompt of its own; a cut to fit the budget scales down from there.
+        readable = scorer.limits.max_prompt_tokens // (
+            1 if scorer.pointwise is not None else max(len(w) for w in windows))
+        over_budget: OverBudgetError | None = None
+        for cuts in range(BUDGET_CUTS + 1):
+            chars = CHARS_PER_TOKEN * min(per_doc, scorer.limits.max_prompt_tokens)
+            cut_chars = [i for i, text in enumerate(texts) if truncate and len(text) > chars]
+            shown = [text[:chars] if truncate else text for text in texts]
+            tasks = [replace(ListwiseTask.for_query(
+                         config.rank_template, config.instruction, request.query,
+                         [shown[i] for i in window], [str(i) for i in window], request.orders,
+                         [f"documents[{i}]" for i in window]), prompt_field="documents",
+                         fit_items_within=per_doc if truncate else None)
+                     for window in windows]
+            try:
+                scored = await scorer.rank(tasks)
+                break
+            except JobTooLargeError as exc:
+                raise self._too_large(exc, "documents") from None
+            except BackendError as exc:
+                raise self._backend_failed(exc) from exc
+            except OverBudgetError as exc:
+                # Cut further only where the client left the cut to us (Cohere's default);
+                # a cut the client chose is refused at once, naming the estimate and budget.
+                if ("max_tokens_per_doc" in request.model_fields_set or not truncate
+                        or cuts == BUDGET_CUTS or per_doc <= MIN_TOKENS_PER_DOC):
+                    raise
+                over_budget = over_budget or exc
+                per_doc = max(MIN_TOKENS_PER_DOC, int(min(per_doc, readable) * BUDGET_MARGIN
+                                                      * exc.budget_s / exc.estimate_s))
         # Listwise probabilities are shares of a window and are merged by their lift over
         # chance; a pointwise P(yes) means the same in every window.
         scores = (merge_window_scores(windows, [s.probabilities for s in scored])
@@ -406,11 +446,20 @@ class Engine:
                      for i, cut in s.truncated.items()}
         meta: dict[str, object] = {"api_version": {"version": "2"},
                                    "billed_units": {"search_units": 1}}
+        warnings = []
+        if over_budget is not None:
+            warnings.append(_budget_warning(per_doc, over_budget.estimate_s,
+                                            over_budget.budget_s))
         if truncated:
             self.metrics.truncated_documents.inc(len(truncated))
-            meta["warnings"] = [_truncation_warning(truncated, request.max_tokens_per_doc)]
-            meta["truncated_documents"] = [{"index": i, "tokens": t, "kept_tokens": k}
-                                           for i, (t, k) in sorted(truncated.items())]
+            warnings.append(_truncation_warning(truncated, per_doc))
+            # A document cut in characters first counts the tokens of what was kept of it.
+            meta["truncated_documents"] = [
+                {"index": i, "tokens": t, "kept_tokens": k,
+                 **({"characters": len(texts[i])} if i in cut_chars else {})}
+                for i, (t, k) in sorted(truncated.items())]
+        if warnings:
+            meta["warnings"] = warnings
         self.metrics.stage_latency.labels("rerank").observe(time.perf_counter() - started)
         return RerankResponse(
             id=str(uuid.uuid4()),

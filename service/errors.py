@@ -15,7 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reranker.errors import BackendError, ItemTooLongError, PromptTooLongError, TooManyItemsError
+from reranker.errors import (
+    BackendError,
+    ItemTooLongError,
+    OverBudgetError,
+    PromptTooLongError,
+    TooManyItemsError,
+)
 from retriever.vocabulary import CollectionUnavailableError
 from runtime.batching import QueueFullError
 from service.protocol import ErrorBody
@@ -107,6 +113,8 @@ ERROR_TABLE: dict[type[Exception], HttpError] = {
     PromptTooLongError: HttpError(422, "limit_exceeded",
                                   "A prompt over the model's context or the configured limit"),
     ItemTooLongError: HttpError(422, "limit_exceeded", "An item over the per-item token limit"),
+    OverBudgetError: HttpError(422, "limit_exceeded",
+                               "Work that would take the reranker longer than its budget"),
     CollectionRequiredError: HttpError(422, "collection_required",
                                        "Several collections are loaded; name one"),
     QueueFullError: HttpError(429, "overloaded", "Overloaded: retry after the Retry-After header"),

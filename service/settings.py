@@ -49,7 +49,7 @@ class Settings(LogSettings, RetrieverSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="Seconds a connection has to send a complete request head, from its start or the end of the previous response; then 408 and closed (`rankd serve`).")
     body_timeout_s: float = Field(30.0, gt=0, description="Seconds a request body may pause between two of its parts before the request gets 408.")
     max_rerank_documents: int = Field(1000, ge=1, description="Most documents in one /v1/rerank request.")
-    max_document_chars: int = Field(20000, ge=1, description="Longest accepted document or option, in characters.")
+    max_document_chars: int = Field(20000, ge=1, description="Longest accepted /answer option or context passage, in characters. /v1/rerank documents of any length are cut to what the model reads instead (RANKD_RERANKER_LONG_ITEMS=truncate, the default); with refuse, this limit holds for them too.")
 
     # Security
     api_key: SecretStr | None = Field(None, description="Comma-separated API keys; when set, every route but /health, /ready and /metrics needs `Authorization: Bearer <key>`.")

@@ -13,7 +13,7 @@ from typing import Any
 
 from reranker.backends.base import LabelRead
 from reranker.config import RerankerConfig
-from reranker.errors import BackendError, RerankerConfigError
+from reranker.errors import BackendError, OverBudgetError, RerankerConfigError
 from reranker.models import declared_context_length
 from reranker.precision import DtypeChoice, choose_dtype
 from runtime.batching import (
@@ -483,11 +483,15 @@ class TransformersBackend:
         self._batcher.check_capacity(reads)
 
     async def label_logprobs(self, reads: Sequence[LabelRead]) -> list[list[float]]:
+        items = [_InProgress(r, _common_prefix(r.prompt_token_ids, reads[i - 1].prompt_token_ids,
+                                               len(r.prompt_token_ids) - 1) if i else 0)
+                 for i, r in enumerate(reads)]
+        # Admission by predicted cost: work that would run past the budget alone is refused
+        # before it holds the model, instead of timing out after it did.
+        predicted = self._batcher.predicted_seconds(items)
+        if predicted is not None and predicted > self.timeout_s:
+            raise OverBudgetError(predicted, self.timeout_s)
         try:
-            items = [_InProgress(r, _common_prefix(r.prompt_token_ids,
-                                                   reads[i - 1].prompt_token_ids,
-                                                   len(r.prompt_token_ids) - 1) if i else 0)
-                     for i, r in enumerate(reads)]
             return await asyncio.wait_for(self._batcher.submit_many(items), self.timeout_s)
         except TimeoutError:
             raise BackendError("timeout", f"transformers reranker took over {self.timeout_s}s") from None

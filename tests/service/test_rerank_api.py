@@ -79,7 +79,6 @@ async def test_more_documents_than_labels_are_ranked_in_windows(rerank_settings:
     ({"query": "q", "documents": ["a", 5]}, 422, "documents[1]"),
     ({"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
     ({"query": "q", "documents": ["a"] * 1001}, 422, "documents"),
-    ({"query": "q", "documents": ["a", "x" * 20001]}, 422, "documents[1]"),
     ({"documents": ["a"]}, 422, "query"),
 ])
 async def test_bad_rerank_input(rerank_settings: Any, body: dict[str, Any], status: int,
@@ -88,6 +87,39 @@ async def test_bad_rerank_input(rerank_settings: Any, body: dict[str, Any], stat
         response = await client.post("/v1/rerank", json=body)
     assert response.status_code == status
     assert response.json()["error"]["field"].startswith(field)
+
+
+async def test_refuse_keeps_the_character_limit(settings_factory: Any, tiny_lm: Path) -> None:
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm),
+                                reranker_long_items="refuse")
+    async with app_client(settings) as (_, client):
+        response = await client.post("/v1/rerank", json={"query": "q",
+                                                         "documents": ["a", "x" * 20001]})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "documents[1]"
+    assert "RANKD_MAX_DOCUMENT_CHARS" in error["message"]
+
+
+async def test_a_document_of_any_length_is_cut_not_refused(rerank_settings: Any) -> None:
+    """Past RANKD_MAX_DOCUMENT_CHARS and far past the model: cut in characters before it is
+    tokenized (the tokenizer's work bounded), then in tokens, and reported."""
+    long = "负数乘以负数得正数。" * 12000  # 120,000 characters
+    async with app_client(rerank_settings) as (_, client):
+        response = await client.post("/v1/rerank", json={
+            "query": "negative numbers", "documents": [DOCUMENTS[0], long, DOCUMENTS[1]],
+            "return_documents": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert sorted(r["index"] for r in body["results"]) == [0, 1, 2]
+    (cut,) = body["meta"]["truncated_documents"]
+    assert cut["index"] == 1
+    assert cut["characters"] == len(long)
+    assert cut["kept_tokens"] < cut["tokens"]
+    assert "1 document(s) were cut to fit" in body["meta"]["warnings"][0]
+    assert body["usage"]["truncated_documents"] == 1
+    # The document comes back whole: only what the model read was cut.
+    assert next(r for r in body["results"] if r["index"] == 1)["document"]["text"] == long
 
 
 async def test_without_a_reranker_the_endpoint_is_503(settings_factory: Any) -> None:
@@ -117,6 +149,31 @@ def test_the_cohere_sdk_talks_to_rankd(settings_factory: Any, tiny_lm: Path) -> 
     scores = [r.relevance_score for r in legacy.results]
     assert scores == sorted(scores, reverse=True)
     assert legacy.results[0].document.text == DOCUMENTS[legacy.results[0].index]
+
+
+def test_the_cohere_sdk_gets_pages_over_the_character_limit_ranked(
+        settings_factory: Any, tiny_lm: Path) -> None:
+    """Six pages of about 6,300 words (39,489 characters each), as a RAG pipeline sends them:
+    ranked and told what was cut, with and without max_tokens_per_doc."""
+    import cohere
+
+    settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm))
+    words = "negative numbers multiplied give a positive product and".split()
+    pages = [f"Page {i}: " + " ".join(words[j % len(words)] for j in range(6300))
+             for i in range(6)]
+    pages = [page[:39489] for page in pages]
+    assert all(len(page) == 39489 > settings.max_document_chars for page in pages)
+    with serve_in_thread(settings) as url:
+        client = cohere.ClientV2(base_url=url, api_key="none", timeout=120)
+        fitted = client.rerank(model="rankd", query="negative numbers", documents=pages)
+        capped = client.rerank(model="rankd", query="negative numbers", documents=pages,
+                               max_tokens_per_doc=256)
+    for answer, per_doc in ((fitted, 4096), (capped, 256)):
+        assert sorted(r.index for r in answer.results) == list(range(6))
+        assert answer.meta is not None
+        assert answer.meta.warnings
+        assert answer.meta.warnings[-1].startswith("6 document(s) were cut to fit")
+        assert f"max_tokens_per_doc {per_doc}" in answer.meta.warnings[-1]
 
 
 def test_the_cohere_sdk_gets_long_documents_ranked_and_told_what_was_cut(
