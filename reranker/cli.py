@@ -322,7 +322,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--warmup", type=float, default=defaults.warmup_ratio,
                        help="warm-up as a fraction of all steps")
     model.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                       help="prompts per forward pass")
+                       help="examples per forward pass (a listwise example holds one prompt "
+                            "per order it is shown in, a pointwise one N prompts)")
     model.add_argument("--gradient-accumulation", type=int,
                        default=defaults.gradient_accumulation,
                        help="forward passes per optimizer step")

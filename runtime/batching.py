@@ -19,8 +19,8 @@ each batch (up to ``max_batch_cost``, or ``max_batch_size`` items) is filled
   job larger than a batch still leaves the short jobs half of each.
 
 The batch function may answer ``UNFINISHED`` for an item it advanced but did not finish (a long
-prompt filled in chunks); the item goes back to its job for another turn, keeping the job's
-arrival, so other jobs' batches run between its turns. Work of a caller that went away (a
+prompt filled in chunks); the item goes back to the queue as a job of its own for another
+turn, keeping its arrival, so other jobs' batches run between its turns. Work of a caller that went away (a
 timeout, a client that disconnected) is dropped before its next turn.
 """
 

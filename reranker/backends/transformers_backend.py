@@ -97,7 +97,7 @@ def float32_output_layer(model: Any) -> None:
 def last_logits(model: Any, prompts: Sequence[Sequence[int]], pad_token_id: int,
                 device: str) -> Any:
     """One left-padded forward pass over whole prompts; the logits at each last position.
-    Serving runs it under inference mode, and training (reranker/training.py) with gradients."""
+    Serving runs it under inference mode, and training (reranker/training/examples.py) with gradients."""
     import torch
 
     width = max(len(p) for p in prompts)
@@ -394,7 +394,7 @@ class TransformersBackend:
 
     def last_logits(self, reads: Sequence[LabelRead]) -> Any:
         """The logits at each read's last position: serving runs it under inference mode, and
-        training (reranker/training.py) with gradients, so both read the model the same way."""
+        training (reranker/training/examples.py) with gradients, so both read the model the same way."""
         return self._last_logits_shared(reads) if self.prefix_sharing \
             else self._last_logits(reads)
 
