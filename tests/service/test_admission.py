@@ -18,7 +18,7 @@ import pytest
 from tests.support.apps import app_client
 
 BUDGET_S = 0.5
-WORDS = "the product of two negative numbers is positive because".split()
+WORDS = ["the", "product", "of", "two", "negative", "numbers", "is", "positive", "because"]
 
 
 def _document(tokens: int, seed: int) -> str:

@@ -158,7 +158,7 @@ def test_the_cohere_sdk_gets_pages_over_the_character_limit_ranked(
     import cohere
 
     settings = settings_factory(reranker_backend="transformers", reranker_model=str(tiny_lm))
-    words = "negative numbers multiplied give a positive product and".split()
+    words = ["negative", "numbers", "multiplied", "give", "a", "positive", "product", "and"]
     pages = [f"Page {i}: " + " ".join(words[j % len(words)] for j in range(6300))
              for i in range(6)]
     pages = [page[:39489] for page in pages]
