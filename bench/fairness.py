@@ -28,6 +28,7 @@ from typing import Any
 from rankd.devtools.ports import free_port
 from rankd.devtools.processes import stop_process
 from rankd.devtools.serving import start_child
+from reranker.config import RerankerConfig
 from reranker.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model_name
 
 
@@ -95,7 +96,8 @@ def main() -> None:
            "RANKD_PORT": str(port)}
     server = start_child([str(Path(sys.executable).parent / "rankd"), "serve"], env,
                          f"{url}/ready", "rankd serve", timeout_s=600)
-    timeout = float(os.environ.get("RANKD_RERANKER_TIMEOUT_S", "30"))
+    # The server's budget, read as the server reads it.
+    timeout = RerankerConfig.from_env().timeout_s
     solo: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="rankd-bench-fairness-") as tmp:

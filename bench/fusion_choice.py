@@ -40,11 +40,13 @@ from retriever.vocabulary import Hit  # noqa: E402
 K = 25
 
 
-def read_run(run: Path) -> list[tuple[EvalQuery, ListwiseScores]]:
-    """Every validation query of the run, with its scores as the scorer reported them."""
+def read_run(run: Path, names: Sequence[str] = ("fusion_scores.jsonl", "validation_scores.jsonl"),
+             ) -> list[tuple[EvalQuery, ListwiseScores]]:
+    """The run's queries in the score files ``names`` (default: every validation query; a run
+    with a test split reports its test questions in test_scores.jsonl, never read here unless
+    named), with their scores as the scorer reported them."""
     found = []
-    # A run with a test split reports test questions in test_scores.jsonl: never read here.
-    for name in ("fusion_scores.jsonl", "validation_scores.jsonl"):
+    for name in names:
         if not (run / name).is_file():
             continue
         lines = (run / name).read_text(encoding="utf-8").splitlines()[1:]
@@ -73,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rows = read_run(args.run)
-    n = len(rows[0][0].hits) - len(json.loads(
-        (args.run / "validation_scores.jsonl").read_text().splitlines()[1])["tail"])
+    # The N the scores were read at, as the run wrote it.
+    n = int(json.loads((args.run / "fusion_scores.jsonl").read_text(encoding="utf-8")
+                       .splitlines()[0])["header"]["candidates"])
     methods = [Fusion.RRF, Fusion.LINEAR]
     if rows[0][1].agreement is not None:
         methods.append(Fusion.CONSENSUS)

@@ -3,9 +3,10 @@
 A run's report splits its validation queries into seen and unseen by its own examples (a
 misconception some training example had as its positive), so two runs with different examples
 split the queries differently. This bench splits them by the training split's positives (every
-pair left after validation, the same for every run of one seed and validation fraction), and
-gives each run's gain on both parts under the fusion it wrote to ``rankd_reranker.json``, from
-the scores it wrote (``validation_scores.jsonl``). No model runs; it takes seconds.
+pair left after validation and test, the same for every run of one split, which each run's
+report records), and gives each run's gain on both parts of its reported questions under the
+fusion it wrote to ``rankd_reranker.json``, from the scores it wrote (``test_scores.jsonl``, or
+``validation_scores.jsonl`` for a run without a test split). No model runs; it takes seconds.
 
     .venv/bin/python bench/gain_by_seen.py --train ../shared/data/eedi/train.csv \\
         ../runs/arm-lr3e-4 ../runs/arm-crossfit
@@ -25,9 +26,9 @@ sys.path.insert(0, str(REPO))
 from bench.fusion_choice import K, read_run  # noqa: E402
 from reranker.fusion import Fusion  # noqa: E402
 from reranker.trained import SERVING_FILE  # noqa: E402
-from reranker.training import FUSION_SCORES_FILE, ranked_ids  # noqa: E402
+from reranker.training import FUSION_SCORES_FILE, TEST_SCORES_FILE, ranked_ids  # noqa: E402
 from retriever.evaluation import average_precision, paired_bootstrap  # noqa: E402
-from retriever.pairs import read_pairs, split_pairs  # noqa: E402
+from retriever.pairs import REPORT_FILE, read_pairs, split_pairs  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,17 +36,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="train-reranker output directories")
     parser.add_argument("--train", required=True, help="the labelled pairs the runs trained on")
     parser.add_argument("--format", default="eedi", choices=["eedi", "jsonl"])
-    parser.add_argument("--validation-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
-    trained = split_pairs(read_pairs(args.train, args.format), args.validation_fraction,
-                          seed=args.seed).trained_ids
+    pairs = read_pairs(args.train, args.format)
     for run in args.runs:
+        # The run's own split, as its report records it.
+        config = json.loads((run / REPORT_FILE).read_text(encoding="utf-8"))["config"]
+        split = split_pairs(pairs, config["validation_fraction"], seed=config["seed"],
+                            test_fraction=config.get("test_fraction", 0.0))
+        trained = split.trained_ids
         served = json.loads((run / SERVING_FILE).read_text(encoding="utf-8"))
         fusion, weight = Fusion(served["fusion"]), float(served["fusion_weight"])
         header = json.loads((run / FUSION_SCORES_FILE).read_text(encoding="utf-8")
                             .splitlines()[0])["header"]
-        reported = read_run(run)[header["queries"]:]  # the fusion's queries come first
+        reported = (read_run(run, [TEST_SCORES_FILE]) if split.test
+                    else read_run(run)[header["queries"]:])  # the fusion's queries come first
         candidates = int(header["candidates"])  # the N the scores were read at
         parts: dict[str, list[tuple[float, float]]] = {"seen": [], "unseen": []}
         after, before, groups = {}, {}, {}

@@ -589,3 +589,19 @@ def test_cross_fitted_candidates_come_from_the_retriever_that_left_their_questio
         refused = _config(tmp_path / "refused", tiny_lm, fold_retrievers=retrievers)
         with pytest.raises(RerankerTrainingError, match=message):
             train_reranker(pairs, _entries(), refused, eedi_csv, "eedi")
+
+
+def test_the_benches_read_a_runs_own_split_and_n(trained: dict[str, Any], eedi_csv: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/gain_by_seen.py takes the split from the run's report (its test questions are
+    what it reports) and bench/fusion_choice.py the N from its score file's header."""
+    from bench.fusion_choice import main as fusion_choice
+    from bench.gain_by_seen import main as gain_by_seen
+
+    report = trained["report"]
+    assert gain_by_seen(["--train", str(eedi_csv), str(trained["output"])]) == 0
+    printed = capsys.readouterr().out
+    queries = report["split"]["evaluated_queries"]
+    assert f"{queries} queries, gain {report['fine_tuned']['gain']['gain']:+.4f}" in printed
+    assert fusion_choice([str(trained["output"]), "--splits", "3"]) == 0
+    assert capsys.readouterr().out
