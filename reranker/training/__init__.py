@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ from reranker.training.config import (
 )
 from reranker.training.data import (
     FoldRetriever,
+    TrainingData,
     fold_retrievers,
     retrieve_candidates,
     split_for_training,
@@ -55,13 +56,20 @@ from reranker.training.data import (
 from reranker.training.evaluate import (
     FUSION_SMOOTHING,
     EvalQuery,
+    FusionChoice,
     RerankEvaluator,
     carried_gain,
     choose_fusion,
     fusions_for,
     ranked_ids,
 )
-from reranker.training.examples import PromptBuilder, build_examples, example_loss
+from reranker.training.examples import (
+    Example,
+    ExampleStats,
+    PromptBuilder,
+    build_examples,
+    example_loss,
+)
 from reranker.training.fit import fit, freeze_below, lora, save_model, trainable
 from retriever.pairs import REPORT_FILE
 from runtime.paths import select_device
@@ -91,32 +99,39 @@ def _write_report(output: Path, report: dict[str, Any]) -> None:
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
-def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry],
-                   config: RerankerTrainingConfig, train_file: Path, train_format: str,
-                   instruction: str | None = None) -> dict[str, Any]:
-    """Train, save the model to ``config.output_dir``, choose its fusion, evaluate and write the
-    report."""
-    config.check()
-    import torch
-    from transformers import AutoModelForCausalLM
+@dataclass
+class _Prepared:
+    """What the stages before training produce: the split, the candidates, the prompts."""
 
+    output: Path
+    data: TrainingData
+    reported_on: str  # "test", or "validation" without a test split
+    reported_path: Path
+    folds: list[FoldRetriever]
+    tokenizer: Any
+    location: str
+    builder: PromptBuilder
+    instruction: str
+    examples: list[Example]
+    stats: ExampleStats
+    fusion_queries: list[EvalQuery]
+    report_queries: list[EvalQuery]
+
+
+def _prepare(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry],
+             config: RerankerTrainingConfig, train_file: Path, train_format: str,
+             instruction: str | None, seconds: dict[str, Any]) -> _Prepared:
+    """The split and its files, each query's candidates as the service retrieves them, and the
+    training examples rendered by serving's renderer."""
     from reranker.models import resolve_model
     from reranker.prompt import load_tokenizer
     from retriever.pairs import check_positives, prepare_output, write_validation_file
-    from retriever.training_components import peak_rss_mib
     from retriever.vocabulary import Hit
 
     check_positives(pairs, entries)
     folds = fold_retrievers(config)
     output = Path(config.output_dir)
     prepare_output(output, config.overwrite)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    seconds: dict[str, Any] = {}
-    device = select_device(config.device)
-    torch.manual_seed(config.seed)
-
     data = split_for_training(pairs, config)
     reported_on = "test" if data.split.test else "validation"
     # The reported questions' file (for `rankd batch` and `rankd eval` through the service),
@@ -150,52 +165,108 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
                           eval_hits[k], bool(validation.relevant[k] & trained_ids),
                           validation.groups[k]) for k in keys]
 
-    fusion_queries, report_queries = queries(data.fusion_keys), queries(data.eval_keys)
-    everything = RerankEvaluator(fusion_queries + report_queries, builder, config)
-    evaluator = RerankEvaluator(report_queries, builder, config)
-    curve_evaluator = evaluator.subset(config.curve_queries)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    served_dtype = choose_dtype(config.reranker.dtype, device)
-    precision = training_precision(served_dtype, device)
+    return _Prepared(output, data, reported_on, reported_path, folds, tokenizer, location,
+                     builder, instruction, examples, stats, queries(data.fusion_keys),
+                     queries(data.eval_keys))
+
+
+class _InTraining:
+    """The model in training, read as training reads it (frozen weights in the compute dtype,
+    trainable ones float32, under autocast where that dtype is not float32), and the learning
+    curve's evaluations of it."""
+
+    def __init__(self, model: Any, config: RerankerTrainingConfig, device: str, pad: int,
+                 precision: DtypeChoice, curve: RerankEvaluator) -> None:
+        self.model, self.config, self.device, self.pad = model, config, device, pad
+        self.precision, self.curve = precision, curve
+        self.points: list[tuple[int, int, list[ListwiseScores]]] = []
+
+    def weights(self) -> LoadedModel:
+        inner = (self.model.get_base_model() if self.config.method is TuningMethod.LORA
+                 else self.model)
+        return LoadedModel(inner, self.device, self.pad, self.precision,
+                           autocast=self.precision.name != "float32")
+
+    def score(self, evaluator: RerankEvaluator) -> list[ListwiseScores]:
+        self.model.eval()  # LoRA starts at zero: the peft model is the base
+        try:
+            return evaluator.score(self.weights())
+        finally:
+            self.model.train()
+
+    def __call__(self, step: int, seen: int) -> str:
+        """A learning-curve point, during training."""
+        scores = self.score(self.curve)
+        self.points.append((step, seen, scores))
+        alone = self.curve.figures(scores, Fusion.NONE, 0)["map"]
+        return f"reranker alone MAP@{self.config.k} {alone}"
+
+
+def _load_for_training(config: RerankerTrainingConfig, location: str, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model: Any = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
     model = model.to(device)
     if config.method is TuningMethod.LORA:
-        model = lora(model, config)
-    elif config.train_layers:
+        return lora(model, config)
+    if config.train_layers:
         freeze_below(model, config.train_layers)
-    n_trainable, n_total = trainable(model)
-    log.info("%d of %d parameters train (%s) in %s; %d examples, %d prompts", n_trainable,
-             n_total, config.method, precision, len(examples), stats.prompts)
-    retrieval = config.retrieval
-    report: dict[str, Any] = {
+    return model
+
+
+def _figures(evaluator: RerankEvaluator, scored: list[ListwiseScores], choice: FusionChoice,
+             dtype: str) -> dict[str, Any]:
+    """A model's figures on the reported queries: alone, under the service's default fusion,
+    under the chosen one, and the chosen one's gain over retrieval with its interval."""
+    found: dict[str, Any] = {
+        Fusion.NONE.value: evaluator.figures(scored, Fusion.NONE, 0.0),
+        DEFAULT_FUSION.value: evaluator.figures(scored, DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT),
+        "served": {"fusion": choice.fusion.value,
+                   **evaluator.figures(scored, choice.fusion, choice.weight)},
+        "gain": evaluator.gain(scored, choice.fusion, choice.weight),
+        "dtype": dtype}
+    agreement = evaluator.agreement(scored)
+    if agreement is not None:
+        found["mean_agreement"] = agreement
+    return found
+
+
+def _report_head(config: RerankerTrainingConfig, run: _Prepared, pairs: int, device: str,
+                 precision: DtypeChoice, served_dtype: DtypeChoice, parameters: tuple[int, int],
+                 evaluator: RerankEvaluator, curve: RerankEvaluator,
+                 seconds: dict[str, Any]) -> dict[str, Any]:
+    """The report before training: the split, the examples and retrieval's figures."""
+    data, retrieval = run.data, config.retrieval
+    return {
         "status": "training",
         "base_model": config.reranker.model,
-        "output": str(output.resolve()),
-        "reported_file": str(reported_path.resolve()),
-        "reported_on": reported_on,
+        "output": str(run.output.resolve()),
+        "reported_file": str(run.reported_path.resolve()),
+        "reported_on": run.reported_on,
         "device": device,
         "precision": {"training": str(precision), "serving": str(served_dtype)},
         "config": _plain({**asdict(config), "retrieval": None}),
         "scoring": config.scoring.value,
-        "instruction": instruction,
+        "instruction": run.instruction,
         "retriever": {"model": config.retriever,
                       "backend": retrieval.embedder_backend.value,
                       "quantization": retrieval.embedder_quantization.value,
                       "device": retrieval.embedder_device,
                       **_retriever_report(config.retriever),
-                      "cross_fit": _cross_fit_report(folds, data.train_pairs, config.seed)},
-        "parameters": {"trainable": n_trainable, "total": n_total},
-        "split": {"pairs": len(pairs), "train_pairs": len(data.split.train),
+                      "cross_fit": _cross_fit_report(run.folds, data.train_pairs, config.seed)},
+        "parameters": {"trainable": parameters[0], "total": parameters[1]},
+        "split": {"pairs": pairs, "train_pairs": len(data.split.train),
                   "validation_pairs": len(data.split.validation),
                   "validation_questions": len({p.group for p in data.split.validation}),
                   "test_pairs": len(data.split.test),
                   "test_questions": len({p.group for p in data.split.test}),
                   "fusion_questions": len(data.fusion_groups),
-                  "fusion_queries": len(fusion_queries),
+                  "fusion_queries": len(run.fusion_queries),
                   "evaluated_questions": len(data.eval_groups),
-                  "evaluated_queries": len(report_queries),
-                  "curve_queries": len(curve_evaluator.queries)},
-        "examples": stats.summary(),
+                  "evaluated_queries": len(run.report_queries),
+                  "curve_queries": len(curve.queries)},
+        "examples": run.stats.summary(),
         "trained_groups": sorted({p.group for p in data.train_pairs}),
         "validation_groups": sorted({p.group for p in data.split.validation}),
         "test_groups": sorted({p.group for p in data.split.test}),
@@ -203,45 +274,59 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
         "ceiling": evaluator.ceiling(),
         "seconds": seconds,
     }
+
+
+def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry],
+                   config: RerankerTrainingConfig, train_file: Path, train_format: str,
+                   instruction: str | None = None) -> dict[str, Any]:
+    """Train, save the model to ``config.output_dir``, choose its fusion, evaluate and write the
+    report: the stages in order (see the module's docstring)."""
+    config.check()
+    import torch
+
+    from retriever.training_components import peak_rss_mib
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    seconds: dict[str, Any] = {}
+    device = select_device(config.device)
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run = _prepare(pairs, entries, config, train_file, train_format, instruction, seconds)
+    output = run.output
+    everything = RerankEvaluator(run.fusion_queries + run.report_queries, run.builder, config)
+    evaluator = RerankEvaluator(run.report_queries, run.builder, config)
+    curve_evaluator = evaluator.subset(config.curve_queries)
+    pad = (run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None
+           else run.tokenizer.eos_token_id)
+    served_dtype = choose_dtype(config.reranker.dtype, device)
+    precision = training_precision(served_dtype, device)
+    model = _load_for_training(config, run.location, device)
+    n_trainable, n_total = trainable(model)
+    log.info("%d of %d parameters train (%s) in %s; %d examples, %d prompts", n_trainable,
+             n_total, config.method, precision, len(run.examples), run.stats.prompts)
+    report = _report_head(config, run, len(pairs), device, precision, served_dtype,
+                          (n_trainable, n_total), evaluator, curve_evaluator, seconds)
     _write_report(output, report)
 
-    def training_weights() -> LoadedModel:
-        """The model in training, read as training reads it (frozen weights in the compute
-        dtype, trainable ones float32, under autocast where that dtype is not float32)."""
-        inner = model.get_base_model() if config.method is TuningMethod.LORA else model
-        return LoadedModel(inner, device, int(pad), precision,
-                           autocast=precision.name != "float32")
-
-    curve_points: list[tuple[int, int, list[ListwiseScores]]] = []
-
-    def score_curve(step: int, seen: int) -> str:
-        model.eval()
-        try:
-            scores = curve_evaluator.score(training_weights())
-        finally:
-            model.train()
-        curve_points.append((step, seen, scores))
-        return f"reranker alone MAP@{config.k} {curve_evaluator.figures(scores, Fusion.NONE, 0)['map']}"
-
+    in_training = _InTraining(model, config, device, int(pad), precision, curve_evaluator)
     stage = time.perf_counter()
     base_scores: list[ListwiseScores] | None = None
     if config.base_eval:
-        model.eval()  # LoRA starts at zero: the peft model is the base
-        base_scores = everything.score(training_weights())
-        model.train()
-        curve_points.append((0, 0, base_scores[len(fusion_queries):]
-                             [: len(curve_evaluator.queries)]))
+        base_scores = in_training.score(everything)
+        in_training.points.append((0, 0, base_scores[len(run.fusion_queries):]
+                                   [: len(curve_evaluator.queries)]))
     seconds["evaluate_base"] = round(time.perf_counter() - stage, 1)
 
-    fitted = fit(model, examples, config, device, int(pad), output, precision, score_curve)
+    fitted = fit(model, run.examples, config, device, int(pad), output, precision, in_training)
     seconds["train"] = round(fitted.train_seconds, 1)
     seconds["evaluate_curve"] = round(fitted.curve_seconds, 1)
-    seconds["train_per_example"] = round(fitted.train_seconds / (len(examples) * config.epochs),
-                                         3)
+    seconds["train_per_example"] = round(
+        fitted.train_seconds / (len(run.examples) * config.epochs), 3)
 
     stage = time.perf_counter()
-    save_model(fitted, tokenizer, config, output,
-               served_settings(config.reranker, instruction, config.candidates))
+    save_model(fitted, run.tokenizer, config, output,
+               served_settings(config.reranker, run.instruction, config.candidates))
     seconds["save"] = round(time.perf_counter() - stage, 1)
     report.update(status="trained; evaluating", train_loss=fitted.loss,
                   peak_rss_mib=round(peak_rss_mib(), 1))
@@ -251,47 +336,36 @@ def train_reranker(pairs: Sequence[TrainingPair], entries: Sequence[CatalogEntry
     stage = time.perf_counter()
     served = config.reranker.model_copy(update={"model": str(output), "backend": "transformers",
                                                 "device": device})
-    scores = everything.score(TransformersBackend.load(served, tokenizer))
-    fusion_scores, report_scores = scores[:len(fusion_queries)], scores[len(fusion_queries):]
+    scores = everything.score(TransformersBackend.load(served, run.tokenizer))
+    n_fusion = len(run.fusion_queries)
+    fusion_scores, report_scores = scores[:n_fusion], scores[n_fusion:]
     seconds["evaluate_fine_tuned"] = round(time.perf_counter() - stage, 1)
-    choice = choose_fusion(fusion_queries, fusion_scores, config.candidates, config.k,
-                           fusions_for(config.scoring, config.reranker.orders))
-    write_served_settings(output, served_settings(config.reranker, instruction,
+    methods = fusions_for(config.scoring, config.reranker.orders)
+    choice = choose_fusion(run.fusion_queries, fusion_scores, config.candidates, config.k,
+                           methods)
+    write_served_settings(output, served_settings(config.reranker, run.instruction,
                                                   config.candidates, choice.served()))
     header = {"command": "rankd train-reranker", "candidates": config.candidates,
               "reranker": f"{config.scoring} {output}", "embedder": config.retriever}
-    RerankEvaluator(fusion_queries, builder, config).write_scores(
-        output / FUSION_SCORES_FILE, {**header, "queries": len(fusion_queries),
-                                      "use": "fusion choice"}, fusion_scores)
-    evaluator.write_scores(output / (TEST_SCORES_FILE if data.split.test else SCORES_FILE),
-                           {**header, "queries": len(report_queries),
-                            "use": f"reported ({reported_on})"}, report_scores)
-    carried = carried_gain(fusion_queries, fusion_scores, config.candidates, config.k,
-                           fusions_for(config.scoring, config.reranker.orders), config.seed)
+    RerankEvaluator(run.fusion_queries, run.builder, config).write_scores(
+        output / FUSION_SCORES_FILE, {**header, "queries": n_fusion, "use": "fusion choice"},
+        fusion_scores)
+    evaluator.write_scores(output / (TEST_SCORES_FILE if run.data.split.test else SCORES_FILE),
+                           {**header, "queries": len(run.report_queries),
+                            "use": f"reported ({run.reported_on})"}, report_scores)
+    carried = carried_gain(run.fusion_queries, fusion_scores, config.candidates, config.k,
+                           methods, config.seed)
 
-    def figures(chosen: RerankEvaluator, scored: list[ListwiseScores],
-                dtype: str) -> dict[str, Any]:
-        found: dict[str, Any] = {
-            Fusion.NONE.value: chosen.figures(scored, Fusion.NONE, 0.0),
-            DEFAULT_FUSION.value: chosen.figures(scored, DEFAULT_FUSION, DEFAULT_FUSION_WEIGHT),
-            "served": {"fusion": choice.fusion.value,
-                       **chosen.figures(scored, choice.fusion, choice.weight)},
-            "gain": chosen.gain(scored, choice.fusion, choice.weight),
-            "dtype": dtype}
-        agreement = chosen.agreement(scored)
-        if agreement is not None:
-            found["mean_agreement"] = agreement
-        return found
-
-    fine_tuned = figures(evaluator, report_scores, served_dtype.name)
-    base = (figures(evaluator, base_scores[len(fusion_queries):], precision.name)
+    fine_tuned = _figures(evaluator, report_scores, choice, served_dtype.name)
+    base = (_figures(evaluator, base_scores[n_fusion:], choice, precision.name)
             if base_scores is not None else None)
     final_on_curve = report_scores[: len(curve_evaluator.queries)]
     curve = [{"step": step, "examples": seen,
-              **{k: v for k, v in figures(curve_evaluator, scored, precision.name).items()
+              **{k: v for k, v in _figures(curve_evaluator, scored, choice,
+                                           precision.name).items()
                  if k in (Fusion.NONE.value, "served")}}
-             for step, seen, scored in [*curve_points, (fitted.steps, round(
-                 len(examples) * config.epochs), final_on_curve)]]
+             for step, seen, scored in [*in_training.points, (fitted.steps, round(
+                 len(run.examples) * config.epochs), final_on_curve)]]
     seconds["total"] = round(time.perf_counter() - started, 1)
     seconds["cpu_total"] = round(time.process_time() - cpu_started, 1)
     report.update(status="complete", fusion={

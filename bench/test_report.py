@@ -1,0 +1,73 @@
+"""The retrievers' figures on the test questions, which nothing trained or chose on: run once,
+at the end, after validation has chosen.
+
+For each embedder (a model name or a `rankd train-retriever` output), MAP@25, recall@25 and
+recall@1 of dense retrieval over the whole catalogue, overall, seen and unseen (a
+misconception among the training split's positives), and the gain over the first one with its
+95% interval by a paired bootstrap over questions. The split is the trainers' (seeded, by
+question); the query text is `rankd batch`'s.
+
+    .venv/bin/python bench/test_report.py --data path/to/eedi \
+        sentence-transformers/all-MiniLM-L6-v2 ../runs/retriever-baseline ../runs/retriever-neg3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.hybrid_retrieval import K, _dense, _ranked  # noqa: E402
+from retriever.catalog import read_catalog  # noqa: E402
+from retriever.evaluation import average_precisions, paired_bootstrap, summarize  # noqa: E402
+from retriever.pairs import read_pairs, split_pairs, validation_set  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="embedders; the first is the baseline")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder with Eedi's train.csv and misconception_mapping.csv")
+    parser.add_argument("--validation-fraction", type=float, default=0.2)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    entries = read_catalog(args.data / "misconception_mapping.csv", "MisconceptionId",
+                           "MisconceptionName")
+    ids, catalogue = [e.id for e in entries], [e.text for e in entries]
+    split = split_pairs(read_pairs(args.data / "train.csv", "eedi"), args.validation_fraction,
+                        seed=args.seed, test_fraction=args.test_fraction)
+    test = validation_set(replace(split, validation=split.test))
+    keys = sorted(test.queries)
+    print(json.dumps({"host": platform.processor() or platform.machine(),
+                      "load_average": os.getloadavg(), "test_queries": len(keys),
+                      "test_questions": len(set(test.groups.values()))}))
+    baseline: dict[str, float] | None = None
+    for model in args.models:
+        started = time.perf_counter()
+        ranked = _ranked(_dense(model, [test.queries[k] for k in keys], catalogue), keys, ids)
+        per_query = average_precisions(ranked, test.relevant, K)
+        row: dict[str, object] = {"model": model,
+                                  **summarize(ranked, test.relevant, K, test.seen)}
+        if baseline is None:
+            baseline = per_query
+        else:
+            gain = paired_bootstrap(per_query, baseline, test.groups)
+            row["gain_over_first"] = {k: round(v, 4) if isinstance(v, float) else v
+                                      for k, v in gain.items()}
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
