@@ -3,7 +3,7 @@
 The real app (create_app, its lifespan, the ASGI routes, one event loop) with the tiny test LM
 (rankd/devtools/tiny_lm.py) reranks 1,000 documents of 400 characters (39 windows, 78 prompts)
 while ``/health`` is probed every 20 ms; each round prints the worst and the median probe.
-Figures in docs/benchmarks.md, "The engine reshaping":
+Figures in docs/experiments.md, "The engine reshaping":
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/loop_free.py --rounds 3
 """

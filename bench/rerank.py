@@ -10,7 +10,7 @@
    control, the highest level with micro-batching off (RANKD_RERANKER_BATCH_SIZE=1). On the tiny
    LM, or on the real model with ``--batching-model smollm2-135m-instruct``.
 
-Run from the repository root (figures go to docs/benchmarks.md, "## Reranker"):
+Run from the repository root (figures go to docs/experiments.md, "## Reranker"):
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
 

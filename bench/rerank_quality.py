@@ -17,7 +17,7 @@ rerank latency per query (the app's ``timings_ms.rerank``) for each order scheme
 the share of queries whose most probable label is "A", the mean probability by label position,
 and the mean gap between a candidate's probabilities in the two orders.
 
-Run from the repository root on a quiet machine (figures in docs/benchmarks.md,
+Run from the repository root on a quiet machine (figures in docs/experiments.md,
 "Rerank quality"):
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank_quality.py --data ../shared/data/eedi \\

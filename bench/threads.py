@@ -11,7 +11,7 @@ For each setting, the real app (in process, ASGI) serves at once, for --seconds:
 - a /health probe every 50 ms (the event loop's responsiveness).
 
 Reported: rerank latency (median, p90), retrieval throughput, /health p99. Run on a quiet
-machine (figures in docs/benchmarks.md, "Threads"):
+machine (figures in docs/experiments.md, "Threads"):
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/threads.py
 """

@@ -6,7 +6,7 @@ float32 elsewhere:
 - a CUDA GPU: bfloat16 where it is supported, else float16;
 - a CPU with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16: bfloat16. Measured on
   SmolLM2-135M with 2 AMX cores: 3.5x float32's speed, the same top label, MAP@25 unchanged
-  (docs/benchmarks.md, "bf16 on CPUs that have it");
+  (docs/experiments.md, "bf16 on CPUs that have it");
 - any other CPU (AVX2 only): float32. bfloat16 is emulated there and is slower than float32
   (measured in the same section).
 

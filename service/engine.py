@@ -191,7 +191,7 @@ class Engine:
                 raise
         # Everything loaded so far lives as long as the engine. Freezing it keeps the collector
         # from walking the models' millions of objects in a full collection, which otherwise
-        # lands on some request as a 0.3 s pause of the event loop (docs/benchmarks.md).
+        # lands on some request as a 0.3 s pause of the event loop (docs/experiments.md).
         gc.collect()
         gc.freeze()
         engine = cls(settings, metrics, retrieval, scorer)

@@ -63,7 +63,7 @@ async def test_int8_smollm2_agrees_with_float32(smollm2: Path,
         correlations.append(float(np.corrcoef(fp32, int8)[0, 1]))
     print(f"\nint8 against float32, Pearson correlation per query: {correlations}")
     # A different model, close to the original: on 200 Eedi queries the two agree on the top
-    # candidate for 54% and correlate at 0.72 (Spearman, docs/benchmarks.md). The activations'
+    # candidate for 54% and correlate at 0.72 (Spearman, docs/experiments.md). The activations'
     # int8 scale is set per batch, so the figures depend on what is batched together.
     assert scores["none"] != scores["int8"]
     assert sum(correlations) / len(correlations) > 0.7

@@ -30,7 +30,7 @@ OPENVINO = EmbedderVariant(EmbedderBackend.OPENVINO)
 OPENVINO_INT8 = EmbedderVariant(EmbedderBackend.OPENVINO, EmbedderQuantization.INT8)
 VARIANTS = [ONNX, ONNX_INT8, OPENVINO, OPENVINO_INT8]
 # Largest difference from the float32 torch vectors of the same texts: float32 graphs agree to
-# rounding; int8 ones are further apart (Eedi figures in docs/benchmarks.md).
+# rounding; int8 ones are further apart (Eedi figures in docs/experiments.md).
 MIN_COSINE = {ONNX: 0.9999, OPENVINO: 0.999, ONNX_INT8: 0.95, OPENVINO_INT8: 0.93}
 
 
