@@ -1,5 +1,6 @@
 """The retrievers' figures on the test questions, which nothing trained or chose on: run once,
-at the end, after validation has chosen.
+at the end, after validation has chosen (``--split validation`` compares arms where the
+choosing is done).
 
 For each embedder (a model name or a `rankd train-retriever` output), MAP@25, recall@25 and
 recall@1 of dense retrieval over the whole catalogue, overall, seen and unseen (a
@@ -40,17 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="validation: compare arms where choices are made (as often as "
+                             "needed); test: the report, once, at the end")
     args = parser.parse_args(argv)
     entries = read_catalog(args.data / "misconception_mapping.csv", "MisconceptionId",
                            "MisconceptionName")
     ids, catalogue = [e.id for e in entries], [e.text for e in entries]
     split = split_pairs(read_pairs(args.data / "train.csv", "eedi"), args.validation_fraction,
                         seed=args.seed, test_fraction=args.test_fraction)
-    test = validation_set(replace(split, validation=split.test))
+    test = validation_set(split if args.split == "validation"
+                          else replace(split, validation=split.test))
     keys = sorted(test.queries)
     print(json.dumps({"host": platform.processor() or platform.machine(),
-                      "load_average": os.getloadavg(), "test_queries": len(keys),
-                      "test_questions": len(set(test.groups.values()))}))
+                      "load_average": os.getloadavg(), "split": args.split,
+                      "queries": len(keys), "questions": len(set(test.groups.values()))}))
     baseline: dict[str, float] | None = None
     for model in args.models:
         started = time.perf_counter()
