@@ -118,9 +118,9 @@ def _truncation_warning(truncated: dict[int, tuple[int, int]], per_doc: int) -> 
             f"{shown}{more}; meta.truncated_documents lists them all")
 
 
-# /v1/rerank cuts a document to this many characters per token of its token cut before it is
-# tokenized, so that the tokenizer's work is bounded whatever the length: no tokenizer's tokens
-# average more characters than this over a page.
+# /v1/rerank cuts a document longer than RANKD_MAX_DOCUMENT_CHARS to this many characters per
+# token of its token cut before it is tokenized, so that the tokenizer's work is bounded
+# whatever the length: no tokenizer's tokens average more characters than this over a page.
 CHARS_PER_TOKEN = 16
 # A request cut to fit the reranker's budget is aimed this far under it, and cut at most this
 # often (each cut is predicted again before anything runs).
@@ -410,7 +410,10 @@ class Engine:
             1 if scorer.pointwise is not None else max(len(w) for w in windows))
         over_budget: OverBudgetError | None = None
         for cuts in range(BUDGET_CUTS + 1):
-            chars = CHARS_PER_TOKEN * min(per_doc, scorer.limits.max_prompt_tokens)
+            # Documents up to RANKD_MAX_DOCUMENT_CHARS (all that was accepted before) are
+            # tokenized whole, so their reported tokens are exact; longer ones are cut first.
+            chars = max(self.settings.max_document_chars,
+                        CHARS_PER_TOKEN * min(per_doc, scorer.limits.max_prompt_tokens))
             cut_chars = [i for i, text in enumerate(texts) if truncate and len(text) > chars]
             shown = [text[:chars] if truncate else text for text in texts]
             tasks = [replace(ListwiseTask.for_query(
