@@ -111,9 +111,22 @@ def _stage_commands(args: argparse.Namespace, output: Path) -> list[tuple[str, l
     ]
 
 
-def _train_pipeline(args: argparse.Namespace) -> int:
-    from rankd.cli import main
+def _run_stage(argv: list[str]) -> int:
+    """One stage's command, parsed and run as `rankd` runs it."""
+    from reranker.cli import register as reranker_commands
+    from retriever.cli import register as retriever_commands
 
+    parser = argparse.ArgumentParser(prog="rankd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    retriever_commands(sub)
+    reranker_commands(sub)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    code: int = args.handler(args)
+    return code
+
+
+def _train_pipeline(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         if not args.overwrite:
@@ -135,7 +148,7 @@ def _train_pipeline(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         # Each stage prints its own JSON summary; the pipeline's stdout is its manifest alone.
         with contextlib.redirect_stdout(sys.stderr):
-            code = main(command)
+            code = _run_stage(command)
         seconds[stage] = round(time.perf_counter() - started, 1)
         if code != 0:
             _write(output, _manifest(output, f"failed at the {stage}", argv, seconds))
