@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from retriever.catalog import read_catalog  # noqa: E402
 from retriever.embedder import Embedder  # noqa: E402
 from retriever.evaluation import average_precisions, paired_bootstrap, summarize  # noqa: E402
-from retriever.pairs import ValidationSet, read_pairs, split_pairs, validation_set  # noqa: E402
+from retriever.pairs import Split, ValidationSet, read_pairs, split_pairs, validation_set  # noqa: E402
 
 K = 25
 RRF_K = 60
@@ -121,24 +121,34 @@ def evaluate(model: str, sets: dict[str, ValidationSet], ids: list[str], catalog
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_split_options(parser: argparse.ArgumentParser) -> None:
+    """The data and the trainers' split, as both retrieval benches read them."""
     parser.add_argument("--data", type=Path, required=True,
                         help="folder with Eedi's train.csv and misconception_mapping.csv")
-    parser.add_argument("--model", action="append", required=True,
-                        help="embedder (a model name or a train-retriever output); repeatable")
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=42)
+
+
+def eedi_split(args: argparse.Namespace) -> tuple[list[str], list[str], Split]:
+    """The catalogue's ids and texts, and the labelled pairs split as the trainers split them."""
+    entries = read_catalog(args.data / "misconception_mapping.csv", "MisconceptionId",
+                           "MisconceptionName")
+    split = split_pairs(read_pairs(args.data / "train.csv", "eedi"), args.validation_fraction,
+                        seed=args.seed, test_fraction=args.test_fraction)
+    return [e.id for e in entries], [e.text for e in entries], split
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_split_options(parser)
+    parser.add_argument("--model", action="append", required=True,
+                        help="embedder (a model name or a train-retriever output); repeatable")
     parser.add_argument("--report-on", choices=["validation", "test"], default="validation",
                         help="test: also score the test questions, once, at the end")
     args = parser.parse_args(argv)
-    entries = read_catalog(args.data / "misconception_mapping.csv", "MisconceptionId",
-                           "MisconceptionName")
-    ids, catalogue = [e.id for e in entries], [e.text for e in entries]
-    split = split_pairs(read_pairs(args.data / "train.csv", "eedi"), args.validation_fraction,
-                        seed=args.seed, test_fraction=args.test_fraction)
+    ids, catalogue, split = eedi_split(args)
     sets = {"validation": validation_set(split),
             "test": validation_set(replace(split, validation=split.test))}
     if args.report_on != "test":

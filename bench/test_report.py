@@ -26,30 +26,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.hybrid_retrieval import K, _dense, _ranked  # noqa: E402
-from retriever.catalog import read_catalog  # noqa: E402
+from bench.hybrid_retrieval import K, _dense, _ranked, add_split_options, eedi_split  # noqa: E402
 from retriever.evaluation import average_precisions, paired_bootstrap, summarize  # noqa: E402
-from retriever.pairs import read_pairs, split_pairs, validation_set  # noqa: E402
+from retriever.pairs import validation_set  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="embedders; the first is the baseline")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder with Eedi's train.csv and misconception_mapping.csv")
-    parser.add_argument("--validation-fraction", type=float, default=0.2)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=42)
+    add_split_options(parser)
     parser.add_argument("--split", choices=["test", "validation"], default="test",
                         help="validation: compare arms where choices are made (as often as "
                              "needed); test: the report, once, at the end")
     args = parser.parse_args(argv)
-    entries = read_catalog(args.data / "misconception_mapping.csv", "MisconceptionId",
-                           "MisconceptionName")
-    ids, catalogue = [e.id for e in entries], [e.text for e in entries]
-    split = split_pairs(read_pairs(args.data / "train.csv", "eedi"), args.validation_fraction,
-                        seed=args.seed, test_fraction=args.test_fraction)
+    ids, catalogue, split = eedi_split(args)
     test = validation_set(split if args.split == "validation"
                           else replace(split, validation=split.test))
     keys = sorted(test.queries)
