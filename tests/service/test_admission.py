@@ -78,9 +78,18 @@ async def test_over_budget_is_refused_or_cut_before_it_runs(settings_factory: An
 async def test_the_real_model_answers_far_past_budget_requests_quickly(
         settings_factory: Any, smollm2: Path) -> None:
     """Twelve documents of 19,992 CJK characters each, far past SmolLM2's context: refused at
-    once when the client set max_tokens_per_doc, else cut to the budget; a normal /rank
-    beside the cut one stays within 2x its solo time."""
-    budget = 6.0
+    once when the client set max_tokens_per_doc, else cut to the budget and answered within
+    it; normal /ranks beside the cut one stay near their solo time.
+
+    What a /rank beside it can wait for, by design: the pass in flight (passes are not
+    preempted), and once the big request has waited past its own solo time, its next pass
+    (docs/reliability.md). On 2 AVX2 cores in float32 one pass is as long as the whole /rank's
+    rerank, so a /rank sent the instant one starts takes 2x, and one that also meets the big
+    request overdue 3x. The /ranks come as users' do, after pauses of their own, so they land
+    at varied points of the passes; in six runs here their median was 1.5x to 2.2x, and the
+    slowest 3.0x."""
+    budget = 12.0
+    pauses = [0.9, 0.3, 1.2, 0.6]  # seconds, so the arrivals fall at varied points of a pass
     settings = settings_factory(reranker_backend="transformers", reranker_model=str(smollm2),
                                 reranker_timeout_s=budget)
     documents = ["负数乘以负数得正数，" * 1999 + "正数。"[: 19992 - 10 * 1999]
@@ -102,16 +111,24 @@ async def test_the_real_model_answers_far_past_budget_requests_quickly(
         refused = await client.post("/v1/rerank", json={
             "query": "negative numbers", "documents": documents, "max_tokens_per_doc": 8192})
         refused_s = time.perf_counter() - started
+        cut_started = time.perf_counter()
         cut_task = asyncio.create_task(client.post("/v1/rerank", json={
             "query": "negative numbers", "documents": documents}))
-        await asyncio.sleep(0.2)
-        beside = [await timed_rank(client) for _ in range(2)]
+        beside = []
+        while not cut_task.done():
+            await asyncio.sleep(pauses[len(beside) % len(pauses)])
+            if not cut_task.done():
+                beside.append(await timed_rank(client))
         cut = await cut_task
+        cut_s = time.perf_counter() - cut_started
     assert refused.status_code == 422, refused.text
     assert "RANKD_RERANKER_TIMEOUT_S" in refused.json()["error"]["message"]
-    assert refused_s < 1.5
+    assert refused_s < 2.0  # rendering 480,000 characters of prompts, and no forward pass
     assert cut.status_code == 200, cut.text
     assert cut.json()["meta"]["warnings"][0].startswith("the documents were cut further")
     print(f"\n/rank alone {alone:.2f} s, beside the cut request {statistics.median(beside):.2f} "
-          f"s; refused in {refused_s:.2f} s")
-    assert statistics.median(beside) <= 2 * alone
+          f"s ({', '.join(f'{b:.2f}' for b in beside)}); refused in {refused_s:.2f} s; the cut one "
+          f"answered in {cut_s:.2f} s")
+    assert len(beside) >= 3
+    assert statistics.median(beside) <= 2.5 * alone
+    assert max(beside) <= 4 * alone  # one pass in flight and one overdue, with room for noise
