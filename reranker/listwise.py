@@ -385,10 +385,10 @@ class ListwiseScorer:
             return task
         items = []
         for i, item in enumerate(task.items):
-            tokens = self.renderer.count_tokens(item)
-            if tokens > limit and self.limits.long_items is LongItems.REFUSE:
-                raise ItemTooLongError(tokens, limit, task.item_field(i))
-            items.append(self.renderer.truncate(item, limit) if tokens > limit else item)
+            ids = self.renderer.token_ids(item)
+            if len(ids) > limit and self.limits.long_items is LongItems.REFUSE:
+                raise ItemTooLongError(len(ids), limit, task.item_field(i))
+            items.append(self.renderer.truncate(item, limit, ids) if len(ids) > limit else item)
         return replace(task, items=items)
 
     def _fitted(self, task: ListwiseTask, render: Callable[[list[str]], RenderedPrompt],
@@ -402,12 +402,14 @@ class ListwiseScorer:
         cap = task.fit_items_within
         assert cap is not None
         items = [self.renderer.clean_item(item) for item in task.items]
-        tokens = [self.renderer.count_tokens(item) for item in items]
+        # Each item is tokenized once: the cuts below decode from its ids.
+        encoded = [self.renderer.token_ids(item) for item in items]
+        tokens = [len(ids) for ids in encoded]
         limit = self.limits.max_prompt_tokens - 1  # one position for the answer
         kept = [min(t, cap) for t in tokens]
         for _ in range(4):  # tokens can merge at a cut's edges; a pass or two settles it
-            cut = [self.renderer.truncate(item, k) if k < t else item
-                   for item, t, k in zip(items, tokens, kept, strict=True)]
+            cut = [self.renderer.truncate(item, k, ids) if k < t else item
+                   for item, ids, t, k in zip(items, encoded, tokens, kept, strict=True)]
             over = len(render(cut).token_ids) - limit
             if over <= 0:
                 return replace(task, items=cut), {

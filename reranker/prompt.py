@@ -103,12 +103,17 @@ class PromptRenderer:
         fields = {name: "Text." for name in template_fields(template) if name not in LABEL_FIELDS}
         return self.render(template, fields, ["First item.", "Second item."], ["A", "B"]).text
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def truncate(self, text: str, max_tokens: int) -> str:
-        """``text`` cut to at most ``max_tokens`` tokens of this tokenizer."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def count_tokens(self, text: str) -> int:
+        return len(self.token_ids(text))
+
+    def truncate(self, text: str, max_tokens: int, ids: list[int] | None = None) -> str:
+        """``text`` cut to at most ``max_tokens`` tokens of this tokenizer; ``ids``, its token
+        ids where the caller has them already (a long text is costly to tokenize twice)."""
+        if ids is None:
+            ids = self.token_ids(text)
         if len(ids) <= max_tokens:
             return text
         cut = max(max_tokens, 0)

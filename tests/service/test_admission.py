@@ -86,10 +86,11 @@ async def test_the_real_model_answers_far_past_budget_requests_quickly(
     (docs/reliability.md). On 2 AVX2 cores in float32 one pass is as long as the whole /rank's
     rerank, so a /rank sent the instant one starts takes 2x, and one that also meets the big
     request overdue 3x. The /ranks come as users' do, after pauses of their own, so they land
-    at varied points of the passes; in six runs here their median was 1.5x to 2.2x, and the
-    slowest 3.0x."""
+    at varied points of the passes; in eight runs here their median was 1.5x to 2.3x, and the
+    slowest 3.0x. The bounds below hold by that design, with room for a noisy host: a request
+    that held the model would keep the /ranks beside it waiting for the whole of its 5 to 9 s."""
     budget = 12.0
-    pauses = [0.9, 0.3, 1.2, 0.6]  # seconds, so the arrivals fall at varied points of a pass
+    pauses = [0.6, 0.2, 0.9, 0.4]  # seconds, so the arrivals fall at varied points of a pass
     settings = settings_factory(reranker_backend="transformers", reranker_model=str(smollm2),
                                 reranker_timeout_s=budget)
     documents = ["负数乘以负数得正数，" * 1999 + "正数。"[: 19992 - 10 * 1999]
@@ -123,12 +124,12 @@ async def test_the_real_model_answers_far_past_budget_requests_quickly(
         cut_s = time.perf_counter() - cut_started
     assert refused.status_code == 422, refused.text
     assert "RANKD_RERANKER_TIMEOUT_S" in refused.json()["error"]["message"]
-    assert refused_s < 2.0  # rendering 480,000 characters of prompts, and no forward pass
+    assert refused_s < 1.5  # tokenizing 240,000 characters once, and no forward pass
     assert cut.status_code == 200, cut.text
     assert cut.json()["meta"]["warnings"][0].startswith("the documents were cut further")
     print(f"\n/rank alone {alone:.2f} s, beside the cut request {statistics.median(beside):.2f} "
           f"s ({', '.join(f'{b:.2f}' for b in beside)}); refused in {refused_s:.2f} s; the cut one "
           f"answered in {cut_s:.2f} s")
-    assert len(beside) >= 3
-    assert statistics.median(beside) <= 2.5 * alone
-    assert max(beside) <= 4 * alone  # one pass in flight and one overdue, with room for noise
+    assert len(beside) >= 2
+    assert statistics.median(beside) <= 3 * alone
+    assert max(beside) <= 4 * alone
