@@ -37,9 +37,11 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,45 @@ def openvino_engine(converted: Any, hint: str, compress: bool,
     return run
 
 
+@dataclass
+class Record:
+    """One query as the engines saw it: its reads, candidates, answer and float32's logprobs."""
+
+    reads: list[LabelRead]
+    ids: list[str]
+    candidates: int
+    relevant: list[str]
+    float32: list[list[float]]
+
+
+def llama_cpp_peers(args: argparse.Namespace, records: list[Record],
+                    ) -> list[tuple[str, list[float], list[list[list[float]]]]]:
+    """llama.cpp on the same token ids, in its own venv (bench/llama_cpp_peer.py), at the
+    shipped Q4_1 and at each ``--gguf-types`` quantized from it; unshared and shared."""
+    from reranker.models import embedded_gguf
+
+    work = Path(tempfile.mkdtemp(prefix="rankd-llama-"))
+    reads = work / "reads.json"
+    reads.write_text(json.dumps([[{"prompt": r.prompt_token_ids, "labels": r.label_token_ids}
+                                  for r in record.reads] for record in records]))
+    peer = str(Path(__file__).with_name("llama_cpp_peer.py"))
+    files = {"Q4_1": embedded_gguf()}
+    for kind in args.gguf_types:
+        files[kind] = work / f"smollm2-{kind}.gguf"
+        subprocess.run([args.llama_python, peer, "--quantize", str(files["Q4_1"]),
+                        str(files[kind]), kind], check=True, capture_output=True)
+    out = []
+    for kind, path in files.items():
+        result = work / f"{kind}.json"
+        subprocess.run([args.llama_python, peer, "--model", str(path), "--reads", str(reads),
+                        "--threads", str(args.threads), "--out", str(result)], check=True)
+        report = json.loads(result.read_text())
+        for mode in ("unshared", "shared"):
+            out.append((f"llama.cpp-{kind}-{mode}", [q["seconds"] for q in report[mode]],
+                        [q["logprobs"] for q in report[mode]]))
+    return out
+
+
 def scores_of(logprobs: Sequence[Sequence[float]], n: int, pointwise: bool) -> list[float]:
     """A query's candidate scores from its reads' label logprobs, as the scorer forms them."""
     if pointwise:
@@ -186,11 +227,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     timings: dict[str, list[float]] = {k: [] for k in ("http", "engine", "passes")}
     engine_ms: dict[str, list[float]] = {e: [] for e in engines}
-    aps: dict[str, list[float]] = {"retrieval": [], **{e: [] for e in engines}}
-    top1: dict[str, list[bool]] = {e: [] for e in engines if e != "rankd-float32"}
-    largest: dict[str, float] = dict.fromkeys(top1, 0.0)
+    aps: dict[str, list[float]] = {"retrieval": []}
+    top1: dict[str, list[bool]] = {}
+    largest: dict[str, float] = {}
     profiled: dict[str, float] = {}
     pointwise = args.scoring == "pointwise"
+
+    records: list[Record] = []
+
+    def judge(name: str, record: Record, logprobs: list[list[float]]) -> None:
+        """An engine's MAP@25 on the query, and its agreement with rankd's float32."""
+        scores = scores_of(logprobs, record.candidates, pointwise)
+        order = sorted(range(record.candidates), key=lambda i: -scores[i])
+        aps.setdefault(name, []).append(average_precision(
+            [record.ids[i] for i in order] + record.ids[record.candidates:], record.relevant,
+            25))
+        if name == "rankd-float32":
+            return
+        base = [renormalise(r) for r in record.float32]
+        other = [renormalise(r) for r in logprobs]
+        top1.setdefault(name, []).extend(int(np.argmax(a)) == int(np.argmax(b))
+                                         for a, b in zip(base, other, strict=True))
+        largest[name] = max(largest.get(name, 0.0), *(
+            abs(x - y) for a, b in zip(base, other, strict=True)
+            for x, y in zip(a, b, strict=True)))
 
     def bare(backend: Any, reads: list[LabelRead]) -> list[list[float]]:
         with torch.inference_mode(), backend._autocast():
@@ -240,23 +300,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             last = openvino[name](reads)
                             results[name] = [r.tolist() for r in label_log_softmax(last, reads)]
                         engine_ms[name].append(time.perf_counter() - started)
+                    record = Record(reads, ids, len(head), relevant, results["rankd-float32"])
+                    records.append(record)
                     for name, logprobs in results.items():
-                        scores = scores_of(logprobs, len(head), pointwise)
-                        order = sorted(range(len(head)), key=lambda i: -scores[i])
-                        aps[name].append(average_precision(
-                            [ids[i] for i in order] + ids[len(head):], relevant, 25))
-                    base = [renormalise(r) for r in results["rankd-float32"]]
-                    for name in top1:
-                        other = [renormalise(r) for r in results[name]]
-                        top1[name] += [int(np.argmax(a)) == int(np.argmax(b))
-                                       for a, b in zip(base, other, strict=True)]
-                        largest[name] = max(largest[name], *(
-                            abs(x - y) for a, b in zip(base, other, strict=True)
-                            for x, y in zip(a, b, strict=True)))
+                        judge(name, record, logprobs)
     finally:
         for other in others.values():
             await other.close()
         await engine.close()
+    if args.llama_python:
+        for name, seconds, per_query in llama_cpp_peers(args, records):
+            engine_ms[name] = seconds
+            for done, rows in zip(records, per_query, strict=True):
+                judge(name, done, rows)
     passes = statistics.median(timings["passes"])
     float32 = statistics.median(engine_ms["rankd-float32"])
     return {
@@ -292,10 +348,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "only where the CPU computes bf16")
     parser.add_argument("--profile", type=int, default=5,
                         help="profile the bare passes of the first N queries")
+    parser.add_argument("--llama-python", help="llama.cpp's venv python "
+                        "(scripts/setup_llama_cpp.sh prints it): add llama.cpp as a peer")
+    parser.add_argument("--gguf-types", nargs="*", default=["Q8_0", "Q4_K_M"],
+                        choices=["Q8_0", "Q4_K_M"],
+                        help="llama.cpp types quantized from the shipped Q4_1, beside it")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for every engine (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if "rankd-float32" not in args.engines:
         args.engines = ["rankd-float32", *args.engines]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    else:
+        import torch
+
+        args.threads = torch.get_num_threads()
     load_before = os.getloadavg()
     report = asyncio.run(main_async(args))
     report["load_average_before"] = load_before
