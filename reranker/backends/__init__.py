@@ -22,10 +22,17 @@ async def _vllm(config: RerankerConfig, tokenizer: Any, observer: BatchObserver 
     return await VllmBackend.create(config, tokenizer, observer)
 
 
+async def _openvino(config: RerankerConfig, tokenizer: Any, observer: BatchObserver | None) -> LabelLogprobBackend:
+    from reranker.backends.openvino_backend import OpenVinoBackend
+
+    return await OpenVinoBackend.create(config, tokenizer, observer)
+
+
 # "none" is not a backend: it means retrieval only, and the service then builds no reranker.
 BACKENDS: dict[str, BackendFactory] = {
     "transformers": _transformers,
     "vllm": _vllm,
+    "openvino": _openvino,
 }
 
 

@@ -206,6 +206,9 @@ class LoadedModel:
     # Run every pass under autocast to ``dtype``: a model in training, whose frozen weights
     # are bfloat16 and trainable ones float32 master weights (reranker/training/fit.py).
     autocast: bool = False
+    # attention_span of the model, where ``model`` is not a torch module to count it from (a
+    # compiled graph: reranker/backends/openvino_backend.py).
+    span: float | None = None
 
 
 def attention_span(model: Any) -> float:
@@ -243,7 +246,7 @@ class TransformersBackend:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.autocast = loaded.autocast
-        self.span = attention_span(self.model)
+        self.span = loaded.span if loaded.span is not None else attention_span(self.model)
         self.detail = f"{loaded.device} in {loaded.dtype}"
         self.context_length = declared_context_length(self.model.config)
         self.timeout_s = config.timeout_s

@@ -79,6 +79,7 @@ READ_ELSEWHERE = {
     "RANKD_TORCH_SPEC": "scripts/bootstrap.sh",
     "RANKD_VLLM_VENV": "scripts/setup_vllm_cpu.sh",
     "RANKD_QUANT_VENV": "scripts/setup_quant.sh",
+    "RANKD_LLAMA_CPP_VENV": "scripts/setup_llama_cpp.sh",
     "RANKD_QUANT_PYTHON": "scripts/test.sh",
     "RANKD_INFINITY_VENV": "scripts/setup_infinity.sh",
     "RANKD_INFINITY_PYTHON": "bench/retrieval.py",
