@@ -14,7 +14,9 @@ Query by query, in turn so that load falls on all alike:
    operator: the linear layers, attention, the element-wise rest.
 2. **The engines** on those token ids, each one whole pass per query: rankd's transformers path
    in float32 (with prefix sharing, and without it: the same work as the peers), bfloat16 and
-   int8 (dynamic, ``RANKD_RERANKER_QUANTIZATION``), and OpenVINO
+   int8 (dynamic, ``RANKD_RERANKER_QUANTIZATION``); rankd's openvino backend
+   (``RANKD_RERANKER_BACKEND=openvino``: the same passes, prefix sharing included, on OpenVINO,
+   in the dtype ``auto`` chooses); and OpenVINO as a plain peer
    (``openvino.convert_model`` of the same weights; f32, bf16 where the CPU computes it, and
    int8 weights by NNCF), whole prompts left-padded, no prefix sharing. Per engine: the median
    time of a query's passes, speed against rankd's float32, the largest difference of a label
@@ -54,7 +56,7 @@ from reranker.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model_name
 from retriever.evaluation import average_precision
 
 ENGINES = ["rankd-float32", "rankd-float32-unshared", "rankd-bfloat16", "rankd-int8",
-           "openvino-f32", "openvino-bf16", "openvino-int8-weights"]
+           "rankd-openvino", "openvino-f32", "openvino-bf16", "openvino-int8-weights"]
 OP_GROUPS = {"linear": ("aten::mm", "aten::addmm", "aten::bmm"),
              "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                            "aten::scaled_dot_product_attention")}
@@ -214,6 +216,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     recorder = Recorder(reference)
     others: dict[str, Any] = {}  # the other rankd variants: a scorer each, for its backend
     for name, extra in (("rankd-float32-unshared", {"prefix_sharing": False}),
+                        ("rankd-openvino", {"backend": "openvino", "dtype": "auto"}),
                         ("rankd-bfloat16", {"dtype": "bfloat16"}),
                         ("rankd-int8", {"quantization": "int8"})):
         if name in engines:
