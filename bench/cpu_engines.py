@@ -205,7 +205,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     index_dir = Path(tempfile.mkdtemp(prefix="rankd-cpu-engines-"))
     build_sample_collection(embedder, index_dir)
-    reranker = {"backend": "transformers", "model": args.model, "dtype": "float32",
+    reranker = {"backend": args.backend, "model": args.model,
+                "dtype": "float32" if args.backend == "transformers" else "auto",
                 "scoring": args.scoring, "batch_wait_ms": 0.0}
     settings = Settings(index_dir=index_dir, device="cpu", log_level="warning",
                         reranker=reranker, max_rerank_documents=max(args.candidates, 100))
@@ -322,6 +323,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": cpu_model_name(), "native_bf16_flags": sorted(f for f in NATIVE_BF16_FLAGS
                                                              if f in flags),
         "avx512f": "avx512f" in flags, "torch_threads": threads, "model": args.model,
+        "backend": args.backend,
         "scoring": args.scoring, "queries": len(queries), "candidates": args.candidates,
         "breakdown_median_ms": {k: _median_ms(v) for k, v in timings.items()},
         "service_over_bare_passes": round(statistics.median(timings["http"]) / passes, 3),
@@ -344,6 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=Path, help="an Eedi CSV (default: DATA/train.csv)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--scoring", choices=["listwise", "pointwise"], default="listwise")
+    parser.add_argument("--backend", choices=["transformers", "openvino"], default="transformers",
+                        help="the served backend of the breakdown, and the reference engine "
+                             "(run each alone: engines run in turn share the CPU's thread "
+                             "pools, and a pool still spinning from the last engine slows the "
+                             "next)")
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--limit", type=int, default=300, help="queries")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES,
