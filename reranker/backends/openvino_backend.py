@@ -42,10 +42,29 @@ log = logging.getLogger(__name__)
 GRAPH_VERSION = "1"
 
 
+def _head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None)
+               or config.hidden_size // config.num_attention_heads)
+
+
+def _filled_cache(config: Any, keys: Any, values: Any) -> Any:
+    """A DynamicCache holding ``keys`` and ``values`` (layers first). Its layers are set, not
+    update()d: update's lazy start concatenates onto an empty 1-D tensor, which does not
+    convert."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    layer: Any
+    for index, layer in enumerate(cache.layers):
+        layer.device = keys.device
+        layer.keys, layer.values = keys[index], values[index]
+        layer.is_initialized = True
+    return cache
+
+
 def _decoder_graph(model: Any) -> Any:
     """A torch module over ``model``'s decoder with the graph's signature, for tracing."""
     import torch
-    from transformers import DynamicCache
 
     layers = model.config.num_hidden_layers
 
@@ -56,14 +75,7 @@ def _decoder_graph(model: Any) -> Any:
 
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, keep: Any,
                     past_keys: Any, past_values: Any) -> tuple[Any, Any, Any]:
-            cache = DynamicCache(config=self.model.config)
-            for index in range(layers):
-                # Set, not update(): update's lazy start concatenates onto an empty 1-D
-                # tensor, which does not convert.
-                layer: Any = cache.layers[index]
-                layer.device = past_keys.device
-                layer.keys, layer.values = past_keys[index], past_values[index]
-                layer.is_initialized = True
+            cache = _filled_cache(self.model.config, past_keys, past_values)
             new = input_ids.shape[1]
             total = attention_mask.shape[1]
             query_at = torch.arange(new) + (total - new)
@@ -87,7 +99,7 @@ def convert(model: Any) -> Any:
 
     config = model.config
     layers, heads = config.num_hidden_layers, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     rows, cached, new = 2, 3, 5
     mask = torch.ones((rows, cached + new), dtype=torch.long)
     mask[1, :2] = 0  # a left-padded row, so the traced graph reads the mask
@@ -128,8 +140,7 @@ class OpenVinoCausalLM:
         self._request = compiled.create_infer_request()
         self._layers = config.num_hidden_layers
         self._heads = config.num_key_value_heads
-        self._head_dim = (getattr(config, "head_dim", None)
-                          or config.hidden_size // config.num_attention_heads)
+        self._head_dim = _head_dim(config)
         self._output_weight = output_weight  # float32, (vocab, hidden)
         self._output_bias = output_bias
 
@@ -145,17 +156,6 @@ class OpenVinoCausalLM:
             return empty, empty
         return (torch.stack([layer.keys for layer in layers]),
                 torch.stack([layer.values for layer in layers]))
-
-    def _cache(self, keys: Any, values: Any) -> Any:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.config)
-        layer: Any
-        for index, layer in enumerate(cache.layers):
-            layer.device = keys.device
-            layer.keys, layer.values = keys[index], values[index]
-            layer.is_initialized = True
-        return cache
 
     def __call__(self, input_ids: Any, attention_mask: Any, position_ids: Any,
                  use_cache: bool = False, logits_to_keep: Any = 1, cache: Any = None) -> Any:
@@ -176,8 +176,8 @@ class OpenVinoCausalLM:
                                             self._output_bias)
         present = None
         if use_cache:
-            present = self._cache(
-                torch.from_numpy(self._request.get_output_tensor(1).data.copy()),
+            present = _filled_cache(
+                self.config, torch.from_numpy(self._request.get_output_tensor(1).data.copy()),
                 torch.from_numpy(self._request.get_output_tensor(2).data.copy()))
         return CausalLMOutputWithPast(logits=logits, cache=present)
 
