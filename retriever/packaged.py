@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from retriever.vocabulary import sha256_file
 from runtime.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,6 @@ PACKAGED: dict[str, PackagedEmbedder] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
 def installed_parts(model: PackagedEmbedder) -> list[Path]:
     """The archive's parts in order, from the installed wheels."""
     parts = []
@@ -112,7 +108,7 @@ def verify(model: PackagedEmbedder, directory: Path) -> None:
             raise PackagedModelError(
                 f"embedder {model.name}: {relative} is missing from {directory}; refusing the "
                 f"model. Reinstall it: {model.install_hint}")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise PackagedModelError(
                 f"embedder {model.name}: {relative} has sha256 {actual}, not the upstream "
