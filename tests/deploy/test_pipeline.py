@@ -18,7 +18,7 @@ from retriever.index import IndexIntegrityError
 from service.pipeline import PIPELINE_FILE
 from service.settings import Settings
 from tests.retriever.test_training import write_eedi_csv
-from tests.support.apps import app_client
+from tests.support.apps import app_client, serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,34 @@ async def test_one_setting_serves_the_pipeline_and_a_moved_copy(
         assert sum(r["rerank_score"] is not None for r in body["results"]) == 5  # trained N
         assert ready["status"] == "ready", ready
         assert "served as trained" in ready["components"]["reranker"]["detail"]
+
+
+def test_the_reported_gain_holds_through_the_service(pipeline: dict[str, Any], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The pipeline's test questions through `rankd batch` against the real server of its
+    directory, reranked and not: every ranking is the one its report computed, so the gain is
+    the report's (bench/served_gain.py, as run on Eedi)."""
+    from bench.served_gain import main as served_gain
+
+    reranker = pipeline["output"] / "reranker"
+    settings = Settings(pipeline_dir=pipeline["output"], embedder_device="cpu")
+    answers = {}
+    with serve_in_thread(settings) as url:
+        for mode in ("--rerank", "--no-rerank"):
+            answers[mode] = tmp_path / f"{mode.strip('-')}.jsonl"
+            assert main(["batch", "--url", url, "--quiet", mode, "--top-k", "25",
+                         "--input", str(reranker / "test.csv"), "--format", "eedi",
+                         "--output", str(answers[mode])]) == 0
+    capsys.readouterr()
+    assert served_gain([str(reranker), "--served", str(answers["--rerank"]),
+                        "--retrieval", str(answers["--no-rerank"])]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    report = json.loads((reranker / "training_report.json").read_text())
+    assert figures["queries"] == report["split"]["evaluated_queries"] > 0
+    assert figures["same_top25"] == figures["queries"]
+    assert figures["served_map@25"] == figures["reported_map@25"]
+    assert figures["served_gain"]["gain"] == pytest.approx(report["fine_tuned"]["gain"]["gain"],
+                                                           abs=1e-4)
 
 
 def test_a_contradicting_setting_refuses_in_one_line(pipeline: dict[str, Any]) -> None:
