@@ -89,13 +89,16 @@ async def test_one_setting_serves_the_pipeline_and_a_moved_copy(
 
 
 def test_the_reported_gain_holds_through_the_service(pipeline: dict[str, Any], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline's test questions through `rankd batch` against the real server of its
     directory, reranked and not: every ranking is the one its report computed, so the gain is
     the report's (bench/served_gain.py, as run on Eedi)."""
     from bench.served_gain import main as served_gain
 
     reranker = pipeline["output"] / "reranker"
+    # The dtype the report was evaluated in (the fixture's), also where the CPU has bf16.
+    monkeypatch.setenv("RANKD_RERANKER_DTYPE", "float32")
     settings = Settings(pipeline_dir=pipeline["output"], embedder_device="cpu")
     answers = {}
     with serve_in_thread(settings) as url:
