@@ -159,20 +159,24 @@ def _search(retriever: Retriever, texts: list[str], n: int) -> list[list[Hit]]:
 
 def retrieve_candidates(entries: Sequence[CatalogEntry], data: TrainingData,
                         config: RerankerTrainingConfig, folds: Sequence[FoldRetriever] = (),
+                        training: bool = True,
                         ) -> tuple[list[list[Hit]], dict[str, list[Hit]]]:
     """Each training pair's top N, and each validation query's top k by key, retrieved by
     ``config.retriever`` through the service's embedder settings (runtime, quantization,
     device), as the service will retrieve them; with ``folds``, a training pair's top N by
-    the retriever of its fold, which never trained on it."""
+    the retriever of its fold, which never trained on it. ``training`` False: the validation
+    queries' alone (an evaluation of a trained model on another retriever's candidates)."""
     from retriever.pairs import fold_of
 
     depth = max(config.k, config.candidates)
     keys = data.fusion_keys + data.eval_keys
-    train_queries = [p.query for p in data.train_pairs]
+    train_queries = [p.query for p in data.train_pairs] if training else []
     with tempfile.TemporaryDirectory(prefix="rankd-rerank-train-") as tmp:
         served = _catalogue_retriever(config.retriever, entries, f"{tmp}/served", config)
         eval_hits = _search(served, [data.validation.queries[k] for k in keys], depth)
-        if not folds:
+        if not training:
+            train_hits: list[list[Hit]] = []
+        elif not folds:
             train_hits = _search(served, train_queries, config.candidates)
         else:
             del served

@@ -605,3 +605,39 @@ def test_the_benches_read_a_runs_own_split_and_n(trained: dict[str, Any], eedi_c
     assert f"{queries} queries, gain {report['fine_tuned']['gain']['gain']:+.4f}" in printed
     assert fusion_choice([str(trained["output"]), "--splits", "3"]) == 0
     assert capsys.readouterr().out
+
+
+def test_the_trained_model_on_its_own_retriever_reproduces_its_report(
+        trained: dict[str, Any], eedi_csv: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/reranker_on_retriever.py, which measures a trained reranker on another retriever's
+    candidates, given the run's own retriever: the same test questions, the same fusion chosen
+    on the same validation questions, and the run's figures on them."""
+    from bench.reranker_on_retriever import main as reranker_on_retriever
+
+    report = trained["report"]
+    # The passes the run evaluated with (_config), as the service reads its settings.
+    monkeypatch.setenv("RANKD_RERANKER_DTYPE", "float32")
+    monkeypatch.setenv("RANKD_RERANKER_BATCH_SIZE", str(_pass_size(Scoring.LISTWISE)))
+    monkeypatch.setenv("RANKD_RERANKER_DEVICE", "cpu")
+    assert reranker_on_retriever([str(trained["output"]), "--retriever",
+                                  report["retriever"]["model"], "--train", str(eedi_csv),
+                                  "--catalog", str(sample_catalog_path()),
+                                  "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "reranker_on_retriever.json").read_text())
+    served = json.loads((trained["output"] / SERVING_FILE).read_text())
+    assert result["validation"]["chosen"]["fusion"] == served["fusion"]
+    assert result["validation"]["chosen"]["weight"] == served["fusion_weight"]
+    assert result["validation"]["chosen"]["map"] == served["chosen_on"]["map"]
+    test = result["test"]
+    assert test["queries"] == report["split"]["evaluated_queries"]
+    assert test["retrieval"]["map"] == report["retrieval_only"]["map"]
+    assert test["reranker_alone"]["map"] == report["fine_tuned"]["none"]["map"]
+    assert test["chosen_fusion"]["map"] == report["fine_tuned"]["served"]["map"]
+    assert test["chosen_fusion"]["gain"] == report["fine_tuned"]["gain"]
+    assert test["trained_fusion"] == test["chosen_fusion"]
+    parts = test["retrieval"]
+    assert parts["seen_queries"] + parts["unseen_queries"] == test["queries"]
+    assert (tmp_path / "test_scores.jsonl").read_text() == \
+        (trained["output"] / "test_scores.jsonl").read_text().replace(
+            "rankd train-reranker", "bench/reranker_on_retriever.py")
