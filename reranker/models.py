@@ -11,14 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from reranker.errors import RerankerConfigError
-from runtime.paths import cache_root
+from runtime.paths import cache_root, staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +89,10 @@ def convert_gguf(path: Path, cache_dir: Path | None = None) -> Path:
             f"{RETRIEVAL_ONLY_HINT}"
         ) from None
     log.info("converting %s into a transformers model directory %s (once)", path, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_directory(target, finished=lambda t: (t / MARKER).is_file()) as staging:
         _write_model(path, staging)
         (staging / MARKER).write_text(
             f'{{"source": "{path.name}", "sha256": "{digest}"}}\n', encoding="utf-8")
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # Another process converted the same file first: its directory is as good as ours.
-            if not (target / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

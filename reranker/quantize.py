@@ -25,9 +25,7 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from reranker.config import RerankerConfig, Scoring
 from reranker.listwise import ListwiseTask
 from reranker.prompt import PromptRenderer
 from reranker.trained import write_served_settings
+from runtime.paths import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -416,9 +415,7 @@ def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
         oneshot(model=lm, dataset=dataset, recipe=recipe, max_seq_length=max_seq_len,
                 num_calibration_samples=len(prompts), shuffle_calibration_samples=False)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_directory(output, replace=True) as staging:
         lm.save_pretrained(staging, save_compressed=True)
         tokenizer.save_pretrained(staging)
         check_output(staging, group_size)
@@ -439,10 +436,4 @@ def quantize(model: str, output: Path, prompts: Sequence[str], *, device: str,
             write_served_settings(staging, result.serving)
         (staging / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n",
                                            encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return result

