@@ -6,8 +6,9 @@ and scoring from ``rankd_reranker.json``, as `rankd serve` reads them), retrieve
 validation and test queries with ``--retriever`` over the catalogue, and scores their top N
 with the trained model on the path `rankd serve` takes. It then chooses the fusion on the
 validation questions, as `rankd train-reranker` does (``choose_fusion``), and reports on the
-test questions, which nothing chose on:
-- retrieval alone;
+test questions, which nothing chose on (``--trained-fusion``: the test questions alone are
+scored, under the run's own fusion):
+- retrieval alone (and on validation);
 - the reranker alone;
 - the fusion chosen here, and the run's own trained fusion;
 - the gain over retrieval, with its 95% interval by a paired bootstrap over questions;
@@ -98,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--catalog", type=Path, default=eedi / "misconception_mapping.csv",
                         help="Eedi's misconception_mapping.csv")
     parser.add_argument("--output", type=Path, help="write the scores here")
+    parser.add_argument("--trained-fusion", action="store_true",
+                        help="score the test questions alone, under the run's own fusion (chosen "
+                             "on its validation questions over its own retriever's candidates): "
+                             "half the cost, no choice made here")
     args = parser.parse_args(argv)
 
     report = json.loads((args.run / REPORT_FILE).read_text(encoding="utf-8"))
@@ -126,38 +131,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, hits = retrieve_candidates(entries, data, config, training=False)
     retrieval_seconds = time.perf_counter() - started
     trained_ids = data.split.trained_ids
-    validation = data.validation
+    both = data.validation  # the fusion's and the reported queries
 
     def queries(keys: list[str]) -> list[EvalQuery]:
-        return [EvalQuery(k, validation.queries[k], frozenset(validation.relevant[k]),
-                          hits[k], bool(validation.relevant[k] & trained_ids),
-                          validation.groups[k]) for k in keys]
+        return [EvalQuery(k, both.queries[k], frozenset(both.relevant[k]), hits[k],
+                          bool(both.relevant[k] & trained_ids), both.groups[k]) for k in keys]
 
     fusion_queries, test_queries = queries(data.fusion_keys), queries(data.eval_keys)
     tokenizer = load_tokenizer(str(args.run))
     builder = PromptBuilder(tokenizer, reranker, reranker.instruction)
-    everything = RerankEvaluator(fusion_queries + test_queries, builder, config)
+    scored = test_queries if args.trained_fusion else fusion_queries + test_queries
     device = select_device(reranker.device)
     loaded = TransformersBackend.load(reranker.model_copy(update={"device": device}), tokenizer)
     started = time.perf_counter()
-    scores = everything.score(loaded)
+    scores = RerankEvaluator(scored, builder, config).score(loaded)
     scoring_seconds = time.perf_counter() - started
-    fusion_scores, test_scores = scores[: len(fusion_queries)], scores[len(fusion_queries):]
-    choice = choose_fusion(fusion_queries, fusion_scores, candidates, config.k,
-                           fusions_for(reranker.scoring, reranker.orders))
+    fusion_scores, test_scores = scores[: -len(test_queries)], scores[-len(test_queries):]
+    on_validation = RerankEvaluator(fusion_queries, builder, config)
+    validation: dict[str, Any] = {
+        "questions": len(data.fusion_groups), "queries": len(fusion_queries),
+        "retrieval": _row(on_validation, None, Fusion.NONE, 0.0, config.k)}
     evaluator = RerankEvaluator(test_queries, builder, config)
     as_trained = (reranker.fusion, reranker.fusion_weight)
+    test: dict[str, Any] = {
+        "questions": len(data.eval_groups), "queries": len(test_queries),
+        "retrieval": _row(evaluator, None, Fusion.NONE, 0.0, config.k),
+        "reranker_alone": _row(evaluator, test_scores, Fusion.NONE, 0.0, config.k),
+        "trained_fusion": _row(evaluator, test_scores, *as_trained, config.k)}
+    if not args.trained_fusion:
+        choice = choose_fusion(fusion_queries, fusion_scores, candidates, config.k,
+                               fusions_for(reranker.scoring, reranker.orders))
+        validation["chosen"] = {"fusion": choice.fusion.value, "weight": choice.weight,
+                                "map": choice.map, "retrieval_map": choice.retrieval_map,
+                                "reranker_alone_map": choice.reranker_alone_map}
+        test["chosen_fusion"] = _row(evaluator, test_scores, choice.fusion, choice.weight,
+                                     config.k)
     result = {
-        "validation": {"questions": len(data.fusion_groups), "queries": len(fusion_queries),
-                       "chosen": {"fusion": choice.fusion.value, "weight": choice.weight,
-                                  "map": choice.map, "retrieval_map": choice.retrieval_map,
-                                  "reranker_alone_map": choice.reranker_alone_map}},
-        "test": {"questions": len(data.eval_groups), "queries": len(test_queries),
-                 "retrieval": _row(evaluator, None, Fusion.NONE, 0.0, config.k),
-                 "reranker_alone": _row(evaluator, test_scores, Fusion.NONE, 0.0, config.k),
-                 "chosen_fusion": _row(evaluator, test_scores, choice.fusion, choice.weight,
-                                       config.k),
-                 "trained_fusion": _row(evaluator, test_scores, *as_trained, config.k)},
+        "validation": validation, "test": test,
         "seconds": {"retrieval": round(retrieval_seconds, 1),
                     "scoring": round(scoring_seconds, 1)},
         "dtype": loaded.dtype.name}
@@ -167,9 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         header = {"command": "bench/reranker_on_retriever.py", "candidates": candidates,
                   "reranker": f"{reranker.scoring.value} {args.run}",
                   "embedder": args.retriever}
-        RerankEvaluator(fusion_queries, builder, config).write_scores(
-            args.output / FUSION_SCORES_FILE, {**header, "queries": len(fusion_queries),
-                                               "use": "fusion choice"}, fusion_scores)
+        if fusion_scores:
+            on_validation.write_scores(args.output / FUSION_SCORES_FILE,
+                                       {**header, "queries": len(fusion_queries),
+                                        "use": "fusion choice"}, fusion_scores)
         evaluator.write_scores(args.output / TEST_SCORES_FILE,
                                {**header, "queries": len(test_queries),
                                 "use": "reported (test)"}, test_scores)

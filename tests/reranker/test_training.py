@@ -641,3 +641,14 @@ def test_the_trained_model_on_its_own_retriever_reproduces_its_report(
     assert (tmp_path / "test_scores.jsonl").read_text() == \
         (trained["output"] / "test_scores.jsonl").read_text().replace(
             "rankd train-reranker", "bench/reranker_on_retriever.py")
+    # The test questions alone, under the run's fusion: the same figures, no choice made.
+    alone = tmp_path / "trained-fusion"
+    assert reranker_on_retriever([str(trained["output"]), "--retriever",
+                                  report["retriever"]["model"], "--train", str(eedi_csv),
+                                  "--catalog", str(sample_catalog_path()),
+                                  "--output", str(alone), "--trained-fusion"]) == 0
+    cheaper = json.loads((alone / "reranker_on_retriever.json").read_text())
+    assert "chosen" not in cheaper["validation"] and "chosen_fusion" not in cheaper["test"]
+    assert cheaper["test"]["trained_fusion"] == test["trained_fusion"]
+    assert cheaper["validation"]["retrieval"] == result["validation"]["retrieval"]
+    assert not (alone / "fusion_scores.jsonl").exists()
