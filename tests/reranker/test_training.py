@@ -648,7 +648,8 @@ def test_the_trained_model_on_its_own_retriever_reproduces_its_report(
                                   "--catalog", str(sample_catalog_path()),
                                   "--output", str(alone), "--trained-fusion"]) == 0
     cheaper = json.loads((alone / "reranker_on_retriever.json").read_text())
-    assert "chosen" not in cheaper["validation"] and "chosen_fusion" not in cheaper["test"]
+    assert "chosen" not in cheaper["validation"]
+    assert "chosen_fusion" not in cheaper["test"]
     assert cheaper["test"]["trained_fusion"] == test["trained_fusion"]
     assert cheaper["validation"]["retrieval"] == result["validation"]["retrieval"]
     assert not (alone / "fusion_scores.jsonl").exists()

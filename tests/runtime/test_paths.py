@@ -16,7 +16,8 @@ def _leftovers(parent: Path) -> list[str]:
 def test_a_finished_build_takes_the_name_in_one_step(tmp_path: Path) -> None:
     target = tmp_path / "models" / "model-abc"
     with staged_directory(target) as staging:
-        assert staging.parent == target.parent and staging.is_dir()
+        assert staging.parent == target.parent
+        assert staging.is_dir()
         (staging / "weights.bin").write_bytes(b"w")
         assert not target.exists()  # nothing under the name until the build is done
     assert (target / "weights.bin").read_bytes() == b"w"
@@ -25,10 +26,14 @@ def test_a_finished_build_takes_the_name_in_one_step(tmp_path: Path) -> None:
 
 def test_a_failed_build_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "model"
-    with pytest.raises(RuntimeError, match="conversion failed"), \
-            staged_directory(target) as staging:
-        (staging / "half.bin").write_bytes(b"h")
-        raise RuntimeError("conversion failed")
+
+    def build() -> None:
+        with staged_directory(target) as staging:
+            (staging / "half.bin").write_bytes(b"h")
+            raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        build()
     assert not target.exists()
     assert _leftovers(tmp_path) == []
 
@@ -46,11 +51,15 @@ def test_another_process_s_finished_copy_is_kept(tmp_path: Path) -> None:
 
 def test_an_unfinished_copy_in_the_way_is_an_error(tmp_path: Path) -> None:
     target = tmp_path / "model"
-    with pytest.raises(OSError), staged_directory(
-            target, finished=lambda t: (t / "MARKER").is_file()) as staging:
-        (staging / "MARKER").write_text("done")
-        target.mkdir()
-        (target / "stray").write_text("no marker")
+
+    def build() -> None:
+        with staged_directory(target, finished=lambda t: (t / "MARKER").is_file()) as staging:
+            (staging / "MARKER").write_text("done")
+            target.mkdir()
+            (target / "stray").write_text("no marker")
+
+    with pytest.raises(OSError, match="not empty"):
+        build()
     assert _leftovers(tmp_path) == []
 
 
