@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -56,33 +55,20 @@ from reranker.training.examples import PromptBuilder  # noqa: E402
 from retriever.catalog import read_catalog  # noqa: E402
 from retriever.config import RetrieverSettings  # noqa: E402
 from retriever.eedi import DEFAULT_QUERY_TEMPLATE  # noqa: E402
-from retriever.evaluation import average_precisions  # noqa: E402
 from retriever.pairs import REPORT_FILE, read_pairs  # noqa: E402
 from runtime.paths import select_device  # noqa: E402
 from runtime.settings import read_settings  # noqa: E402
 
 
-def _parts(evaluator: RerankEvaluator, ranked: dict[str, list[str]], k: int,
-           ) -> dict[str, float]:
-    """MAP@k of the seen and the unseen queries."""
-    values = average_precisions(ranked, {q.key: q.relevant for q in evaluator.queries}, k)
-    found: dict[str, float] = {}
-    for name, seen in (("seen", True), ("unseen", False)):
-        part = [values[q.key] for q in evaluator.queries if q.seen is seen]
-        found[f"{name}_queries"] = len(part)
-        found[name] = round(statistics.fmean(part), 4) if part else 0.0
-    return found
-
-
-def _row(evaluator: RerankEvaluator, scores: Sequence[ListwiseScores] | None, fusion: Fusion, weight: float,
-         k: int) -> dict[str, Any]:
-    ranked = (evaluator.retrieval_ranked() if scores is None
-              else evaluator.ranked(scores, fusion, weight))
-    figures = (evaluator.retrieval_only() if scores is None
-               else evaluator.figures(scores, fusion, weight))
-    row = {"map": figures["map"], **_parts(evaluator, ranked, k)}
-    if scores is not None and fusion is not Fusion.NONE:
-        row["fusion"], row["weight"] = fusion.value, weight
+def _row(evaluator: RerankEvaluator, scores: Sequence[ListwiseScores] | None,
+         fusion: Fusion, weight: float) -> dict[str, Any]:
+    """Retrieval's figures (``scores`` None) or a fusion's, overall, seen and unseen, with the
+    fusion's gain over retrieval."""
+    if scores is None:
+        return evaluator.retrieval_only()
+    row = evaluator.figures(scores, fusion, weight)
+    if fusion is not Fusion.NONE:
+        row["fusion"] = fusion.value
         row["gain"] = evaluator.gain(scores, fusion, weight)
     return row
 
@@ -150,22 +136,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     on_validation = RerankEvaluator(fusion_queries, builder, config)
     validation: dict[str, Any] = {
         "questions": len(data.fusion_groups), "queries": len(fusion_queries),
-        "retrieval": _row(on_validation, None, Fusion.NONE, 0.0, config.k)}
+        "retrieval": _row(on_validation, None, Fusion.NONE, 0.0)}
     evaluator = RerankEvaluator(test_queries, builder, config)
     as_trained = (reranker.fusion, reranker.fusion_weight)
     test: dict[str, Any] = {
         "questions": len(data.eval_groups), "queries": len(test_queries),
-        "retrieval": _row(evaluator, None, Fusion.NONE, 0.0, config.k),
-        "reranker_alone": _row(evaluator, test_scores, Fusion.NONE, 0.0, config.k),
-        "trained_fusion": _row(evaluator, test_scores, *as_trained, config.k)}
+        "retrieval": _row(evaluator, None, Fusion.NONE, 0.0),
+        "reranker_alone": _row(evaluator, test_scores, Fusion.NONE, 0.0),
+        "trained_fusion": _row(evaluator, test_scores, *as_trained)}
     if not args.trained_fusion:
         choice = choose_fusion(fusion_queries, fusion_scores, candidates, config.k,
                                fusions_for(reranker.scoring, reranker.orders))
         validation["chosen"] = {"fusion": choice.fusion.value, "weight": choice.weight,
                                 "map": choice.map, "retrieval_map": choice.retrieval_map,
                                 "reranker_alone_map": choice.reranker_alone_map}
-        test["chosen_fusion"] = _row(evaluator, test_scores, choice.fusion, choice.weight,
-                                     config.k)
+        test["chosen_fusion"] = _row(evaluator, test_scores, choice.fusion, choice.weight)
     result = {
         "validation": validation, "test": test,
         "seconds": {"retrieval": round(retrieval_seconds, 1),

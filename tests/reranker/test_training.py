@@ -637,7 +637,7 @@ def test_the_trained_model_on_its_own_retriever_reproduces_its_report(
     assert test["chosen_fusion"]["gain"] == report["fine_tuned"]["gain"]
     assert test["trained_fusion"] == test["chosen_fusion"]
     parts = test["retrieval"]
-    assert parts["seen_queries"] + parts["unseen_queries"] == test["queries"]
+    assert parts["seen"] + parts["unseen"] == parts["queries"] == test["queries"]
     assert (tmp_path / "test_scores.jsonl").read_text() == \
         (trained["output"] / "test_scores.jsonl").read_text().replace(
             "rankd train-reranker", "bench/reranker_on_retriever.py")
