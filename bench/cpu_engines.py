@@ -11,7 +11,10 @@ Query by query, in turn so that load falls on all alike:
    engine's bare passes over the prompts that request rendered (the backend's ``score_batch``
    on their token ids, prefix sharing on). HTTP over the bare passes is the service's
    overhead. ``--profile N`` adds torch's profiler over the first N queries' bare passes, by
-   operator: the linear layers, attention, the element-wise rest.
+   operator: the linear layers, attention, the element-wise rest; and the roofline: the
+   linear layers' FLOPs per query (the profiler's count), their rate in the passes, and a
+   large float32 matrix product's rate on the same threads, whose quotient is the linear
+   layers' floor on this CPU.
 2. **The engines** on those token ids, each one whole pass per query: rankd's transformers path
    in float32 (with prefix sharing, and without it: the same work as the peers), bfloat16 and
    int8 (dynamic, ``RANKD_RERANKER_QUANTIZATION``); rankd's openvino backend
@@ -169,6 +172,22 @@ def llama_cpp_peers(args: argparse.Namespace, records: list[Record],
     return out
 
 
+def gemm_gflops(torch: Any, threads: int, size: int = 1536, seconds: float = 3.0) -> float:
+    """A large float32 matrix product's rate on this CPU and these threads: the best of a few
+    seconds of repeats, after a warm-up, as GFLOP/s."""
+    torch.set_num_threads(threads)
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
 def scores_of(logprobs: Sequence[Sequence[float]], n: int, pointwise: bool) -> list[float]:
     """A query's candidate scores from its reads' label logprobs, as the scorer forms them."""
     if pointwise:
@@ -235,6 +254,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     top1: dict[str, list[bool]] = {}
     largest: dict[str, float] = {}
     profiled: dict[str, float] = {}
+    flops: dict[str, int] = {}  # the profiler's count, where it counts (the matrix products)
     pointwise = args.scoring == "pointwise"
 
     records: list[Record] = []
@@ -282,7 +302,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     if n < args.profile:
                         from torch.profiler import ProfilerActivity, profile
 
-                        with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        with profile(activities=[ProfilerActivity.CPU],
+                                     with_flops=True) as prof:
                             reference.score_batch(reads)
                         for event in prof.key_averages():
                             group = next((g for g, names in OP_GROUPS.items()
@@ -290,6 +311,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             if event.key.startswith("aten::"):
                                 profiled[group] = (profiled.get(group, 0.0)
                                                    + event.self_cpu_time_total / 1e3)
+                                flops[group] = flops.get(group, 0) + (event.flops or 0)
                     relevant = [query.misconception_id or ""]
                     ids = [entries[i].id for i in ranked[:25]]
                     aps["retrieval"].append(average_precision(ids, relevant, 25))
@@ -319,6 +341,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 judge(name, done, rows)
     passes = statistics.median(timings["passes"])
     float32 = statistics.median(engine_ms["rankd-float32"])
+    profiled_queries = max(1, min(args.profile, len(queries)))
+    roofline: dict[str, float] = {}
+    if flops.get("linear"):
+        # How near the passes run to what this CPU's matrix units do: the linear layers' FLOPs
+        # per query (the profiler counts them), their rate in the passes, and a large float32
+        # GEMM's rate on the same threads. Their quotient is the floor of the linear layers.
+        linear_gflop = flops["linear"] / profiled_queries / 1e9
+        peak = gemm_gflops(torch, threads)
+        roofline = {
+            "linear_gflop_per_query": round(linear_gflop, 1),
+            "linear_gflops_in_passes": round(
+                linear_gflop / (profiled["linear"] / profiled_queries / 1e3), 1),
+            "gemm_float32_peak_gflops": round(peak, 1),
+            "linear_floor_ms_at_gemm_peak": round(linear_gflop / peak * 1e3),
+        }
     return {
         "cpu": cpu_model_name(), "native_bf16_flags": sorted(f for f in NATIVE_BF16_FLAGS
                                                              if f in flags),
@@ -328,8 +365,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "breakdown_median_ms": {k: _median_ms(v) for k, v in timings.items()},
         "service_over_bare_passes": round(statistics.median(timings["http"]) / passes, 3),
         "engine_over_bare_passes": round(statistics.median(timings["engine"]) / passes, 3),
-        "profiled_ms_per_query": {k: round(v / max(1, min(args.profile, len(queries))), 1)
+        "profiled_ms_per_query": {k: round(v / profiled_queries, 1)
                                   for k, v in sorted(profiled.items())},
+        "roofline": roofline,
         "engine_median_ms": {k: _median_ms(v) for k, v in engine_ms.items()},
         "speed_against_rankd_float32": {k: round(float32 / statistics.median(v), 2)
                                         for k, v in engine_ms.items()},
