@@ -1,14 +1,16 @@
-"""Dense retrieval alone against dense + BM25 fused by weighted RRF, on the Eedi split.
+"""Dense retrieval alone against dense + BM25 (or + a second embedder) fused by weighted RRF,
+on the Eedi split.
 
 The weight is chosen on the validation questions (which chose everything else: checkpoints,
 arms), each weight judged with its neighbours as `train-reranker` judges fusion weights; the
 test questions, which no choice saw, are scored only with ``--report-on test``, once, at the
 end. BM25 is bm25s (English stop words, its default Lucene variant) over the catalogue texts;
-the fusion is ``w / (60 + dense rank) + (1 - w) / (60 + BM25 rank)``.
+the fusion is ``w / (60 + dense rank) + (1 - w) / (60 + BM25 rank)``. ``--fuse-with MODEL``
+puts a second embedder's ranks where BM25's were: an ensemble of two retrievers.
 
     .venv/bin/python bench/hybrid_retrieval.py --data ../shared/data/eedi \
         --model ../runs/retriever-baseline [--model sentence-transformers/all-MiniLM-L6-v2] \
-        [--report-on test]
+        [--fuse-with ../runs/retriever-mpnet] [--report-on test]
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def _bm25(texts: list[str], catalogue: list[str]) -> np.ndarray:
     return np.stack([index.get_scores(query) for query in tokens])
 
 
-def _fused(dense_ranks: np.ndarray, bm25_ranks: np.ndarray, weight: float) -> np.ndarray:
-    return weight / (RRF_K + dense_ranks) + (1 - weight) / (RRF_K + bm25_ranks)
+def _fused(dense_ranks: np.ndarray, other_ranks: np.ndarray, weight: float) -> np.ndarray:
+    return weight / (RRF_K + dense_ranks) + (1 - weight) / (RRF_K + other_ranks)
 
 
 def _queries(split_set: ValidationSet) -> tuple[list[str], list[str]]:
@@ -80,19 +82,20 @@ def _queries(split_set: ValidationSet) -> tuple[list[str], list[str]]:
 
 
 def evaluate(model: str, sets: dict[str, ValidationSet], ids: list[str], catalogue: list[str],
-             report_on_test: bool) -> dict[str, Any]:
+             report_on_test: bool, fuse_with: str | None = None) -> dict[str, Any]:
+    """``model``'s dense ranks fused with BM25's, or with ``fuse_with``'s dense ranks."""
     started = time.perf_counter()
     by_split: dict[str, Any] = {}
     for name, split_set in sets.items():
         keys, texts = _queries(split_set)
         dense = _dense(model, texts, catalogue)
-        bm25 = _bm25(texts, catalogue)
-        by_split[name] = (keys, _ranks(dense), _ranks(bm25))
-    keys, dense_ranks, bm25_ranks = by_split["validation"]
+        other = _dense(fuse_with, texts, catalogue) if fuse_with else _bm25(texts, catalogue)
+        by_split[name] = (keys, _ranks(dense), _ranks(other))
+    keys, dense_ranks, other_ranks = by_split["validation"]
     relevant = sets["validation"].relevant
 
     def map_at(weight: float) -> float:
-        ranked = _ranked(_fused(dense_ranks, bm25_ranks, weight), keys, ids)
+        ranked = _ranked(_fused(dense_ranks, other_ranks, weight), keys, ids)
         return statistics.fmean(average_precisions(ranked, relevant, K).values())
 
     table = {w: map_at(w) for w in WEIGHTS}
@@ -100,21 +103,23 @@ def evaluate(model: str, sets: dict[str, ValidationSet], ids: list[str], catalog
                 for w in WEIGHTS}
     chosen = max(WEIGHTS, key=lambda w: (round(smoothed[w], 6), w))
     result: dict[str, Any] = {
-        "model": model, "chosen_weight": chosen,
+        "model": model, "fused_with": fuse_with or "bm25", "chosen_weight": chosen,
         "validation": {"queries": len(keys), "dense_alone": round(table[1.0], 4),
-                       "bm25_alone": round(table[0.0], 4), "chosen": round(table[chosen], 4),
+                       "other_alone": round(table[0.0], 4), "chosen": round(table[chosen], 4),
                        "table": {f"{w:.2f}": round(v, 4) for w, v in table.items()}}}
     if report_on_test:
-        keys, dense_ranks, bm25_ranks = by_split["test"]
+        keys, dense_ranks, other_ranks = by_split["test"]
         test = sets["test"]
         dense_alone = _ranked(-dense_ranks.astype(float), keys, ids)
-        hybrid = _ranked(_fused(dense_ranks, bm25_ranks, chosen), keys, ids)
+        hybrid = _ranked(_fused(dense_ranks, other_ranks, chosen), keys, ids)
         gain = paired_bootstrap(average_precisions(hybrid, test.relevant, K),
                                 average_precisions(dense_alone, test.relevant, K),
                                 test.groups)
         result["test"] = {
             "queries": len(keys),
             "dense_alone": summarize(dense_alone, test.relevant, K, test.seen),
+            "other_alone": summarize(_ranked(-other_ranks.astype(float), keys, ids),
+                                     test.relevant, K, test.seen),
             "hybrid": summarize(hybrid, test.relevant, K, test.seen),
             "gain": {k: round(v, 4) if isinstance(v, float) else v for k, v in gain.items()}}
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     add_split_options(parser)
     parser.add_argument("--model", action="append", required=True,
                         help="embedder (a model name or a train-retriever output); repeatable")
+    parser.add_argument("--fuse-with", metavar="MODEL",
+                        help="a second embedder whose ranks take BM25's place")
     parser.add_argument("--report-on", choices=["validation", "test"], default="validation",
                         help="test: also score the test questions, once, at the end")
     args = parser.parse_args(argv)
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"host": platform.processor() or platform.machine(),
                       "validation_queries": len(sets["validation"].queries)}))
     for model in args.model:
-        print(json.dumps(evaluate(model, sets, ids, catalogue, args.report_on == "test")))
+        print(json.dumps(evaluate(model, sets, ids, catalogue, args.report_on == "test",
+                                  args.fuse_with)))
     return 0
 
 

