@@ -11,10 +11,10 @@ Query by query, in turn so that load falls on all alike:
    engine's bare passes over the prompts that request rendered (the backend's ``score_batch``
    on their token ids, prefix sharing on). HTTP over the bare passes is the service's
    overhead. ``--profile N`` adds torch's profiler over the first N queries' bare passes, by
-   operator: the linear layers, attention, the element-wise rest; and the roofline: the
-   linear layers' FLOPs per query (the profiler's count), their rate in the passes, and a
-   large float32 matrix product's rate on the same threads, whose quotient is the linear
-   layers' floor on this CPU.
+   operator: the linear layers, attention, the element-wise rest (its top operators); and the
+   roofline: the linear layers' FLOPs per query (the profiler's count), their rate in the
+   passes, and a large float32 matrix product's rate on the same threads, whose quotient is
+   the linear layers' floor on this CPU.
 2. **The engines** on those token ids, each one whole pass per query: rankd's transformers path
    in float32 (with prefix sharing, and without it: the same work as the peers), bfloat16 and
    int8 (dynamic, ``RANKD_RERANKER_QUANTIZATION``); rankd's openvino backend
@@ -255,6 +255,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     largest: dict[str, float] = {}
     profiled: dict[str, float] = {}
     flops: dict[str, int] = {}  # the profiler's count, where it counts (the matrix products)
+    others_ms: dict[str, float] = {}  # the element-wise rest, by operator
     pointwise = args.scoring == "pointwise"
 
     records: list[Record] = []
@@ -312,6 +313,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                 profiled[group] = (profiled.get(group, 0.0)
                                                    + event.self_cpu_time_total / 1e3)
                                 flops[group] = flops.get(group, 0) + (event.flops or 0)
+                                if group == "other aten":
+                                    others_ms[event.key] = (others_ms.get(event.key, 0.0)
+                                                            + event.self_cpu_time_total / 1e3)
                     relevant = [query.misconception_id or ""]
                     ids = [entries[i].id for i in ranked[:25]]
                     aps["retrieval"].append(average_precision(ids, relevant, 25))
@@ -368,6 +372,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "profiled_ms_per_query": {k: round(v / profiled_queries, 1)
                                   for k, v in sorted(profiled.items())},
         "roofline": roofline,
+        "profiled_other_ops_ms_per_query": {
+            k: round(v / profiled_queries, 1)
+            for k, v in sorted(others_ms.items(), key=lambda kv: -kv[1])[:8]},
         "engine_median_ms": {k: _median_ms(v) for k, v in engine_ms.items()},
         "speed_against_rankd_float32": {k: round(float32 / statistics.median(v), 2)
                                         for k, v in engine_ms.items()},
