@@ -34,7 +34,7 @@ from reranker.backends.transformers_backend import (
 from reranker.config import RerankerConfig
 from reranker.errors import RerankerConfigError
 from reranker.precision import DtypeChoice, choose_dtype
-from runtime.paths import cache_root
+from runtime.paths import cache_root, staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +222,11 @@ class OpenVinoBackend(TransformersBackend):
             converted = ov.Core().read_model(graph)
         else:
             converted = convert(model)
-            graph.parent.mkdir(parents=True, exist_ok=True)
-            partial = graph.with_name("decoder.partial.xml")
-            ov.save_model(converted, partial, compress_to_fp16=False)
-            partial.with_suffix(".bin").replace(graph.with_suffix(".bin"))
-            partial.replace(graph)
+            # The graph and its weights appear together, in one rename of their directory:
+            # a start beside this one either reads both or converts its own.
+            with staged_directory(graph.parent,
+                                  finished=lambda d: (d / graph.name).is_file()) as staging:
+                ov.save_model(converted, staging / graph.name, compress_to_fp16=False)
         threads = config.threads or _torch_threads()
         compiled = ov.Core().compile_model(converted, "CPU", {
             "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,

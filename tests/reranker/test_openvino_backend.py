@@ -74,9 +74,9 @@ async def test_it_scores_as_the_transformers_backend_does(
 
 
 def _graph_files(cache: Path) -> tuple[Path, list[Path]]:
-    """The converted graph in ``cache``, and any partial file left beside it."""
+    """The converted graph in ``cache``, and anything half-built left beside it."""
     (graph,) = cache.glob("openvino-*/decoder.xml")
-    return graph, list(cache.glob("openvino-*/*partial*"))
+    return graph, [*cache.glob("openvino-*/*partial*"), *cache.glob(".openvino-*")]
 
 
 async def test_the_graph_is_converted_once_then_read_from_the_cache(
