@@ -123,7 +123,9 @@ def _atomic(target: Path, write: Callable[[Path], None]) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as tmp:
         partial = Path(tmp) / target.name
         write(partial)
-        for produced in Path(tmp).iterdir():  # OpenVINO writes an .xml and a .bin
+        # OpenVINO writes an .xml and a .bin: the target, which says the export is there,
+        # moves last, after the files it needs.
+        for produced in sorted(Path(tmp).iterdir(), key=lambda f: f.name == target.name):
             os.replace(produced, target.parent / produced.name)
     return target
 

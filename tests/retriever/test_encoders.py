@@ -147,3 +147,32 @@ def test_torch_int8_is_refused_in_one_line() -> None:
 def test_a_gpu_device_with_an_exported_runtime_is_a_clear_error() -> None:
     with pytest.raises(EmbedderLoadError, match=r"runs on the CPU.*RANKD_EMBEDDER_DEVICE=cpu"):
         Embedder.load("all-MiniLM-L6-v2", "cuda", variant=ONNX)
+
+
+def test_an_export_moves_the_file_that_marks_it_last(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start beside this one checks the target file: the files it needs are there first."""
+    import os
+
+    from retriever import encoders
+
+    moved: list[str] = []
+    real_replace = os.replace
+
+    def recording_replace(source: Path, destination: Path) -> None:
+        moved.append(Path(destination).name)
+        real_replace(source, destination)
+
+    def write(partial: Path) -> None:  # as OpenVINO saves: the graph, then its weights
+        partial.write_text("graph")
+        partial.with_suffix(".bin").write_bytes(b"weights")
+
+    monkeypatch.setattr(encoders.os, "replace", recording_replace)
+    target = tmp_path / "exports" / "model.xml"
+    assert encoders._atomic(target, write) == target
+    assert moved == ["model.bin", "model.xml"]
+    assert target.read_text() == "graph"
+    assert target.with_suffix(".bin").read_bytes() == b"weights"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.bin", "model.xml"]
+    # Once there, it is read, not written again.
+    assert encoders._atomic(target, lambda _: pytest.fail("exported twice")) == target
