@@ -142,3 +142,14 @@ async def test_sharing_runs_only_where_it_saves_enough(tiny_lm: Path,
 
 def test_scorer_type_is_the_one_label_logprob_path() -> None:
     assert ListwiseScorer.score.__qualname__ == "ListwiseScorer.score"
+
+
+def test_the_padding_bench_counts_a_shared_prefix_once_and_pads_the_suffixes() -> None:
+    from bench.padding import pass_tokens
+
+    prefix = list(range(100, 120))
+    reads = [LabelRead([*prefix, *range(n * 10, n * 11)], [1, 2]) for n in (2, 4, 6)]
+    assert pass_tokens(reads) == (20 + 2 + 4 + 6, 20 + 3 * 6)
+    # Nothing shared: whole prompts, left-padded to the longest.
+    alone = [LabelRead([5, 6, 7, 8], [1]), LabelRead([9, 3], [1])]
+    assert pass_tokens(alone) == (6, 8)
