@@ -6,6 +6,9 @@ The reads are rendered by the real engine (the embedded SmolLM2 or ``--model``, 
 and scoring); the passes themselves are not run, so this takes seconds. A micro-batch holds
 about one query (``RANKD_RERANKER_BATCH_TOKENS``, 768), so the figure is a query's own:
 pointwise, its candidates' suffixes differ in length; listwise, its orders do not.
+``--pass-cost`` also times one forward pass of the model over 1 to 256 random tokens (median
+of 7, after a warm-up), which says what a pass of its own costs against the padding it would
+save.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/padding.py --data ../shared/data/eedi \\
         --queries RUN/reranker/test.csv --model RUN/reranker --scoring pointwise
@@ -16,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ from reranker.backends.transformers_backend import (  # noqa: E402
     _sharing_pays,
     shared_prefix_groups,
 )
+from reranker.precision import cpu_model_name  # noqa: E402
 
 
 def pass_tokens(reads: list[LabelRead]) -> tuple[int, int]:
@@ -81,6 +87,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         return [[0.0] * len(r.label_token_ids) for r in reads]
 
     recorder._inner = rendered_only  # the reads as the engine renders them, not their passes
+    pass_ms: dict[int, float] = {}
+    if args.pass_cost:
+        backend: Any = engine.scorer.backend  # the transformers backend: its torch model
+        pass_ms = await asyncio.to_thread(time_passes, backend.model)
     shares: list[float] = []
     real_total = computed_total = 0
     try:
@@ -98,7 +108,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "real_tokens_per_query": round(real_total / len(queries)),
             "computed_tokens_per_query": round(computed_total / len(queries)),
             "padding_share": round(1 - real_total / computed_total, 3),
-            "padding_share_median_query": round(statistics.median(shares), 3)}
+            "padding_share_median_query": round(statistics.median(shares), 3),
+            "pass_ms_by_tokens": pass_ms}
+
+
+def time_passes(model: Any, sizes: tuple[int, ...] = (1, 8, 32, 64, 128, 256),
+                repeats: int = 7) -> dict[int, float]:
+    """The median time of one forward pass over ``n`` random tokens, for each ``n``."""
+    import torch
+
+    times: dict[int, float] = {}
+    with torch.inference_mode():
+        for n in sizes:
+            ids = torch.randint(100, 20000, (1, n))
+            model(input_ids=ids, logits_to_keep=1)
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                model(input_ids=ids, logits_to_keep=1)
+                samples.append(time.perf_counter() - started)
+            times[n] = round(statistics.median(samples) * 1000, 1)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pass-cost", action="store_true",
+                        help="also time one pass over 1 to 256 tokens (run it alone)")
     args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(main_async(args))))
+    report = asyncio.run(main_async(args))
+    report["cpu"] = cpu_model_name()
+    report["load_average"] = os.getloadavg()
+    print(json.dumps(report))
     return 0
 
 
