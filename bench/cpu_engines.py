@@ -26,7 +26,9 @@ Query by query, in turn so that load falls on all alike:
    probability and the top-1 agreement with float32, and MAP@25 of the reranker alone (its
    scores over the candidates, retrieval's order below them).
 
-The host's CPU, its flags, the threads and the load are printed with the figures.
+The host's CPU, its flags, the threads and the load are printed with the figures; the figures
+so far go to stderr every ``--progress-every`` queries, so that a long run stopped early keeps
+them.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/cpu_engines.py --data ../shared/data/eedi \\
         --limit 300 [--model RUN/reranker --scoring pointwise]
@@ -43,6 +45,7 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -334,6 +337,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     records.append(record)
                     for name, logprobs in results.items():
                         judge(name, record, logprobs)
+                    if (n + 1) % args.progress_every == 0:
+                        # The figures so far, on stderr: a long run that is stopped keeps them.
+                        print(json.dumps({
+                            "queries_done": n + 1,
+                            "breakdown_median_ms": {k: _median_ms(v) for k, v in timings.items()},
+                            "engine_median_ms": {k: _median_ms(v) for k, v in engine_ms.items()},
+                            "map@25": {k: round(statistics.fmean(v), 4) for k, v in aps.items()},
+                        }), file=sys.stderr, flush=True)
     finally:
         for other in others.values():
             await other.close()
@@ -411,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for every engine (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress-every", type=int, default=25,
+                        help="print the figures so far to stderr every N queries")
     args = parser.parse_args(argv)
     if "rankd-float32" not in args.engines:
         args.engines = ["rankd-float32", *args.engines]
