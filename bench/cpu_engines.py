@@ -200,18 +200,11 @@ def scores_of(logprobs: Sequence[Sequence[float]], n: int, pointwise: bool) -> l
     return list(means)
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
-    import torch
-
-    from rankd.devtools.serving import serve_in_thread
-    from reranker.backends.transformers_backend import label_log_softmax
+def eedi_sample(args: argparse.Namespace) -> tuple[Any, list[Any], list[Any], np.ndarray]:
+    """The embedded MiniLM, the Eedi catalogue, a seeded sample of ``--limit`` queries from
+    ``--queries`` (default DATA/train.csv) and their similarity to every entry."""
     from retriever import Embedder, read_catalog
     from retriever.eedi import eedi_queries
-    from retriever.sample import build_sample_collection
-    from service.engine import Engine
-    from service.protocol import RerankRequest
-    from service.settings import Settings
 
     entries = read_catalog(args.data / "misconception_mapping.csv", "MisconceptionId",
                            "MisconceptionName")
@@ -219,7 +212,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     queries = random.Random(args.seed).sample(queries, min(args.limit, len(queries)))
     embedder = Embedder.load("default", device="cpu")
     catalogue = embedder.encode([e.text for e in entries])
-    similarity = embedder.encode([q.text for q in queries]) @ catalogue.T
+    return embedder, entries, queries, embedder.encode([q.text for q in queries]) @ catalogue.T
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    import torch
+
+    from rankd.devtools.serving import serve_in_thread
+    from reranker.backends.transformers_backend import label_log_softmax
+    from retriever.sample import build_sample_collection
+    from service.engine import Engine
+    from service.protocol import RerankRequest
+    from service.settings import Settings
+
+    embedder, entries, queries, similarity = eedi_sample(args)
     threads = torch.get_num_threads()
     flags = cpu_flags()
     native_bf16 = any(f in flags for f in NATIVE_BF16_FLAGS)

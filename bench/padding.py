@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cpu_engines import Recorder  # noqa: E402
+from bench.cpu_engines import Recorder, eedi_sample  # noqa: E402
 from reranker.backends.base import LabelRead  # noqa: E402
 from reranker.backends.transformers_backend import (  # noqa: E402
     _sharing_pays,
@@ -60,20 +59,12 @@ def pass_tokens(reads: list[LabelRead]) -> tuple[int, int]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from retriever import Embedder, read_catalog
-    from retriever.eedi import eedi_queries
     from retriever.sample import build_sample_collection
     from service.engine import Engine
     from service.protocol import RerankRequest
     from service.settings import Settings
 
-    entries = read_catalog(args.data / "misconception_mapping.csv", "MisconceptionId",
-                           "MisconceptionName")
-    queries = eedi_queries(args.queries or args.data / "train.csv")
-    queries = random.Random(args.seed).sample(queries, min(args.limit, len(queries)))
-    embedder = Embedder.load("default", device="cpu")
-    similarity = (embedder.encode([q.text for q in queries])
-                  @ embedder.encode([e.text for e in entries]).T)
+    embedder, entries, queries, similarity = eedi_sample(args)
     index_dir = Path(tempfile.mkdtemp(prefix="rankd-padding-"))
     build_sample_collection(embedder, index_dir)
     settings = Settings(index_dir=index_dir, device="cpu", log_level="warning",
