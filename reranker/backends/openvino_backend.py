@@ -223,8 +223,9 @@ class OpenVinoBackend(TransformersBackend):
         else:
             converted = convert(model)
             # The graph and its weights appear together, in one rename of their directory:
-            # a start beside this one either reads both or converts its own.
-            with staged_directory(graph.parent,
+            # a start beside this one either reads both or converts its own. A directory there
+            # without the graph is what an older, interrupted conversion left: replaced.
+            with staged_directory(graph.parent, replace=graph.parent.exists(),
                                   finished=lambda d: (d / graph.name).is_file()) as staging:
                 ov.save_model(converted, staging / graph.name, compress_to_fp16=False)
         threads = config.threads or _torch_threads()
